@@ -1,0 +1,58 @@
+"""Write-then-rename helpers: a killed process never leaves a half-written file under its final name."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def _suffixes(path: Path) -> str:
+    name = path.name
+    for multi in (".nii.gz", ".tar.gz"):
+        if name.endswith(multi):
+            return multi
+    return path.suffix
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary sibling path with the same suffix; rename it onto ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = _suffixes(path)
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    tmp = path.with_name(f".{stem}.tmp-{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def save_npy_atomic(path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

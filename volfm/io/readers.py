@@ -1,0 +1,299 @@
+"""Read images into :class:`Volume` and write them back as NIfTI.
+
+NIfTI (.nii, .nii.gz; NIfTI-1 and -2) is read with nibabel, DICOM series folders and NRRD/MHA/MHD
+with SimpleITK. Every reader returns array (C, I, J, K) in native byte order plus a RAS affine.
+
+sform/qform rule (NIfTI): the sform is used when its code is > 0, else the qform when its code
+is > 0, else the pixdim-only fallback (with a warning). This is nibabel's and FSL's rule. When
+both are set and disagree by more than 1e-3 mm anywhere in the unit cube, a warning names the file
+and the difference; ``prefer="qform"`` makes the qform win instead (ITK's choice for some files).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from volfm import VolfmError
+from volfm.io import affine as geo
+from volfm.io.atomic import atomic_path
+from volfm.io.volume import Volume
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+
+
+class VolumeReadError(VolfmError):
+    pass
+
+
+class GeometryWarning(UserWarning):
+    pass
+
+
+def is_image_path(path) -> bool:
+    p = Path(path)
+    name = p.name.lower()
+    if p.is_dir():
+        return any(f.suffix.lower() in (".dcm", "") and f.is_file() for f in p.iterdir())
+    return name.endswith(IMAGE_SUFFIXES)
+
+
+def read_volume(path, *, dtype=np.float32, prefer: str = "sform", series_id: str | None = None) -> Volume:
+    """Read a NIfTI file, NRRD/MHA/MHD file or DICOM series folder.
+
+    dtype: array dtype (float32 by default; ``None`` keeps the stored integer type, for label maps).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise VolumeReadError(f"{path}: file not found; check the path in the cohort table")
+    if path.is_dir():
+        vol = _read_dicom_series(path, series_id=series_id)
+    else:
+        if path.stat().st_size == 0:
+            raise VolumeReadError(f"{path}: empty file (0 bytes); re-export or re-copy it")
+        name = path.name.lower()
+        if name.endswith(NIFTI_SUFFIXES):
+            vol = _read_nifti(path, prefer=prefer)
+        elif name.endswith(ITK_SUFFIXES):
+            vol = _read_sitk_file(path)
+        else:
+            raise VolumeReadError(
+                f"{path}: not a recognised image; expected one of {', '.join(IMAGE_SUFFIXES)} "
+                "or a folder holding one DICOM series")
+    arr = vol.array
+    if dtype is not None:
+        arr = arr.astype(dtype, copy=False)
+    elif not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    vol.array = np.ascontiguousarray(arr)
+    return vol
+
+
+def _corrupt(path, exc) -> VolumeReadError:
+    return VolumeReadError(
+        f"{path}: truncated or corrupt image data ({type(exc).__name__}: {exc}); re-export or re-copy the file")
+
+
+def _to_channels_first(data: np.ndarray, path) -> np.ndarray:
+    """(I, J, K[, T or 1, C]) -> (C, I, J, K)."""
+    if data.ndim == 3:
+        return data[None]
+    if data.ndim == 4:
+        return np.moveaxis(data, 3, 0)
+    if data.ndim == 5 and data.shape[3] == 1:
+        return np.moveaxis(data[:, :, :, 0, :], 3, 0)
+    raise VolumeReadError(f"{path}: image has shape {data.shape}; volfm reads 3D images or 4D with channels last")
+
+
+def choose_nifti_affine(header, path, prefer: str = "sform") -> tuple[np.ndarray, str]:
+    """Pick the voxel-to-world affine of a NIfTI header by the module's documented rule."""
+    if prefer not in ("sform", "qform"):
+        raise ValueError(f"prefer must be 'sform' or 'qform', got {prefer!r}")
+    sform, scode = header.get_sform(coded=True)
+    qform, qcode = header.get_qform(coded=True)
+    scode, qcode = int(scode or 0), int(qcode or 0)
+    if scode > 0 and qcode > 0:
+        corners = np.array([[i, j, k, 1] for i in (0, 1) for j in (0, 1) for k in (0, 1)], float).T
+        diff = float(np.abs((sform - qform) @ corners).max())
+        if diff > 1e-3:
+            warnings.warn(f"{path}: sform and qform disagree by up to {diff:.3g} mm; using the {prefer} "
+                          "(pass prefer='qform'/'sform' to choose)", GeometryWarning, stacklevel=3)
+        return (np.asarray(sform if prefer == "sform" else qform, float), prefer)
+    if scode > 0:
+        return np.asarray(sform, float), "sform"
+    if qcode > 0:
+        return np.asarray(qform, float), "qform"
+    warnings.warn(f"{path}: neither sform nor qform is set; using voxel sizes only (orientation unknown, "
+                  "assumed LAS as in the NIfTI standard's fallback)", GeometryWarning, stacklevel=3)
+    return np.asarray(header.get_base_affine(), float), "pixdim"
+
+
+def _read_nifti(path: Path, prefer: str) -> Volume:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except nib.filebasedimages.ImageFileError as exc:
+        raise VolumeReadError(f"{path}: not a readable NIfTI file ({exc}); check that it is an image and "
+                              "not e.g. an HTML error page or a DICOM") from exc
+    except (EOFError, zlib.error, OSError, ValueError) as exc:
+        raise _corrupt(path, exc) from exc
+    try:
+        proxy = img.dataobj
+        slope, inter = proxy.slope, proxy.inter
+        scaled = not (slope in (1, None) or (isinstance(slope, float) and math.isnan(slope))) or \
+            not (inter in (0, None) or (isinstance(inter, float) and math.isnan(inter)))
+        data = np.asanyarray(proxy)  # applies scl_slope/scl_inter, handles big-endian
+    except (EOFError, zlib.error, OSError, ValueError) as exc:
+        raise _corrupt(path, exc) from exc
+    if isinstance(data, np.memmap):
+        data = np.array(data)
+    affine, which = choose_nifti_affine(img.header, path, prefer=prefer)
+    array = _to_channels_first(data, path)
+    meta = {"path": str(path), "format": "nifti2" if isinstance(img, nib.Nifti2Image) else "nifti1",
+            "affine_source": which, "scaled": bool(scaled), "on_disk_dtype": str(img.get_data_dtype())}
+    return Volume(array, affine, meta)
+
+
+def _sitk_to_volume(image, path, meta) -> Volume:
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayFromImage(image)  # (K, J, I[, C]) for 3D, (T, K, J, I) for 4D
+    dim = image.GetDimension()
+    if dim == 3:
+        if image.GetNumberOfComponentsPerPixel() > 1:
+            arr = np.moveaxis(arr, 3, 0).transpose(0, 3, 2, 1)
+        else:
+            arr = arr.transpose(2, 1, 0)[None]
+        affine = geo.affine_from_sitk(image)
+    elif dim == 4:
+        arr = arr.transpose(0, 3, 2, 1)
+        d = np.asarray(image.GetDirection()).reshape(4, 4)[:3, :3]
+        sp = np.asarray(image.GetSpacing())[:3]
+        lps = np.eye(4)
+        lps[:3, :3] = d * sp[None, :]
+        lps[:3, 3] = image.GetOrigin()[:3]
+        affine = geo.lps_to_ras(lps)
+    else:
+        raise VolumeReadError(f"{path}: {dim}D image; volfm reads 3D images (optionally with channels)")
+    return Volume(np.ascontiguousarray(arr), affine, meta)
+
+
+def _read_sitk_file(path: Path) -> Volume:
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        raise VolumeReadError(f"{path}: SimpleITK could not read it ({first}); the file is corrupt, truncated or "
+                              "not an image") from exc
+    return _sitk_to_volume(image, path, {"path": str(path), "format": path.suffix.lstrip(".").lower()})
+
+
+def _read_dicom_series(folder: Path, series_id: str | None) -> Volume:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    ids = list(reader.GetGDCMSeriesIDs(str(folder)) or [])
+    if not ids:
+        raise VolumeReadError(f"{folder}: no DICOM series found in this folder; point the table at the folder "
+                              "that holds the .dcm files of one series")
+    if series_id is None:
+        sizes = {sid: len(reader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in ids}
+        series_id = max(sizes, key=sizes.get)
+        if len(ids) > 1:
+            warnings.warn(f"{folder}: {len(ids)} DICOM series found; reading the largest ({series_id}, "
+                          f"{sizes[series_id]} files); give series_id to choose", GeometryWarning, stacklevel=3)
+    elif series_id not in ids:
+        raise VolumeReadError(f"{folder}: DICOM series {series_id} not found; series present: {', '.join(ids)}")
+    files = reader.GetGDCMSeriesFileNames(str(folder), series_id)
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise VolumeReadError(f"{folder}: DICOM series {series_id} could not be read "
+                              f"({str(exc).strip().splitlines()[-1]}); check for missing or corrupt slices") from exc
+    meta = {"path": str(folder), "format": "dicom", "series_id": series_id, "num_files": len(files)}
+    meta.update(dicom_pet_meta(files[0]))
+    return _sitk_to_volume(image, folder, meta)
+
+
+def _dicom_time(value) -> float | None:
+    """Seconds since midnight of a DICOM TM string (HHMMSS.ffffff)."""
+    if not value:
+        return None
+    s = str(value).strip()
+    try:
+        hh, mm, ss = int(s[0:2]), int(s[2:4] or 0), float(s[4:] or 0)
+    except ValueError:
+        return None
+    return hh * 3600 + mm * 60 + ss
+
+
+def dicom_pet_meta(first_file) -> dict:
+    """Modality and, for PET in Bq/ml, the body-weight SUV factor (SUV = value * suv_factor).
+
+    SUVbw = activity * weight[g] / (injected dose [Bq] decayed to the series start). Missing tags
+    leave ``suv_factor`` out, with the reason in ``suv_missing``.
+    """
+    try:
+        import pydicom
+    except ImportError:  # pragma: no cover - pydicom is a dependency
+        return {}
+    try:
+        ds = pydicom.dcmread(str(first_file), stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - tags are optional extras; the pixels were read by SimpleITK
+        return {}
+    out: dict = {"modality": str(getattr(ds, "Modality", "") or "")}
+    if out["modality"] != "PT":
+        return out
+    units = str(getattr(ds, "Units", "") or "")
+    out["pet_units"] = units
+    try:
+        info = ds.RadiopharmaceuticalInformationSequence[0]
+        dose = float(info.RadionuclideTotalDose)
+        half_life = float(info.RadionuclideHalfLife)
+        start = _dicom_time(getattr(info, "RadiopharmaceuticalStartTime", None))
+        weight = float(ds.PatientWeight)
+    except (AttributeError, IndexError, TypeError, ValueError) as exc:
+        out["suv_missing"] = f"missing PET dose/weight tags ({exc})"
+        return out
+    if units.upper() != "BQML":
+        out["suv_missing"] = f"Units is {units!r}, SUV needs BQML"
+        return out
+    scan = _dicom_time(getattr(ds, "SeriesTime", None) or getattr(ds, "AcquisitionTime", None))
+    decay = 1.0
+    if start is not None and scan is not None and str(getattr(ds, "DecayCorrection", "START")).upper() == "START":
+        dt = (scan - start) % 86400
+        decay = math.exp(-math.log(2) * dt / half_life)
+    out["suv_factor"] = weight * 1000.0 / (dose * decay)
+    return out
+
+
+def write_nifti(volume: Volume, path, dtype=None) -> Path:
+    """Write a Volume as NIfTI-1 with sform and qform (code 1, scanner) set to its affine.
+
+    A sheared affine cannot be a qform: the qform code is then 0 and only the sform carries it.
+    Multi-channel volumes are written 4D (I, J, K, C). The write is atomic.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    arr = volume.array if dtype is None else volume.array.astype(dtype)
+    data = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, 3)
+    img = nib.Nifti1Image(np.asarray(data), volume.affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_sform(volume.affine, code=1)
+    if geo.is_sheared(volume.affine):
+        img.set_qform(None, code=0)
+    else:
+        img.set_qform(volume.affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def describe_nifti_header(path) -> dict:
+    """sform/qform codes and the affines they hold, for ``volfm inspect``."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    h = img.header
+    sform, scode = h.get_sform(coded=True)
+    qform, qcode = h.get_qform(coded=True)
+    return {"sform_code": int(scode or 0), "qform_code": int(qcode or 0),
+            "qfac": float(h["pixdim"][0]) if "pixdim" in h else None,
+            "scl_slope": float(h["scl_slope"]) if "scl_slope" in h else None,
+            "scl_inter": float(h["scl_inter"]) if "scl_inter" in h else None,
+            "datatype": str(h.get_data_dtype()), "byteorder": h.endianness}
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
