@@ -1,0 +1,145 @@
+"""`volfm` command line: synth, preprocess, inspect, demo, bench.
+
+Errors a user can fix (VolfmError) print one line and exit 2; anything else is a bug and shows
+its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from volfm import VolfmError, __version__
+
+BENCHMARKS = {"preprocess": "volfm.bench.preprocess"}
+
+
+def _triple(text: str):
+    parts = [float(x) for x in text.replace("x", ",").split(",") if x]
+    return parts * 3 if len(parts) == 1 else parts
+
+
+def _cmd_synth(args) -> int:
+    if args.kind == "ct":
+        from volfm.data.synth_ct import make_ct_cohort
+
+        shape = tuple(int(v) for v in _triple(args.shape)) if args.shape else (128, 128, 64)
+        table = make_ct_cohort(args.out, args.cases, seed=args.seed, shape=shape, progress=not args.quiet)
+    else:
+        from volfm.data.synth_mripet import make_mripet_cohort
+
+        table = make_mripet_cohort(args.out, args.cases, seed=args.seed, spacing=args.spacing or 2.0,
+                                   progress=not args.quiet)
+    print(f"wrote {args.cases} synthetic {args.kind} cases; cohort table: {table}")
+    return 0
+
+
+def print_summary(summary: dict, log=print) -> None:
+    rate = f", {summary['cases_per_min']:.1f} cases/min" if summary.get("cases_per_min") else ""
+    log(f"{summary['ok']} ok, {summary['failed']} failed, {summary['skipped']} already done "
+        f"({summary['processed']} processed in {summary['elapsed_s']:.1f} s{rate})")
+    log(f"store:    {summary['store']}")
+    log(f"manifest: {summary['manifest']}")
+    log(f"QC:       {Path(summary['store']) / 'qc'}")
+    for cid, err in summary["failures"]:
+        log(f"FAILED {cid}: {err}")
+
+
+def _cmd_preprocess(args) -> int:
+    from volfm.preprocess.runner import merge_shards, parse_shard, run_cohort
+
+    if args.merge:
+        summary = merge_shards(args.out)
+    else:
+        if not args.spec:
+            raise VolfmError("volfm preprocess needs --spec SPEC (a YAML file or built-in name such as ct_merlin)")
+        summary = run_cohort(args.spec, args.out, cohort=args.cohort, input_dir=args.input_dir,
+                             workers=args.workers, shard=parse_shard(args.shard), overwrite=args.overwrite,
+                             progress=not args.quiet, qc=not args.no_qc)
+    print_summary(summary)
+    return 1 if summary["failed"] else 0
+
+
+def _cmd_inspect(args) -> int:
+    from volfm.inspect import inspect_path
+
+    for p in args.paths:
+        print(inspect_path(p))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from volfm.demo import run_demo
+
+    return run_demo(args.out, cases=args.cases, workers=args.workers)
+
+
+def _cmd_bench(args) -> int:
+    import importlib
+
+    if args.name not in BENCHMARKS:
+        raise VolfmError(f"unknown benchmark {args.name!r}; available: {', '.join(BENCHMARKS)}")
+    mod = importlib.import_module(BENCHMARKS[args.name])
+    return mod.main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="volfm", description="3D CT/MRI/PET foundation-model toolkit")
+    p.add_argument("--version", action="version", version=f"volfm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write a synthetic cohort (NIfTI + cohort.csv)")
+    s.add_argument("kind", choices=["ct", "mripet"])
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--cases", type=int, default=10)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shape", help="CT voxel grid, e.g. 128x128x64")
+    s.add_argument("--spacing", type=float, help="MRI/PET voxel size in mm (default 2.0)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_synth)
+
+    s = sub.add_parser("preprocess", help="harmonise a cohort into a store")
+    s.add_argument("--spec", help="preprocessing spec YAML (or built-in: ct_merlin, ct_seg, mri_brain, pet)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--cohort", help="cohort table (CSV/TSV) with case_id and input columns")
+    g.add_argument("--input-dir", help="folder of images (flat, or imagesTr/labelsTr)")
+    s.add_argument("--out", required=True, help="store folder")
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--shard", help="i/n: process shard i (0-based) of n; default from SLURM_ARRAY_TASK_ID/COUNT")
+    s.add_argument("--overwrite", action="store_true", help="redo every case (and allow a new spec)")
+    s.add_argument("--merge", action="store_true", help="join the shard manifests of --out into manifest.csv")
+    s.add_argument("--no-qc", action="store_true", help="skip QC PNGs")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_preprocess)
+
+    s = sub.add_parser("inspect", help="geometry, spacing, intensity stats and failures of a file or store")
+    s.add_argument("paths", nargs="+")
+    s.set_defaults(fn=_cmd_inspect)
+
+    s = sub.add_parser("demo", help="run the pipeline end to end on an embedded synthetic cohort (CPU)")
+    s.add_argument("--out", default="volfm_demo")
+    s.add_argument("--cases", type=int, default=8)
+    s.add_argument("--workers", type=int, default=2)
+    s.set_defaults(fn=_cmd_demo)
+
+    s = sub.add_parser("bench", help="benchmarks against named peers")
+    s.add_argument("name", help=", ".join(BENCHMARKS))
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=_cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            return int(args.fn(args) or 0)
+    except VolfmError as exc:
+        print(f"volfm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

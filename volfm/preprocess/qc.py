@@ -1,0 +1,66 @@
+"""QC pictures: three orthogonal slices of a stored case with its label overlaid.
+
+Slices are shown in radiological convention for an RAS grid (patient's right on the viewer's
+left, anterior and superior up) with the physical aspect ratio of the voxels.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from volfm.io import affine as geo
+from volfm.io.atomic import atomic_path
+
+
+def _slice_through(label: np.ndarray | None, shape) -> list[int]:
+    """Slice indices through the label's centre of mass, or the volume centre without a label."""
+    if label is not None and label.any():
+        idx = np.argwhere(label)
+        return [int(v) for v in np.round(idx.mean(axis=0))]
+    return [s // 2 for s in shape]
+
+
+def render_case_png(path, image: np.ndarray, affine: np.ndarray, label: np.ndarray | None = None,
+                    title: str = "", vmin: float | None = None, vmax: float | None = None,
+                    extra: list[tuple[str, np.ndarray]] | None = None) -> Path:
+    """Write a PNG: axial, coronal, sagittal slices of ``image`` (I, J, K), label overlaid.
+
+    extra: more (name, array) images on the same grid (e.g. paired modalities), one row each.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("", image)] + list(extra or [])
+    sp = geo.spacing_from_affine(affine)
+    ci, cj, ck = _slice_through(label, image.shape)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(10.5, 3.6 * len(rows)), squeeze=False)
+    cmap = matplotlib.colormaps["tab10"]
+    for r, (name, img) in enumerate(rows):
+        lo, hi = (vmin, vmax) if r == 0 and vmin is not None else np.percentile(img, [0.5, 99.5])
+        views = [  # (2D image (cols, rows) axes, label slice, row spacing / col spacing, view name)
+            (img[:, :, ck], None if label is None else label[:, :, ck], sp[1] / sp[0], f"axial k={ck}"),
+            (img[:, cj, :], None if label is None else label[:, cj, :], sp[2] / sp[0], f"coronal j={cj}"),
+            (img[ci, :, :], None if label is None else label[ci, :, :], sp[2] / sp[1], f"sagittal i={ci}"),
+        ]
+        for c, (sl, lab, aspect, vname) in enumerate(views):
+            ax = axes[r, c]
+            ax.imshow(sl.T, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
+            if r == 0 and lab is not None and lab.any():
+                over = np.ma.masked_where(lab.T == 0, lab.T % 10)
+                ax.imshow(over, cmap=cmap, vmin=0, vmax=9, alpha=0.3, origin="lower", aspect=aspect,
+                          interpolation="nearest")
+            ax.invert_xaxis()  # radiological: patient's right (high i / high j anterior) on the left
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{name + ' ' if name else ''}{vname}", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    return path

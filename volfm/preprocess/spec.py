@@ -1,0 +1,192 @@
+"""Preprocessing specs: YAML -> validated dict, with errors that name the spec file and the key.
+
+A spec says how every case of a cohort is harmonised (see preprocessing/*.yaml):
+
+    name: ct_merlin
+    orientation: RAS            # any 3-letter code
+    spacing: [1.5, 1.5, 3.0]    # mm, or null to keep the reference image's spacing
+    oblique: resample           # keep (stored grid stays oblique) | resample (RAS-aligned grid, world space)
+    shear: refuse               # refuse | resample (world space onto an RAS-aligned grid)
+    nonfinite: error            # error | zero: what to do with NaN/inf voxels
+    channels: 1                 # 1 refuses 4D images; any keeps channels
+    antialias: false            # Gaussian pre-filter along downsampled axes
+    crop: {size: [224, 224, 160], mode: center}   # or mode: foreground (+ threshold/input), or null
+    inputs:                     # one entry per cohort-table column to read
+      image: {kind: image, intensity: {type: ct_window, hu_min: -1000, hu_max: 1000}}
+      label: {kind: label, required: false}
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+
+from volfm import VolfmError
+from volfm.preprocess.intensity import INTENSITY_FUNCTIONS
+
+TOP_KEYS = {"name", "description", "orientation", "spacing", "oblique", "shear", "nonfinite", "channels",
+            "antialias", "crop", "inputs", "reference"}
+CROP_KEYS = {"size", "mode", "input", "threshold", "margin"}
+INPUT_KEYS = {"kind", "required", "interpolation", "fill", "intensity", "dtype"}
+INTENSITY_KEYS = {
+    "none": set(),
+    "ct_window": {"hu_min", "hu_max", "out_min", "out_max"},
+    "mri_zscore": {"lower_percentile", "upper_percentile", "foreground", "background"},
+    "pet": {"mode", "factor", "clip_max"},
+}
+DEFAULTS = {"orientation": "RAS", "spacing": None, "oblique": "keep", "shear": "refuse", "nonfinite": "error",
+            "channels": 1, "antialias": False, "crop": None, "reference": None, "description": ""}
+
+
+class SpecError(VolfmError):
+    pass
+
+
+def _unknown(where: str, key: str, allowed) -> str:
+    near = difflib.get_close_matches(key, sorted(allowed), n=1)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    return f"unknown key '{key}' in {where}{hint}; allowed: {', '.join(sorted(allowed))}"
+
+
+def _check_keys(d: dict, allowed, where: str, src: str):
+    for k in d:
+        if k not in allowed:
+            raise SpecError(f"{src}: {_unknown(where, k, allowed)}")
+
+
+def _triple(v, what: str, src: str, integer=False):
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = [v, v, v]
+    if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) and not
+                                                                   isinstance(x, bool) and x > 0 for x in v)):
+        raise SpecError(f"{src}: {what} must be a positive number or a list of 3, got {v!r}")
+    if integer and not all(float(x).is_integer() for x in v):
+        raise SpecError(f"{src}: {what} must be whole voxel counts, got {v!r}")
+    return [int(x) for x in v] if integer else [float(x) for x in v]
+
+
+def _choice(v, options, what, src):
+    if v not in options:
+        raise SpecError(f"{src}: {what} must be one of {', '.join(map(str, options))}, got {v!r}")
+    return v
+
+
+def validate_spec(raw, src: str = "<spec>") -> dict:
+    """Check a spec dict and fill defaults. Raises SpecError naming ``src`` and the bad key/value."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{src}: a spec must be a YAML mapping, got {type(raw).__name__}")
+    _check_keys(raw, TOP_KEYS, "the spec", src)
+    spec = copy.deepcopy(DEFAULTS)
+    spec.update(copy.deepcopy(raw))
+    spec["name"] = str(spec.get("name") or Path(src).stem)
+    spec["orientation"] = str(spec["orientation"]).upper()
+    if len(spec["orientation"]) != 3 or {spec["orientation"][0], spec["orientation"][1], spec["orientation"][2]} \
+            - set("LRAPSI") or len({c for c in spec["orientation"].translate(str.maketrans("LRAPSI", "xxyyzz"))}) != 3:
+        raise SpecError(f"{src}: orientation must be a 3-letter code such as RAS or LPS, got {raw.get('orientation')!r}")
+    if spec["spacing"] is not None:
+        spec["spacing"] = _triple(spec["spacing"], "spacing", src)
+    _choice(spec["oblique"], ("keep", "resample"), "oblique", src)
+    _choice(spec["shear"], ("refuse", "resample"), "shear", src)
+    _choice(spec["nonfinite"], ("error", "zero"), "nonfinite", src)
+    _choice(spec["channels"], (1, "any"), "channels", src)
+    if not isinstance(spec["antialias"], bool):
+        raise SpecError(f"{src}: antialias must be true or false, got {spec['antialias']!r}")
+    inputs = spec.get("inputs")
+    if not isinstance(inputs, dict) or not inputs:
+        raise SpecError(f"{src}: 'inputs' must map cohort-table columns to input settings, e.g. "
+                        "inputs: {image: {kind: image}}")
+    for col, cfg in list(inputs.items()):
+        cfg = {} if cfg is None else cfg
+        if not isinstance(cfg, dict):
+            raise SpecError(f"{src}: inputs.{col} must be a mapping, got {cfg!r}")
+        _check_keys(cfg, INPUT_KEYS, f"inputs.{col}", src)
+        kind = _choice(cfg.get("kind", "label" if col == "label" else "image"), ("image", "label"),
+                       f"inputs.{col}.kind", src)
+        out = {"kind": kind, "required": bool(cfg.get("required", kind == "image"))}
+        if kind == "image":
+            out["interpolation"] = _choice(cfg.get("interpolation", "linear"), ("linear", "bspline", "nearest"),
+                                           f"inputs.{col}.interpolation", src)
+            fill = cfg.get("fill", "min")
+            if fill != "min" and not isinstance(fill, (int, float)):
+                raise SpecError(f"{src}: inputs.{col}.fill must be 'min' or a number, got {fill!r}")
+            out["fill"] = fill
+            it = cfg.get("intensity") or {"type": "none"}
+            if not isinstance(it, dict) or it.get("type", "none") not in INTENSITY_KEYS:
+                raise SpecError(f"{src}: inputs.{col}.intensity.type must be one of "
+                                f"{', '.join(INTENSITY_KEYS)}, got {it!r}")
+            _check_keys({k: v for k, v in it.items() if k != "type"}, INTENSITY_KEYS[it.get("type", "none")],
+                        f"inputs.{col}.intensity ({it.get('type', 'none')})", src)
+            it.setdefault("type", "none")
+            if it["type"] == "ct_window" and it.get("hu_max", 1000) <= it.get("hu_min", -1000):
+                raise SpecError(f"{src}: inputs.{col}.intensity needs hu_max > hu_min")
+            if it["type"] == "pet":
+                _choice(it.get("mode", "auto"), ("auto", "suv", "scale"), f"inputs.{col}.intensity.mode", src)
+            if it["type"] == "mri_zscore":
+                _choice(it.get("foreground", "otsu"), ("otsu", "nonzero", "all"),
+                        f"inputs.{col}.intensity.foreground", src)
+            out["intensity"] = it
+            out["dtype"] = _choice(cfg.get("dtype", "float32"), ("float32", "float16"), f"inputs.{col}.dtype", src)
+        else:
+            out["interpolation"] = _choice(cfg.get("interpolation", "nearest"), ("nearest", "onehot_linear"),
+                                           f"inputs.{col}.interpolation", src)
+            for bad in ("intensity", "fill"):
+                if bad in cfg:
+                    raise SpecError(f"{src}: inputs.{col} is a label; '{bad}' does not apply to labels")
+        inputs[col] = out
+    images = [c for c, v in inputs.items() if v["kind"] == "image"]
+    if not images:
+        raise SpecError(f"{src}: at least one input must be of kind image (it defines the output grid)")
+    ref = spec["reference"] or next((c for c in images if inputs[c]["required"]), images[0])
+    if ref not in images:
+        raise SpecError(f"{src}: reference '{ref}' must name an image input ({', '.join(images)})")
+    spec["reference"] = ref
+    crop = spec["crop"]
+    if crop is not None:
+        if not isinstance(crop, dict):
+            raise SpecError(f"{src}: crop must be a mapping like {{size: [224, 224, 160], mode: center}} or null")
+        _check_keys(crop, CROP_KEYS, "crop", src)
+        c = {"mode": _choice(crop.get("mode", "center"), ("center", "foreground"), "crop.mode", src)}
+        c["size"] = _triple(crop["size"], "crop.size", src, integer=True) if crop.get("size") is not None else None
+        if c["size"] is None and c["mode"] == "center":
+            raise SpecError(f"{src}: crop.mode center needs crop.size")
+        c["input"] = crop.get("input", ref)
+        if c["input"] not in inputs:
+            raise SpecError(f"{src}: crop.input '{c['input']}' is not one of the inputs ({', '.join(inputs)})")
+        c["threshold"] = float(crop.get("threshold", 0.0))
+        margin = crop.get("margin", 0)
+        c["margin"] = [int(m) for m in (margin if isinstance(margin, (list, tuple)) else [margin] * 3)]
+        spec["crop"] = c
+    return spec
+
+
+def load_spec(path) -> dict:
+    """Read and validate a spec YAML file; a built-in name (e.g. 'ct_merlin') is found in volfm/specs."""
+    path = resolve_spec_path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{path}: malformed YAML{where} ({getattr(exc, 'problem', exc)}); fix the syntax") from exc
+    return validate_spec(raw, str(path))
+
+
+def resolve_spec_path(path) -> Path:
+    p = Path(path)
+    if p.exists():
+        return p
+    builtin = Path(__file__).resolve().parent.parent / "specs" / f"{p.stem}.yaml"
+    if builtin.exists() and p.parent == Path("."):
+        return builtin
+    raise SpecError(f"{path}: spec file not found; give a path to a YAML spec or a built-in name "
+                    f"({', '.join(sorted(x.stem for x in builtin.parent.glob('*.yaml')))})")
+
+
+def spec_hash(spec: dict) -> str:
+    """Content hash of a resolved spec (description excluded): equal hashes mean equal processing."""
+    core = {k: v for k, v in spec.items() if k not in ("description",)}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
