@@ -137,7 +137,8 @@ def main(argv=None) -> int:
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             return int(args.fn(args) or 0)
     except VolfmError as exc:
-        print(f"volfm {args.command}: error: {exc}", file=sys.stderr)
+        one_line = " ".join(str(exc).split("\n"))  # a user error is one line, whatever its source
+        print(f"volfm {args.command}: error: {one_line}", file=sys.stderr)
         return 2
 
 

@@ -29,8 +29,14 @@ def read_table(path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise CohortError(f"{path}: cohort table not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f, delimiter=_dialect(path)))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f, delimiter=_dialect(path)))
+    except UnicodeDecodeError as exc:
+        raise CohortError(f"{path}: not a UTF-8 text table ({exc.reason} at byte {exc.start}); "
+                          "save it as CSV/TSV in UTF-8") from exc
+    except csv.Error as exc:
+        raise CohortError(f"{path}: not a readable CSV/TSV table ({exc})") from exc
     return rows
 
 
@@ -61,7 +67,7 @@ def load_cohort(path, spec: dict) -> list[dict]:
     rows = read_table(path)
     if not rows:
         raise CohortError(f"{path}: cohort table has no rows")
-    columns = list(rows[0].keys())
+    columns = [c for c in rows[0].keys() if c is not None]
     if "case_id" not in columns:
         raise CohortError(f"{path}: no 'case_id' column (columns: {', '.join(columns)}); add one with a unique id per case")
     inputs = spec["inputs"]
@@ -79,6 +85,10 @@ def load_cohort(path, spec: dict) -> list[dict]:
                               "(it becomes a folder name)")
         if cid in seen:
             raise CohortError(f"{path}: duplicate case_id {cid!r} on rows {seen[cid]} and {n}; case ids must be unique")
+        if any((x or "").strip() for x in row.get(None) or []):
+            raise CohortError(f"{path}: row {n} (case {cid}) has {len(columns) + len(row[None])} cells but the header "
+                              f"has {len(columns)} columns; quote cells that contain the delimiter (e.g. a report "
+                              "with commas)")
         seen[cid] = n
         row["case_id"] = cid
     unknown_images = [c for c in columns if c not in inputs and c != "case_id"
@@ -87,7 +97,7 @@ def load_cohort(path, spec: dict) -> list[dict]:
         warnings.warn(f"{path}: column(s) {', '.join(unknown_images)} hold image paths but spec '{spec['name']}' "
                       "has no input for them; they are carried as metadata only. Add them to the spec's inputs "
                       "to preprocess them.", UserWarning, stacklevel=2)
-    base = path.parent
+    base = path.absolute().parent
     out = []
     for row in rows:
         r = {k: (v if v is not None else "") for k, v in row.items() if k is not None}
@@ -111,7 +121,7 @@ def table_from_dir(folder, spec: dict) -> list[dict]:
     Each image file (or DICOM sub-folder) becomes a case named after its file stem (nnU-Net's
     ``_0000`` channel suffix dropped); a file of the same name in labels/ or labelsTr/ is its label.
     """
-    folder = Path(folder)
+    folder = Path(folder).expanduser().absolute()
     if not folder.is_dir():
         raise CohortError(f"{folder}: --input-dir is not a folder")
     img_dir = next((folder / d for d in ("imagesTr", "images") if (folder / d).is_dir()), folder)
@@ -120,6 +130,8 @@ def table_from_dir(folder, spec: dict) -> list[dict]:
     rows = []
     for p in sorted(img_dir.iterdir()):
         name = p.name
+        if name.startswith("."):  # hidden files, e.g. macOS "._case.nii.gz" resource forks
+            continue
         if p.is_dir():
             if lab_dir is not None and p == lab_dir:
                 continue

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -49,6 +50,29 @@ def write_case_dir(cases_dir: Path, case_id: str, arrays: dict[str, np.ndarray],
     return final
 
 
+_LEFTOVER = re.compile(r"^\.(?P<case_id>.+)\.(tmp|old)-\d+(\.png)?$")
+
+
+def remove_stale_temp(store_root, case_ids) -> list[Path]:
+    """Remove what a killed run left of the given cases: cases/.<id>.tmp-<pid>/, cases/.<id>.old-<pid>/
+    and qc/.<id>.tmp-<pid>.png. Call it only for cases this process is about to (re)write or skip,
+    never for another shard's cases (a concurrent run may be writing those)."""
+    wanted = set(case_ids)
+    removed = []
+    for d in (Path(store_root) / "cases", Path(store_root) / "qc"):
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            m = _LEFTOVER.match(p.name)
+            if m and m["case_id"] in wanted:
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
 def read_case_meta(case_dir: Path) -> dict | None:
     p = Path(case_dir) / "meta.json"
     if not p.exists():
@@ -71,7 +95,13 @@ class CohortStore:
         from volfm.data.cohort import read_table
 
         self.rows = read_table(self.root / "manifest.csv")
-        self.spec_doc = yaml.safe_load((self.root / "spec.yaml").read_text()) if (self.root / "spec.yaml").exists() else {}
+        self.spec_doc = {}
+        if (self.root / "spec.yaml").exists():
+            try:
+                self.spec_doc = yaml.safe_load((self.root / "spec.yaml").read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise StoreError(f"{self.root / 'spec.yaml'}: unreadable store spec ({exc}); "
+                                 "rerun volfm preprocess with --overwrite") from exc
 
     @property
     def ok_ids(self) -> list[str]:
@@ -93,6 +123,6 @@ class CohortStore:
             raise StoreError(f"{p}: missing array '{name}' for case {case_id}; rerun volfm preprocess")
         try:
             return np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:
             raise StoreError(f"{p}: corrupt array for case {case_id} ({exc}); rerun volfm preprocess "
                              "with --overwrite for this store") from exc

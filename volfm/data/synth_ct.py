@@ -221,6 +221,7 @@ class _Anatomy:
         self.canal_a = self.sp_a - self.vb_ry - self.canal_r - 2.0
         self.vert_period, self.vert_phase, self.disc = _u(rng, 28, 34), _u(rng, 0, 34), _u(rng, 6, 9)
         self.rib_period, self.rib_phase, self.rib_width = _u(rng, 24, 32), _u(rng, 0, 32), _u(rng, 8, 11)
+        self.rib_slope = _u(rng, 35, 45)  # mm of descent per radian around the body
         # Aorta and IVC.
         self.ao_r0 = -_u(rng, 8, 15)
         self.ao_rad = float(np.clip(_u(rng, 9, 12) + 0.03 * (self.age - 50), 8.5, 14))
@@ -340,7 +341,7 @@ class _Phantom:
         self.gallstone = dict(diameter=max(_u(g, 6, 18), 2.2 * max_sp), hu=_u(g, 400, 900))
         g = f["pleural_effusion"]
         self.effusion = dict(side=("left", "right", "bilateral")[int(g.choice(3, p=[0.35, 0.35, 0.3]))],
-                             depth=_u(g, 15, 45), hu=_u(g, 5, 15))
+                             depth=_u(g, 20, 55), hu=_u(g, 5, 15))
         g = f["ascites"]
         self.ascites = dict(depth=_u(g, 6, 25), hu=_u(g, 0, 15))
         g = f["lung_nodule"]
@@ -380,6 +381,7 @@ class _Phantom:
         gr, ga, gfrac, gsemi, gtilt = A.gb
         rad = self.gallstone["diameter"] / 2
         gsemi = tuple(max(x, rad + 4.0) for x in gsemi)
+        ga = max(ga, A.ivc[1] + A.ivc[3] + max(gsemi[:2]) + 4.0)  # keep it anterior to the IVC
         self.gb = _Ell((gr, ga, self.liver_bottom + gfrac * span), gsemi, _rot(0, -gtilt))
         # Gallstone in the dependent (posterior) part of the gallbladder, local y ~ anterior.
         self.gallstone_c = self.gb.point((0.0, -(gsemi[1] - rad - 1.5), -0.3 * (gsemi[2] - rad)))
@@ -450,9 +452,11 @@ class _Phantom:
         inner = A.inner(p)
         cv.paint(full, inner, A.hu_muscle)
         cav = A.cavity(p)
-        # Ribs in the wall of the lower chest / upper abdomen (slanted bands), not at the spine.
-        band = np.mod(s + 0.35 * (a + A.By) - A.rib_phase, A.rib_period) < A.rib_width
-        ribs = inner & ~cav & band & (s > A.hL - 90.0) & ~((np.abs(r) < 45.0) & (a < 0))
+        # Ribs in the wall of the lower chest / upper abdomen: bands descending from the spine towards
+        # the front (phi = angle from the posterior midline), none at the spine and sternum.
+        phi = np.arctan2(np.abs(r), -a)
+        band = np.mod(s + A.rib_slope * phi - A.rib_phase, A.rib_period) < A.rib_width
+        ribs = inner & ~cav & band & (s > A.hL - 100.0) & (phi > 0.3) & (phi < 2.6)
         cv.paint(full, ribs, _lerp(A.hu_bone, A.hu_muscle, 0.3))
         sd = A.s_dia(r, a)
         thorax = s > sd
@@ -603,7 +607,7 @@ class _Phantom:
                 tip = np.array([sgn * (rc + (2 * u - 1) * 0.8 * sx), ac + (2 * v - 1) * 0.8 * sy, A.hL - 20 + 80 * w])
                 cv.paint(sl, lung & (_seg_d2(q, hilum, tip) < rad ** 2), A.hu_blood * 0.8)
             if self.on("pleural_effusion") and side in eff_sides:
-                taper = np.clip(1.0 - (q[2] - A.hL) / 150.0, 0.35, 1.0)
+                taper = np.clip(1.0 - (q[2] - A.hL) / 200.0, 0.5, 1.0)
                 eff = (A.hemithorax(q, side) & A.cavity(q) & (q[2] > A.s_dia(q[0], q[1]) + 2.0)
                        & (q[1] - A.hemi_posterior(q[0], side) < self.effusion["depth"] * taper))
                 cv.paint(sl, eff, self.effusion["hu"], 0)
@@ -629,13 +633,18 @@ class _Phantom:
         if sl:
             q = grid.coords(sl)
             m = ((q[0] - ir) / irx) ** 2 + ((q[1] - ia) / iry) ** 2 <= 1.0
-            cv.paint(sl, m & (q[2] < A.hR - 10.0), A.hu_blood * (0.8 if A.contrast else 1.0), 0)
+            m = m & (q[2] < A.hR - 10.0) & (cv.lab[sl] != LABEL_IDS["gallbladder"])
+            cv.paint(sl, m, A.hu_blood * (0.8 if A.contrast else 1.0), 0)
         rmax = max(A.ao_rad, self.aneurysm["diameter"] / 2 if self.on("aortic_aneurysm") else 0.0) + 2.0
         sl = grid.block((A.ao_r0 - 2 * rmax, A.ao_a0 - rmax, -400.0), (A.ao_r0 + 2 * rmax, A.ao_a0 + 2.2 * rmax, 400.0))
         if sl:
             q = grid.coords(sl)
             orr, oa, orad, lr, la, lrad = self.aorta_geom(q[2])
-            outer = (q[0] - orr) ** 2 + (q[1] - oa) ** 2 <= orad ** 2
+            d2 = (q[0] - orr) ** 2 + (q[1] - oa) ** 2
+            outer = d2 <= orad ** 2
+            # Retroperitoneal fat around the aorta (only over unlabelled soft tissue / fluid).
+            halo = (d2 <= (orad + 5.0) ** 2) & (cv.lab[sl] == 0) & (cv.img[sl] < 100.0) & (cv.img[sl] > -500.0)
+            cv.paint(sl, halo & (q[2] < A.s_dia(q[0], q[1]) - 3.0), A.hu_fat + 15.0)
             cv.paint(sl, outer, A.hu_muscle - 5.0, LABEL_IDS["aorta"])  # wall / mural thrombus
             cv.paint(sl, outer & ((q[0] - lr) ** 2 + (q[1] - la) ** 2 <= lrad ** 2), A.hu_blood)
         # Spine: vertebral bodies (cortical rim, cancellous core, discs), posterior arch, canal.
@@ -678,7 +687,7 @@ class _Phantom:
         if self.on("pleural_effusion"):
             t = self.effusion["depth"]
             d["pleural_effusion"] = {"side": self.effusion["side"], "depth_mm": round(t, 1),
-                                     "size": "small" if t < 24 else "moderate" if t < 36 else "large"}
+                                     "size": "small" if t < 30 else "moderate" if t < 43 else "large"}
         if self.on("ascites"):
             t = self.ascites["depth"]
             d["ascites"] = {"depth_mm": round(t, 1), "size": "small" if t < 11 else "moderate" if t < 19 else "large"}

@@ -6,6 +6,8 @@ only through :func:`lps_to_ras` / :func:`affine_from_sitk` / :func:`sitk_geometr
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # RAS <-> LPS flips the sign of the first two world axes; the matrix is its own inverse.
@@ -103,7 +105,8 @@ def axis_aligned_grid(affine: np.ndarray, shape, spacing) -> tuple[np.ndarray, t
     world = voxel_to_world(affine, corners)
     extent = world.max(axis=0) - world.min(axis=0)
     sp = np.asarray(spacing, dtype=np.float64)
-    new_shape = tuple(int(max(1, round(e))) for e in extent / sp)
+    # ceil (not round): the new grid must enclose the box; the 1e-6 keeps exact fits from gaining a voxel
+    new_shape = tuple(int(max(1, math.ceil(e - 1e-6))) for e in extent / sp)
     new = np.diag([*sp, 1.0])
     centre = fov_center(affine, shape)
     new[:3, 3] = centre - sp * (np.asarray(new_shape, dtype=np.float64) - 1.0) / 2.0

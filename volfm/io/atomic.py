@@ -12,8 +12,8 @@ import numpy as np
 def _suffixes(path: Path) -> str:
     name = path.name
     for multi in (".nii.gz", ".tar.gz"):
-        if name.endswith(multi):
-            return multi
+        if name.lower().endswith(multi):
+            return name[len(name) - len(multi):]  # keep the caller's case (".NII.GZ")
     return path.suffix
 
 

@@ -75,9 +75,32 @@ def read_volume(path, *, dtype=np.float32, prefer: str = "sform", series_id: str
     return vol
 
 
+def _one_line(text) -> str:
+    """Collapse a (library) message onto one line: VolumeReadError messages are single-line."""
+    return " ".join(str(text).split())
+
+
+def _last_line(exc, default: str = "unreadable") -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else default
+
+
 def _corrupt(path, exc) -> VolumeReadError:
-    return VolumeReadError(
-        f"{path}: truncated or corrupt image data ({type(exc).__name__}: {exc}); re-export or re-copy the file")
+    return VolumeReadError(_one_line(
+        f"{path}: truncated or corrupt image data ({type(exc).__name__}: {exc}); re-export or re-copy the file"))
+
+
+def _gzip_truncation(path: Path) -> Exception | None:
+    """The error a .gz file raises when decompressed to the end, or None when it decompresses cleanly."""
+    import gzip
+
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    except (EOFError, zlib.error, OSError) as exc:
+        return exc
+    return None
 
 
 def _to_channels_first(data: np.ndarray, path) -> np.ndarray:
@@ -120,8 +143,12 @@ def _read_nifti(path: Path, prefer: str) -> Volume:
     try:
         img = nib.load(str(path))
     except nib.filebasedimages.ImageFileError as exc:
-        raise VolumeReadError(f"{path}: not a readable NIfTI file ({exc}); check that it is an image and "
-                              "not e.g. an HTML error page or a DICOM") from exc
+        # a .nii.gz cut inside its first 348 header bytes fails nibabel's sniffing; say it is truncated
+        gz_exc = _gzip_truncation(path) if path.name.lower().endswith(".gz") else None
+        if isinstance(gz_exc, EOFError):
+            raise _corrupt(path, gz_exc) from exc
+        raise VolumeReadError(_one_line(f"{path}: not a readable NIfTI file ({exc}); check that it is an image "
+                                        "and not e.g. an HTML error page or a DICOM")) from exc
     except (EOFError, zlib.error, OSError, ValueError) as exc:
         raise _corrupt(path, exc) from exc
     try:
@@ -171,7 +198,7 @@ def _read_sitk_file(path: Path) -> Volume:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        first = _last_line(exc)
         raise VolumeReadError(f"{path}: SimpleITK could not read it ({first}); the file is corrupt, truncated or "
                               "not an image") from exc
     return _sitk_to_volume(image, path, {"path": str(path), "format": path.suffix.lstrip(".").lower()})
@@ -195,14 +222,37 @@ def _read_dicom_series(folder: Path, series_id: str | None) -> Volume:
         raise VolumeReadError(f"{folder}: DICOM series {series_id} not found; series present: {', '.join(ids)}")
     files = reader.GetGDCMSeriesFileNames(str(folder), series_id)
     reader.SetFileNames(files)
+    if _rescale_varies(files):
+        # ITK takes the pixel type from the first slice: with per-slice RescaleSlope/Intercept (usual in
+        # PET) an integer first slice would truncate/wrap the others, so read into float64 instead
+        reader.SetOutputPixelType(sitk.sitkFloat64)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
         raise VolumeReadError(f"{folder}: DICOM series {series_id} could not be read "
-                              f"({str(exc).strip().splitlines()[-1]}); check for missing or corrupt slices") from exc
+                              f"({_last_line(exc)}); check for missing or corrupt slices") from exc
     meta = {"path": str(folder), "format": "dicom", "series_id": series_id, "num_files": len(files)}
     meta.update(dicom_pet_meta(files[0]))
     return _sitk_to_volume(image, folder, meta)
+
+
+def _rescale_varies(files) -> bool:
+    """True when the slices of a series do not all share one (RescaleSlope, RescaleIntercept)."""
+    try:
+        import pydicom
+    except ImportError:  # pragma: no cover - pydicom is a dependency
+        return False
+    pairs = set()
+    for f in files:
+        try:
+            ds = pydicom.dcmread(str(f), stop_before_pixels=True,
+                                 specific_tags=["RescaleSlope", "RescaleIntercept"])
+            pairs.add((float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)))
+        except Exception:  # noqa: BLE001 - unreadable headers: let SimpleITK report it
+            return False
+        if len(pairs) > 1:
+            return True
+    return False
 
 
 def _dicom_time(value) -> float | None:
@@ -267,8 +317,9 @@ def write_nifti(volume: Volume, path, dtype=None) -> Path:
 
     path = Path(path)
     arr = volume.array if dtype is None else volume.array.astype(dtype)
+    arr, out_dtype = _nifti_storable(arr)
     data = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, 3)
-    img = nib.Nifti1Image(np.asarray(data), volume.affine)
+    img = nib.Nifti1Image(np.asarray(data), volume.affine, dtype=out_dtype)
     img.header.set_xyzt_units("mm", "sec")
     img.set_sform(volume.affine, code=1)
     if geo.is_sheared(volume.affine):
@@ -280,6 +331,22 @@ def write_nifti(volume: Volume, path, dtype=None) -> Path:
     return path
 
 
+def _nifti_storable(arr: np.ndarray) -> tuple[np.ndarray, np.dtype]:
+    """An array and on-disk dtype NIfTI-1 (and nibabel 5) accept: bool -> uint8, float16 -> float32,
+    64-bit integers -> 32-bit when the values fit (nibabel refuses int64 without an explicit dtype)."""
+    dt = arr.dtype.newbyteorder("=")
+    if dt == np.bool_:
+        return arr.astype(np.uint8), np.dtype(np.uint8)
+    if dt == np.float16:
+        return arr.astype(np.float32), np.dtype(np.float32)
+    if dt in (np.dtype(np.int64), np.dtype(np.uint64)):
+        small = np.dtype(np.int32 if dt == np.int64 else np.uint32)
+        info = np.iinfo(small)
+        if arr.size == 0 or (arr.min() >= info.min and arr.max() <= info.max):
+            return arr.astype(small), small
+    return arr, dt
+
+
 def describe_nifti_header(path) -> dict:
     """sform/qform codes and the affines they hold, for ``volfm inspect``."""
     import nibabel as nib
@@ -288,10 +355,15 @@ def describe_nifti_header(path) -> dict:
     h = img.header
     sform, scode = h.get_sform(coded=True)
     qform, qcode = h.get_qform(coded=True)
+    # nibabel resets scl_slope/scl_inter in a loaded header to NaN (the scaling moves to the data proxy),
+    # so report the scaling the proxy applies: 1/0 when the file is unscaled
+    proxy = img.dataobj
+    slope = getattr(proxy, "slope", h["scl_slope"] if "scl_slope" in h else None)
+    inter = getattr(proxy, "inter", h["scl_inter"] if "scl_inter" in h else None)
     return {"sform_code": int(scode or 0), "qform_code": int(qcode or 0),
             "qfac": float(h["pixdim"][0]) if "pixdim" in h else None,
-            "scl_slope": float(h["scl_slope"]) if "scl_slope" in h else None,
-            "scl_inter": float(h["scl_inter"]) if "scl_inter" in h else None,
+            "scl_slope": None if slope is None else float(slope),
+            "scl_inter": None if inter is None else float(inter),
             "datatype": str(h.get_data_dtype()), "byteorder": h.endianness}
 
 

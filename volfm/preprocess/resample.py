@@ -63,13 +63,18 @@ def _taps(coords: np.ndarray, n: int, order: str, sigma: float = 0.0):
     else:
         raise ValueError(f"unknown interpolation order {order!r}")
     if sigma > 0 and order != "nearest":
-        radius = max(1, int(math.ceil(3.0 * sigma)))
-        off = np.arange(-radius, radius + 1)
-        g = np.exp(-0.5 * (off / sigma) ** 2)
-        g /= g.sum()
+        off, g = _gaussian_kernel(sigma)
         idx = _mirror(idx[:, :, None] - off[None, None, :], n).reshape(len(coords), -1)
         w = (w[:, :, None] * g[None, None, :]).reshape(len(coords), -1).astype(np.float32)
     return idx, w, valid
+
+
+def _gaussian_kernel(sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets and normalised weights of the anti-aliasing Gaussian, truncated at ceil(3 sigma)."""
+    radius = max(1, int(math.ceil(3.0 * sigma)))
+    off = np.arange(-radius, radius + 1)
+    g = np.exp(-0.5 * (off / sigma) ** 2)
+    return off, g / g.sum()
 
 
 def _cubic_bspline(t: np.ndarray) -> np.ndarray:
@@ -159,9 +164,30 @@ def _general(src: torch.Tensor, m: np.ndarray, shape, order, slab_voxels=8_000_0
     return out, valid
 
 
+def _blur_general(src: torch.Tensor, m: np.ndarray, order: str) -> torch.Tensor:
+    """Anti-aliasing before a non-separable resample: a Gaussian along each source axis (mirror
+    boundary), sigma from the source-voxel step per target voxel along that axis (the norm of the
+    index map's row; for a scaled permutation this is the separable path's |scale|)."""
+    if order == "nearest":
+        return src
+    sigmas = antialias_sigmas(np.sqrt((np.asarray(m[:3, :3], np.float64) ** 2).sum(axis=1)))
+    if not any(s > 0 for s in sigmas):
+        return src
+    from scipy import ndimage
+
+    x = src.numpy().astype(np.float64)
+    for ax, sigma in enumerate(sigmas):
+        if sigma > 0:
+            _, g = _gaussian_kernel(sigma)
+            x = ndimage.correlate1d(x, g, axis=1 + ax, mode="mirror")
+    return torch.from_numpy(x.astype(np.float32))
+
+
 def _resample_array(src: torch.Tensor, m: np.ndarray, shape, order: str, antialias: bool):
     pm = _as_permutation(m[:3, :3])
     if pm is None:
+        if antialias:
+            src = _blur_general(src, m, order)
         return _general(src, m, shape, order)
     perm, scale = pm
     if order == "bspline":

@@ -21,7 +21,7 @@ import yaml
 
 from volfm import VolfmError, __version__
 from volfm.data.cohort import CohortError, load_cohort, read_table, table_from_dir, write_table
-from volfm.data.store import MANIFEST_FIRST, StoreError, read_case_meta, write_case_dir
+from volfm.data.store import MANIFEST_FIRST, StoreError, read_case_meta, remove_stale_temp, write_case_dir
 from volfm.io.atomic import write_text_atomic
 from volfm.preprocess.pipeline import Pipeline
 from volfm.preprocess.spec import load_spec, spec_hash
@@ -76,7 +76,9 @@ def process_case(spec: dict, row: dict, store: str, write_qc: bool = True) -> di
         result.update(status="ok", shape="x".join(map(str, case.shape)),
                       spacing="x".join(f"{s:.4g}" for s in meta["spacing"]))
     except VolfmError as exc:
-        result["error"] = str(exc).replace("\n", " ")
+        msg = str(exc).replace("\n", " ")
+        # reader errors name the file only; the manifest and the summary must name the case too
+        result["error"] = msg if f"case {case_id}" in msg else f"case {case_id}: {msg}"
     except Exception as exc:  # noqa: BLE001 - the cohort goes on; the reason lands in the manifest
         last = traceback.extract_tb(exc.__traceback__)[-1]
         result["error"] = (f"case {case_id}: unexpected {type(exc).__name__}: {exc} "
@@ -129,10 +131,14 @@ def run_cohort(spec_path, out, cohort=None, input_dir=None, workers: int = 1, sh
         rows_here = [r for r in rows if shard_of(r["case_id"], shard[1]) == shard[0]]
     else:
         rows_here = rows
+    # a run killed with -9 may have left temp folders/files of this run's cases; nothing else writes them now
+    remove_stale_temp(out, [r["case_id"] for r in rows_here])
     todo, results = [], {}
     for r in rows_here:
         meta = None if overwrite else read_case_meta(out / "cases" / r["case_id"])
-        if meta is not None and meta.get("spec_hash") == h:
+        # the QC image is written after the case folder: a run killed between the two redoes the case
+        qc_done = not qc or (out / "qc" / f"{r['case_id']}.png").exists()
+        if meta is not None and meta.get("spec_hash") == h and qc_done:
             results[r["case_id"]] = {"case_id": r["case_id"], "status": "ok", "error": "",
                                      "shape": "x".join(map(str, meta["shape"])),
                                      "spacing": "x".join(f"{s:.4g}" for s in meta["spacing"]),
@@ -165,7 +171,8 @@ def run_cohort(spec_path, out, cohort=None, input_dir=None, workers: int = 1, sh
     for r in rows_here:
         res = results[r["case_id"]]
         manifest_rows.append({**{k: v for k, v in r.items()}, **res})
-    columns = MANIFEST_FIRST + [c for c in rows[0].keys() if c not in MANIFEST_FIRST]
+    table_columns = dict.fromkeys(k for r in rows for k in r)  # union: --input-dir rows may lack 'label'
+    columns = MANIFEST_FIRST + [c for c in table_columns if c not in MANIFEST_FIRST]
     target = out / "manifest.csv" if shard is None else out / "manifests" / f"shard-{shard[0]}-of-{shard[1]}.csv"
     write_table(target, manifest_rows, columns)
     failed = [m for m in manifest_rows if m["status"] != "ok"]
@@ -205,7 +212,8 @@ def merge_shards(out) -> dict:
         raise StoreError(f"{out}: {len(missing)} case(s) are in no shard manifest (e.g. {missing[0]}); "
                          f"shards still to run: {', '.join(f'{i}/{n}' for i in absent)}")
     rows = [by_id[r["case_id"]] for r in table]
-    columns = list(read_table(shard_files[0])[0].keys()) if rows else MANIFEST_FIRST
+    # union of the shard manifests' columns (a shard with no cases has a header-only manifest)
+    columns = list(dict.fromkeys(k for r in rows for k in r)) or MANIFEST_FIRST
     write_table(out / "manifest.csv", rows, columns)
     failed = [r for r in rows if r["status"] != "ok"]
     return {"ok": len(rows) - len(failed), "failed": len(failed), "skipped": 0, "processed": 0,
