@@ -64,9 +64,16 @@ def _cmd_preprocess(args) -> int:
 def _cmd_inspect(args) -> int:
     from volfm.inspect import inspect_path
 
-    for p in args.paths:
-        print(inspect_path(p))
-    return 0
+    rc = 0
+    for p in args.paths:  # one unreadable path does not hide the others
+        try:
+            print(inspect_path(p))
+        except VolfmError as exc:
+            if len(args.paths) == 1:
+                raise
+            print(f"volfm inspect: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
+            rc = 2
+    return rc
 
 
 def _cmd_demo(args) -> int:

@@ -60,7 +60,7 @@ def inspect_file(path: Path) -> str:
 
 
 def inspect_store(root: Path) -> str:
-    from volfm.data.store import CohortStore
+    from volfm.data.store import CohortStore, StoreError
 
     store = CohortStore(root)
     doc = store.spec_doc
@@ -77,10 +77,13 @@ def inspect_store(root: Path) -> str:
         lines.append("splits   " + ", ".join(f"{k}: {v}" for k, v in sorted(splits.items())))
     if store.ok_ids:
         cid = store.ok_ids[0]
-        meta = store.meta(cid)
-        for name in meta.get("source", {}):
-            arr = store.array(cid, name)
-            lines.append(f"{name:<8} (case {cid}) {arr.dtype} {arr.shape}: {_stats(arr)}")
+        try:  # a damaged sample case must not hide the store's counts and failures
+            meta = store.meta(cid)
+            for name in meta.get("source", {}):
+                arr = store.array(cid, name)
+                lines.append(f"{name:<8} (case {cid}) {arr.dtype} {arr.shape}: {_stats(arr)}")
+        except StoreError as exc:
+            lines.append(f"UNREADABLE case {cid}: {exc}")
     if store.failed:
         lines.append("failures:")
         lines += [f"  {r['case_id']}: {r.get('error')}" for r in store.failed]
@@ -89,11 +92,19 @@ def inspect_store(root: Path) -> str:
 
 
 def inspect_case(case_dir: Path) -> str:
-    meta = json.loads((case_dir / "meta.json").read_text())
+    from volfm.data.store import StoreError, read_case_meta
+
+    meta = read_case_meta(case_dir)
+    if meta is None:
+        raise StoreError(f"{case_dir / 'meta.json'}: unreadable case metadata; rerun volfm preprocess")
     lines = [f"case {meta['case_id']} in {case_dir.parent.parent}  spec {meta['spec_name']} ({meta['spec_hash']})"]
     lines += describe_geometry(np.asarray(meta["affine"]), meta["shape"])
     for name, src in meta["source"].items():
-        arr = np.load(case_dir / f"{name}.npy", mmap_mode="r")
+        try:
+            arr = np.load(case_dir / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise StoreError(f"{case_dir / (name + '.npy')}: missing or corrupt array ({exc}); "
+                             "rerun volfm preprocess") from exc
         lines.append(f"{name}: {arr.dtype} {arr.shape} from {src['path']} ({src['orientation']}, "
                      f"{' x '.join(f'{s:.3g}' for s in src['spacing'])} mm, shape {tuple(src['shape'])})")
         lines.append(f"  {_stats(arr)}")

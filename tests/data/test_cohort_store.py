@@ -16,6 +16,13 @@ from volfm.preprocess.spec import validate_spec
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _no_slurm_array(monkeypatch):
+    """Tests run inside a SLURM array job must not be sharded by its environment."""
+    for k in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(k, raising=False)
+
+
 def small_spec() -> dict:
     spec = yaml.safe_load((REPO / "preprocessing" / "ct_merlin.yaml").read_text())
     spec["crop"]["size"] = [24, 24, 12]

@@ -191,14 +191,14 @@ def test_focal_lesions_sit_in_their_organ(name, organ):
         dist = np.linalg.norm(world - np.asarray(d["centre_ras"]), axis=1).reshape(img.shape)
         core = dist <= max(0.3 * d["diameter_mm"], dist.min() + 1e-6)
         if name == "renal_cyst":
-            assert img[core].mean() < 35 and _arrays(base)[0][core].mean() - img[core].mean() > 15
+            assert img[core].mean() < min(60.0, _arrays(base)[0][core].mean() - 10)
         elif name == "kidney_stone":
             assert ((img > 500) & (lab == value)).sum() >= 2 and img[i, j, k] > 500
             assert not ((_arrays(base)[0] > 500) & (_arrays(base)[1] == value)).any()
         elif name == "gallstone":
             assert ((img > 200) & (lab == value)).sum() >= 2 and img[i, j, k] > 200
         else:
-            assert img[i, j, k] > -400 and _arrays(base)[0][i, j, k] < -500
+            assert img[core].mean() > -300 and _arrays(base)[0][core].mean() < -400
 
 
 def test_pleural_effusion_replaces_posterior_lung_with_fluid():
@@ -242,10 +242,11 @@ def test_aortic_aneurysm_enlarges_aorta():
     sp = case["label"].spacing
     axis = int(np.argmax(np.abs(case["label"].affine[2, :3])))  # array axis closest to S-I
     other = [a for a in range(3) if a != axis]
-    area = (fl == 7).sum(axis=tuple(other)).max() * sp[other[0]] * sp[other[1]]
-    diam = 2 * np.sqrt(area / np.pi)
-    assert 30 < diam < 75 and diam > 2 * 2 * np.sqrt((bl == 7).sum(axis=tuple(other)).max()
-                                                       * sp[other[0]] * sp[other[1]] / np.pi)
+    def widest(lab):
+        return 2 * np.sqrt((lab == 7).sum(axis=tuple(other)).max() * sp[other[0]] * sp[other[1]] / np.pi)
+
+    reported = case["metadata"]["details"]["aortic_aneurysm"]["diameter_mm"]
+    assert abs(widest(fl) - reported) < 8 and widest(fl) > 1.5 * widest(bl)
 
 
 @pytest.mark.parametrize("seed", [4, 9])

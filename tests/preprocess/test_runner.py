@@ -7,7 +7,6 @@ bad input. The spec is ct_merlin shrunk to 3 x 3 x 6 mm and a 32 x 32 x 16 crop 
 import csv
 import hashlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -39,11 +38,19 @@ BAD = {
     "bad_empty": ("empty.nii.gz", r"empty file \(0 bytes\)"),
     "bad_text": ("text.nii.gz", r"not a readable NIfTI"),
     "bad_nan": ("nan.nii.gz", r"NaN/inf voxels"),
-    "bad_grid": ("grid_label.nii.gz", r"not on the grid"),
+    "bad_grid": ("grid_label.nii.gz", r"not on the grid .*shape \(40, 48, 20\) vs \(48, 48, 20\)"),
+    "bad_shift": ("shift_label.nii.gz", r"not on the grid .*voxel positions differ by up to 4 mm"),
     "bad_missing": ("nope.nii.gz", r"file not found"),
     "bad_blank": ("", r"required input 'image' is empty"),
 }
 TABLE_COLUMNS = ["case_id", "image", "label", "icd_codes", "report", "split", "age", "scanner"]
+
+
+@pytest.fixture(autouse=True)
+def _no_slurm_array(monkeypatch):
+    """Tests run inside a SLURM array job must not be sharded by its environment."""
+    for k in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(k, raising=False)
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -130,11 +137,14 @@ class Cohort:
         img, lab = make_ct(51)
         write_nifti(img, bad_dir / "grid_image.nii.gz", dtype=np.int16)
         write_nifti(Volume(lab.array[:, :40], lab.affine), bad_dir / "grid_label.nii.gz")
+        shifted = lab.affine.copy()
+        shifted[2, 3] += 4.0  # same shape, moved 4 mm
+        write_nifti(Volume(lab.array, shifted), bad_dir / "shift_label.nii.gz")
         for cid, (fname, _) in BAD.items():
             image = "" if cid == "bad_blank" else f"bad/{fname}"
             label = ""
-            if cid == "bad_grid":
-                image, label = "bad/grid_image.nii.gz", "bad/grid_label.nii.gz"
+            if cid in ("bad_grid", "bad_shift"):
+                image, label = "bad/grid_image.nii.gz", f"bad/{fname}"
             self.rows.append({"case_id": cid, "image": image, "label": label, "icd_codes": "", "report": "",
                               "split": "test", "age": "", "scanner": "S9"})
         self.table = write_csv(root / "cohort.csv", self.rows, TABLE_COLUMNS)
@@ -363,8 +373,14 @@ def _volfm_cmd():
 
 
 def test_kill_minus_9_then_resume(cohort, tmp_path):
+    # 16 cases (the 8 good files twice, absolute paths) leave ample time to kill the run mid-way
+    n = 2 * N_GOOD
+    rows = [dict(r, case_id=f"k{i:02d}", image=str(cohort.root / r["image"]), label=str(cohort.root / r["label"]))
+            for i, r in enumerate(cohort.rows[:N_GOOD] * 2)]
+    table = write_csv(tmp_path / "kill.csv", rows, TABLE_COLUMNS)
+    ids = [r["case_id"] for r in rows]
     store = tmp_path / "store"
-    cmd = _volfm_cmd() + ["preprocess", "--spec", str(cohort.spec), "--cohort", str(cohort.good_table),
+    cmd = _volfm_cmd() + ["preprocess", "--spec", str(cohort.spec), "--cohort", str(table),
                           "--out", str(store), "--workers", "1", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -374,22 +390,23 @@ def test_kill_minus_9_then_resume(cohort, tmp_path):
             if qc.is_dir() and any(not p.name.startswith(".") for p in qc.iterdir()):
                 break
             time.sleep(0.002)
-        os.kill(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(30)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr.read().decode()[-2000:])
     assert not (store / "manifest.csv").exists(), "the run finished before it was killed"
     done = {p.name for p in cases.iterdir() if not p.name.startswith(".")}
-    assert 1 <= len(done) < N_GOOD
+    assert 1 <= len(done) < n
     for cid in done:  # a case folder that exists is complete
         assert np.load(cases / cid / "image.npy", mmap_mode="r").shape == (1, *CROP)
         json.loads((cases / cid / "meta.json").read_text())
     with_qc = {cid for cid in done if (store / "qc" / f"{cid}.png").exists()}
-    summary = run_cohort(cohort.spec, store, cohort=cohort.good_table, progress=False)
-    assert summary["ok"] == N_GOOD and summary["failed"] == 0
+    summary = run_cohort(cohort.spec, store, cohort=table, progress=False)
+    assert summary["ok"] == n and summary["failed"] == 0
     assert summary["skipped"] == len(with_qc) >= 1
     rows = read_csv(store / "manifest.csv")
-    assert [r["case_id"] for r in rows] == cohort.good
+    assert [r["case_id"] for r in rows] == ids
     assert {r["case_id"] for r in rows if r["elapsed_s"] == "skipped"} == with_qc
     assert all(r["status"] == "ok" for r in rows)
     assert hidden_entries(store) == []
@@ -468,10 +485,49 @@ def test_two_workers_give_the_same_arrays(built, cohort, tmp_path):
     assert hidden_entries(store2) == []
 
 
+def test_a_dead_worker_fails_its_cases_not_the_run(cohort, tmp_path, monkeypatch):
+    """A worker killed (e.g. by the OOM killer) breaks the pool: the run still ends with a manifest."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    import volfm.preprocess.runner as runner
+
+    class DyingPool:  # runs cases in-process; the pool "breaks" on the second case
+        def __init__(self, *args, **kwargs):
+            self.n = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, *args):
+            f = Future()
+            self.n += 1
+            if self.n >= 2:
+                f.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+            else:
+                f.set_result(fn(*args))
+            return f
+
+    monkeypatch.setattr(runner, "ProcessPoolExecutor", DyingPool)
+    store = tmp_path / "store"
+    summary = run_cohort(cohort.spec, store, cohort=cohort.good_table, workers=2, progress=False)
+    assert summary["ok"] == 1 and summary["failed"] == N_GOOD - 1
+    rows = read_csv(store / "manifest.csv")
+    assert [r["case_id"] for r in rows] == cohort.good
+    assert rows[0]["status"] == "ok"
+    for r in rows[1:]:
+        assert r["status"] == "failed"
+        assert r["error"].startswith(f"case {r['case_id']}: worker process failed (BrokenProcessPool")
+    monkeypatch.undo()
+    summary = run_cohort(cohort.spec, store, cohort=cohort.good_table, workers=1, progress=False)
+    assert summary["ok"] == N_GOOD and summary["skipped"] == 1
+
+
 # ----------------------------------------------------------------------------------- shards
 def test_parse_shard(monkeypatch):
-    for k in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
-        monkeypatch.delenv(k, raising=False)
     assert parse_shard(None) is None
     assert parse_shard("0/2") == (0, 2) and parse_shard("3/4") == (3, 4)
     for bad in ("2/2", "-1/2", "0/0", "a/b", "1", "1/2/3"):
@@ -500,7 +556,6 @@ def test_shards_then_merge(cohort, tmp_path, monkeypatch):
         merge_shards(store)
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
-    monkeypatch.delenv("SLURM_ARRAY_TASK_MIN", raising=False)
     s1 = run_cohort(cohort.spec, store, cohort=cohort.table, shard=parse_shard(None), progress=False)
     assert s0["ok"] + s1["ok"] == N_GOOD and s0["failed"] + s1["failed"] == len(BAD)
     merged = merge_shards(store)

@@ -81,7 +81,7 @@ def make_ct_array(shape=(512, 512, 300), spacing=(0.7, 0.7, 1.0), seed: int = 0)
                      + ((z + 0.15 * half[2]) / (0.30 * half[2])) ** 2)
         hu += 25.0 * _sigmoid((1.0 - rv) * 10.0)
         # bone column (spine) towards the back, full length: 700 HU
-        rs = np.sqrt((x[..., None] / 14.0) ** 2 + ((y[..., None] + 0.70 * b) / 14.0) ** 2)
+        rs = np.sqrt((x[..., None] / (0.1 * a)) ** 2 + ((y[..., None] + 0.70 * b) / (0.1 * a)) ** 2)
         hu = hu + (700.0 - hu) * _sigmoid((1.0 - rs) * 8.0)
         hu += rng.normal(0.0, 12.0, size=hu.shape).astype(np.float32)
         out[:, :, k0:k0 + 16] = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
@@ -271,7 +271,7 @@ def timed(fn, repeats: int, warmup: int = 1):
     import io
 
     for _ in range(warmup):  # first-call chatter (e.g. MONAI's reader registration) stays out of the table
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             res = fn()
     times = []
     for _ in range(repeats):

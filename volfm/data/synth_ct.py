@@ -16,7 +16,9 @@ the finding draws, the wording and the noise, so forcing a finding on or off cha
   subcutaneous fat, muscle wall, ribs, lung bases, diaphragm, heart, liver (+ vessels), gallbladder,
   spleen, kidneys (cortex, medulla, sinus fat), stomach, bowel, IVC, aorta, spine; non-contrast or
   portal-venous phase; then partial-volume blur, a slight intensity drift and Gaussian noise (10-20 HU);
-* findings (each independent, default probability 0.3), see :data:`FINDINGS`.
+* findings (each independent, default probability 0.3), see :data:`FINDINGS`; ``findings=`` forces a
+  set. Focal lesions are at least ~2.2 voxels across (stones and nodules grow on coarse grids), and the
+  report quotes the simulated sizes.
 
 Label map (uint8, :data:`LABELS`): organ segmentation. Lesions inside an organ take that organ's label
 (renal cyst and stone -> kidney, gallstone -> gallbladder, lung nodule and atelectasis -> lung,
@@ -237,7 +239,8 @@ class _Anatomy:
         self.gb = (0.3 * Cx * _u(rng, 0.85, 1.15), 0.3 * Cy * _u(rng, 0.8, 1.2), _u(rng, 0.3, 0.4),
                    (_u(rng, 13, 17), _u(rng, 13, 17), _u(rng, 28, 38)), _u(rng, 20, 40))
         self.spleen_semi = (_u(rng, 22, 28), _u(rng, 36, 46), _u(rng, 45, 55))
-        self.spleen_a, self.spleen_rot, self.spleen_gap = -0.3 * Cy * _u(rng, 0.8, 1.2), _u(rng, 20, 35), _u(rng, 0, 8)
+        self.spleen_a = -0.3 * Cy * _u(rng, 0.8, 1.2)
+        self.spleen_rot, self.spleen_gap = _u(rng, 20, 35), _u(rng, 0, 8)
         # Kidneys: centre, semi-axes, coronal tilt, axial rotation (hilum antero-medial).
         self.kidneys = {}
         s_left = -_u(rng, 35, 45)
@@ -252,8 +255,8 @@ class _Anatomy:
         self.hemi = (0.52 * Cx, -0.05 * Cy, 0.45 * Cx * _u(rng, 0.95, 1.05), 0.92 * Cy)
         self.heart = _Ell((-0.12 * Cx, 0.28 * Cy, self.hL + _u(rng, 40, 55)), (0.42 * Cx, 0.5 * Cy, 55.0),
                           _rot(2, _u(rng, 15, 30)))
-        self.lung_vessels = {side: [(_u(rng, 0.15, 0.3), _u(rng, -0.2, 0.3), _u(rng, 0, 1), _u(rng, 0, 1),
-                                     _u(rng, 0, 1), _u(rng, 1.5, 3.0)) for _ in range(7)] for side in ("left", "right")}
+        self.lung_vessels = {side: [tuple(rng.uniform(0, 1, 3)) + (_u(rng, 1.5, 3.0),) for _ in range(7)]
+                             for side in ("left", "right")}
         self.liver_vessels = [(_u(rng, 0, 1), _u(rng, 0, 1), _u(rng, 0, 1), _u(rng, 3, 5)) for _ in range(4)]
         # Stomach and bowel loops.
         self.stomach = _Ell((-0.3 * Cx, 0.35 * Cy, self.hL - _u(rng, 40, 55)), (0.3 * Cx, 0.3 * Cy, _u(rng, 35, 50)))
@@ -328,8 +331,10 @@ class _Phantom:
         A = anat
         # Finding parameters are always drawn (each from its own stream), used only when present.
         f = {name: frngs[name] for name in FINDINGS}
-        self.hepato = (_u(f["hepatomegaly"], 1.1, 1.2), _u(f["hepatomegaly"], 1.05, 1.1), _u(f["hepatomegaly"], 1.3, 1.45))
-        self.spleno = (_u(f["splenomegaly"], 1.1, 1.2), _u(f["splenomegaly"], 1.35, 1.55), _u(f["splenomegaly"], 1.4, 1.6))
+        g = f["hepatomegaly"]
+        self.hepato = (_u(g, 1.1, 1.2), _u(g, 1.05, 1.1), _u(g, 1.3, 1.45))      # scale (r, a, s)
+        g = f["splenomegaly"]
+        self.spleno = (_u(g, 1.1, 1.2), _u(g, 1.35, 1.55), _u(g, 1.4, 1.6))
         self.fat_drop = _u(f["fatty_liver"], 50, 75)
         g = f["renal_cyst"]
         self.cyst = dict(side=("left", "right")[int(g.integers(2))], diameter=_u(g, 15, 30), hu=_u(g, 0, 12),
@@ -374,13 +379,15 @@ class _Phantom:
         span = A.liver_span * ss
         self.liver_bottom = top - span
         self.liver_span_mm = A.hR - self.liver_bottom  # dome apex to inferior tip
-        self.liver_right = _Ell((A.liver_r, A.liver_a, top - span / 2), (A.liver_semi[0] * sr, A.liver_semi[1] * sa, span / 2))
+        self.liver_right = _Ell((A.liver_r, A.liver_a, top - span / 2),
+                                (A.liver_semi[0] * sr, A.liver_semi[1] * sa, span / 2))
         lr, la, lsx, lsy, lfrac = A.left_lobe
         lss = A.liver_span * lfrac * ss
         self.liver_left = _Ell((lr, la, top - 10.0 - lss), (lsx * sr, lsy * sa, lss))
         gr, ga, gfrac, gsemi, gtilt = A.gb
         rad = self.gallstone["diameter"] / 2
-        gsemi = tuple(max(x, rad + 4.0) for x in gsemi)
+        if self.on("gallstone"):  # room for a stone at least ~2 voxels wide
+            gsemi = tuple(max(x, rad + 4.0) for x in gsemi)
         ga = max(ga, A.ivc[1] + A.ivc[3] + max(gsemi[:2]) + 4.0)  # keep it anterior to the IVC
         self.gb = _Ell((gr, ga, self.liver_bottom + gfrac * span), gsemi, _rot(0, -gtilt))
         # Gallstone in the dependent (posterior) part of the gallbladder, local y ~ anterior.
@@ -603,7 +610,7 @@ class _Phantom:
             lung = A.lung(q, side)
             cv.paint(sl, lung, A.hu_lung, lab)
             hilum = np.array([sgn * 0.22 * A.Cx, 0.05 * A.Cy, A.hL + 70.0])
-            for fr, fa, u, v, w, rad in A.lung_vessels[side]:
+            for u, v, w, rad in A.lung_vessels[side]:
                 tip = np.array([sgn * (rc + (2 * u - 1) * 0.8 * sx), ac + (2 * v - 1) * 0.8 * sy, A.hL - 20 + 80 * w])
                 cv.paint(sl, lung & (_seg_d2(q, hilum, tip) < rad ** 2), A.hu_blood * 0.8)
             if self.on("pleural_effusion") and side in eff_sides:
@@ -636,7 +643,8 @@ class _Phantom:
             m = m & (q[2] < A.hR - 10.0) & (cv.lab[sl] != LABEL_IDS["gallbladder"])
             cv.paint(sl, m, A.hu_blood * (0.8 if A.contrast else 1.0), 0)
         rmax = max(A.ao_rad, self.aneurysm["diameter"] / 2 if self.on("aortic_aneurysm") else 0.0) + 2.0
-        sl = grid.block((A.ao_r0 - 2 * rmax, A.ao_a0 - rmax, -400.0), (A.ao_r0 + 2 * rmax, A.ao_a0 + 2.2 * rmax, 400.0))
+        sl = grid.block((A.ao_r0 - 2 * rmax, A.ao_a0 - rmax, -400.0),
+                        (A.ao_r0 + 2 * rmax, A.ao_a0 + 2.2 * rmax, 400.0))
         if sl:
             q = grid.coords(sl)
             orr, oa, orad, lr, la, lrad = self.aorta_geom(q[2])
@@ -675,12 +683,15 @@ class _Phantom:
                    "liver_hu": round(A.hu_liver - (self.fat_drop if self.on("fatty_liver") else 0.0), 1),
                    "spleen_hu": round(A.hu_spleen, 1)}
         if self.on("renal_cyst"):
-            d["renal_cyst"] = {"side": self.cyst["side"], "pole": _pole(self.cyst_local, A.kidneys[self.cyst["side"]]),
-                               "diameter_mm": round(self.cyst["diameter"], 1), "centre_ras": (self.cyst_c + c0).tolist()}
+            side = self.cyst["side"]
+            d["renal_cyst"] = {"side": side, "pole": _pole(self.cyst_local, A.kidneys[side]),
+                               "diameter_mm": round(self.cyst["diameter"], 1),
+                               "centre_ras": (self.cyst_c + c0).tolist()}
         if self.on("kidney_stone"):
             d["kidney_stone"] = {"side": self.stone["side"],
                                  "pole": _pole(self.stone_local, A.kidneys[self.stone["side"]]),
-                                 "diameter_mm": round(self.stone["diameter"], 1), "centre_ras": (self.stone_c + c0).tolist()}
+                                 "diameter_mm": round(self.stone["diameter"], 1),
+                                 "centre_ras": (self.stone_c + c0).tolist()}
         if self.on("gallstone"):
             d["gallstone"] = {"diameter_mm": round(self.gallstone["diameter"], 1),
                               "centre_ras": (self.gallstone_c + c0).tolist()}
@@ -773,7 +784,8 @@ def _report(rng: np.random.Generator, present: set[str], d: dict, anat: _Anatomy
         pos = [f"{size.capitalize()} {side} pleural effusion{plural}.",
                f"There {'are' if plural else 'is a'} {size} {side} pleural effusion{plural}.",
                f"{side.capitalize()} pleural effusion{plural}, {size} in volume, layering posteriorly."]
-        impr = [f"{size.capitalize()} {side} pleural effusion{plural}.", f"{side.capitalize()} pleural effusion{plural}."]
+        impr = [f"{size.capitalize()} {side} pleural effusion{plural}.",
+                f"{side.capitalize()} pleural effusion{plural}."]
     else:
         pos, impr = [], []
     add("LOWER THORAX", pos, ["No pleural effusion.", "No pleural effusions.", "There is no pleural effusion."],
@@ -781,7 +793,8 @@ def _report(rng: np.random.Generator, present: set[str], d: dict, anat: _Anatomy
     if "lung_nodule" in present:
         n = d["lung_nodule"]
         mm, lobe = int(round(n["diameter_mm"])), n["lobe"]
-        pos = [f"There is a {mm} mm solid nodule in the {lobe}.", f"{mm} mm noncalcified pulmonary nodule in the {lobe}.",
+        pos = [f"There is a {mm} mm solid nodule in the {lobe}.",
+               f"{mm} mm noncalcified pulmonary nodule in the {lobe}.",
                f"A solid pulmonary nodule measuring {mm} mm is present in the {lobe}."]
         impr = [f"{mm} mm {lobe} pulmonary nodule; follow-up chest CT is recommended.",
                 f"Solitary {mm} mm pulmonary nodule in the {lobe}.", f"{lobe.capitalize()} nodule measuring {mm} mm."]
@@ -797,8 +810,8 @@ def _report(rng: np.random.Generator, present: set[str], d: dict, anat: _Anatomy
         impr = [f"{where.capitalize()} atelectasis.", f"Dependent {where} atelectasis."]
     else:
         pos, impr = [], []
-    add("LOWER THORAX", pos, ["No focal consolidation or atelectasis.", "The lung bases are clear without atelectasis.",
-                              "No atelectasis."], impr, "atelectasis" in present)
+    add("LOWER THORAX", pos, ["No focal consolidation or atelectasis.", "No atelectasis.",
+                              "The lung bases are clear without atelectasis."], impr, "atelectasis" in present)
     # LIVER AND BILIARY
     span = d["liver_span_cm"]
     add("LIVER AND BILIARY",
@@ -809,7 +822,8 @@ def _report(rng: np.random.Generator, present: set[str], d: dict, anat: _Anatomy
         "hepatomegaly" in present)
     add("LIVER AND BILIARY",
         ["The liver is diffusely hypoattenuating relative to the spleen, consistent with hepatic steatosis.",
-         "Diffuse fatty infiltration of the liver.", "Hepatic steatosis, with liver attenuation lower than the spleen."],
+         "Diffuse fatty infiltration of the liver.",
+         "Hepatic steatosis, with liver attenuation lower than the spleen."],
         ["Normal hepatic attenuation without steatosis.", "No hepatic steatosis.",
          "The liver parenchyma has normal attenuation."],
         ["Hepatic steatosis.", "Diffuse fatty liver.", "Fatty infiltration of the liver."], "fatty_liver" in present)
@@ -819,7 +833,8 @@ def _report(rng: np.random.Generator, present: set[str], d: dict, anat: _Anatomy
     if "gallstone" in present:
         g = d["gallstone"]
         cm, mm = round(g["diameter_mm"] / 10, 1), int(round(g["diameter_mm"]))
-        pos = [f"Cholelithiasis: a {cm} cm calcified gallstone.", f"There is a {cm} cm gallstone within the gallbladder.",
+        pos = [f"Cholelithiasis: a {cm} cm calcified gallstone.",
+               f"There is a {cm} cm gallstone within the gallbladder.",
                f"Calcified gallstone measuring {mm} mm in the dependent gallbladder lumen."]
         impr = ["Cholelithiasis without evidence of cholecystitis.", f"{cm} cm gallstone.", "Cholelithiasis."]
     else:
@@ -880,7 +895,8 @@ def _report(rng: np.random.Generator, present: set[str], d: dict, anat: _Anatomy
         impr = [f"{size.capitalize()} ascites.", f"{size.capitalize()} volume ascites.", "Ascites."]
     else:
         pos, impr = [], []
-    add("PERITONEUM", pos, ["No ascites.", "No free fluid.", "No free intraperitoneal fluid."], impr, "ascites" in present)
+    add("PERITONEUM", pos, ["No ascites.", "No free fluid.", "No free intraperitoneal fluid."], impr,
+        "ascites" in present)
     sec["PERITONEUM"].append(_pick(rng, ["No bowel obstruction.", "No pneumoperitoneum.",
                                          "Bowel loops are normal in caliber."]))
     # MUSCULOSKELETAL

@@ -16,10 +16,11 @@ def ct_window(volume: Volume, hu_min: float = -1000.0, hu_max: float = 1000.0, o
     """Clip HU to [hu_min, hu_max] and map linearly to [out_min, out_max] (Merlin: [-1000, 1000] -> [0, 1])."""
     if hu_max <= hu_min:
         raise ValueError(f"ct_window needs hu_max > hu_min, got [{hu_min}, {hu_max}]")
-    scale = (out_max - out_min) / (hu_max - hu_min)
     arr = np.clip(volume.array, hu_min, hu_max, dtype=np.float32)
     arr -= hu_min
-    arr *= scale
+    arr /= np.float32(hu_max - hu_min)  # divide (not multiply by a rounded 1/width): exact for [0, 1] outputs
+    if out_max - out_min != 1.0:
+        arr *= np.float32(out_max - out_min)
     arr += out_min
     return volume.replace(array=arr), {"type": "ct_window", "hu_min": hu_min, "hu_max": hu_max,
                                         "out_min": out_min, "out_max": out_max}

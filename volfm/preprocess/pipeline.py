@@ -101,15 +101,23 @@ class Pipeline:
     # -- grid ----------------------------------------------------------------------------------
     def plan_grid(self, ref: Volume, volumes: dict[str, Volume]) -> tuple[np.ndarray, tuple, dict]:
         spec = self.spec
-        spacing = spec["spacing"] if spec["spacing"] is not None else list(ref.spacing)
+        orientation = spec["orientation"]
+        # spacing is per axis of the output (reoriented) grid; spacing: null keeps the reference's
+        # spacing along each of those axes, not in the reference's own (possibly permuted) axis order
+        ref_aff, ref_shape = spatial.reoriented_grid(ref.affine, ref.shape, orientation)
+        spacing = spec["spacing"] if spec["spacing"] is not None else geo.spacing_from_affine(ref_aff).tolist()
         info: dict = {}
         if ref.is_sheared or (ref.is_oblique and spec["oblique"] == "resample"):
-            aff, shape = geo.axis_aligned_grid(ref.affine, ref.shape, spacing)
+            # axis_aligned_grid takes spacing per world axis (x, y, z); output axis a runs along the
+            # world axis named by orientation[a]
+            world_sp = [0.0, 0.0, 0.0]
+            for a, code in enumerate(orientation):
+                world_sp["LRPAIS".index(code) // 2] = spacing[a]
+            aff, shape = geo.axis_aligned_grid(ref.affine, ref.shape, world_sp)
             info["world_resampled"] = "sheared" if ref.is_sheared else "oblique"
-            aff, shape = spatial.reoriented_grid(aff, shape, spec["orientation"])
+            aff, shape = spatial.reoriented_grid(aff, shape, orientation)
         else:
-            aff, shape = spatial.reoriented_grid(ref.affine, ref.shape, spec["orientation"])
-            aff, shape = geo.grid_with_spacing(aff, shape, spacing)
+            aff, shape = geo.grid_with_spacing(ref_aff, ref_shape, spacing)
         info["resampled_affine"] = aff.tolist()
         info["resampled_shape"] = list(shape)
         crop = spec["crop"]
@@ -169,7 +177,7 @@ class Pipeline:
             if cfg["kind"] == "label":
                 out = resample_to_grid(vol, affine, shape, order=cfg["interpolation"])
                 n = int(out.array.max()) if out.array.size else 0
-                arrays[name] = out.array.astype(np.uint8 if n < 256 else np.int16)
+                arrays[name] = out.array.astype(np.uint8 if n < 256 else np.int16 if n < 32768 else np.int32)
             else:
                 fill = float(vol.array.min()) if cfg["fill"] == "min" else float(cfg["fill"])
                 out = resample_to_grid(vol, affine, shape, order=cfg["interpolation"], fill=fill,

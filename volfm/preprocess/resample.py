@@ -4,7 +4,8 @@
 (through both RAS affines) and interpolates there. When the source-to-target index map is a scaled
 axis permutation (the usual case: reorientation, new spacing, crop/pad) interpolation is separable
 and runs as three 1D passes of gathers and weighted sums in torch; an oblique or sheared mapping
-falls back to ``grid_sample`` (linear/nearest) or scipy (B-spline) in memory-bounded slabs.
+falls back to ``grid_sample`` (linear/nearest) or scipy (B-spline) in memory-bounded slabs
+(anti-aliasing there blurs the source first, along each source axis).
 
 Boundary rule, as ITK's ResampleImageFilter: a point within half a voxel of the source's edge
 voxels is interpolated with edge-clamped neighbours (B-spline: mirrored); a point further out
@@ -175,12 +176,12 @@ def _blur_general(src: torch.Tensor, m: np.ndarray, order: str) -> torch.Tensor:
         return src
     from scipy import ndimage
 
-    x = src.numpy().astype(np.float64)
+    x = src.numpy()
     for ax, sigma in enumerate(sigmas):
         if sigma > 0:
             _, g = _gaussian_kernel(sigma)
             x = ndimage.correlate1d(x, g, axis=1 + ax, mode="mirror")
-    return torch.from_numpy(x.astype(np.float32))
+    return torch.from_numpy(np.ascontiguousarray(x))
 
 
 def _resample_array(src: torch.Tensor, m: np.ndarray, shape, order: str, antialias: bool):
@@ -228,9 +229,12 @@ def resample_to_grid(volume: Volume, affine: np.ndarray, shape, *, order: str = 
 
 
 def _resample_labels(arr: np.ndarray, m, shape, order) -> np.ndarray:
-    dtype = arr.dtype if np.issubdtype(arr.dtype, np.integer) else np.int32
+    dtype = arr.dtype if (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool) else np.int32
     if order == "nearest":
-        src = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        # float32 holds integers exactly only up to 2**24; larger class ids go through float64
+        big = arr.size > 0 and np.issubdtype(arr.dtype, np.integer) and \
+            max(abs(int(arr.max())), abs(int(arr.min()))) >= 2 ** 24
+        src = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64 if big else np.float32))
         vals, valid = _resample_array(src, m, shape, "nearest", False)
         vals.masked_fill_(~valid[None], 0.0)
         return vals.numpy().round().astype(dtype)

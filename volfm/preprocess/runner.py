@@ -1,7 +1,8 @@
 """Cohort runner: preprocess every case of a table into a store, in parallel, resumably.
 
 One bad case never stops the cohort: it gets status=failed and the reason in the manifest.
-A rerun skips cases whose meta.json carries the same spec hash (so a run killed with -9 resumes).
+A rerun skips cases whose meta.json carries the same spec hash and whose QC image exists (so a
+run killed with -9 resumes); it first removes the temp leftovers of its own cases.
 ``shard=(i, n)`` processes the cases whose stable hash falls in shard i of n and writes
 manifests/shard-i-of-n.csv; :func:`merge_shards` joins them into manifest.csv.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import os
+import re
 import time
 import traceback
 import warnings
@@ -78,7 +80,8 @@ def process_case(spec: dict, row: dict, store: str, write_qc: bool = True) -> di
     except VolfmError as exc:
         msg = str(exc).replace("\n", " ")
         # reader errors name the file only; the manifest and the summary must name the case too
-        result["error"] = msg if f"case {case_id}" in msg else f"case {case_id}: {msg}"
+        named = re.search(rf"\bcase {re.escape(case_id)}[:,]", msg)
+        result["error"] = msg if named else f"case {case_id}: {msg}"
     except Exception as exc:  # noqa: BLE001 - the cohort goes on; the reason lands in the manifest
         last = traceback.extract_tb(exc.__traceback__)[-1]
         result["error"] = (f"case {case_id}: unexpected {type(exc).__name__}: {exc} "
@@ -163,7 +166,15 @@ def run_cohort(spec_path, out, cohort=None, input_dir=None, workers: int = 1, sh
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
             futs = {ex.submit(process_case, spec, r, str(out), qc): r["case_id"] for r in todo}
             for f in as_completed(futs):
-                results[futs[f]] = res = f.result()
+                cid = futs[f]
+                try:
+                    res = f.result()
+                except Exception as exc:  # noqa: BLE001 - a worker killed (e.g. out of memory) must not lose the run
+                    res = {"case_id": cid, "status": "failed", "shape": "", "spacing": "", "elapsed_s": "",
+                           "error": (f"case {cid}: worker process failed ({type(exc).__name__}: {exc}); it may have "
+                                     "run out of memory on this or another case; rerun to retry, with fewer "
+                                     "--workers").replace("\n", " ")}
+                results[cid] = res
                 _tick(bar, res)
     if bar is not None:
         bar.close()

@@ -21,6 +21,7 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import yaml
@@ -58,11 +59,23 @@ def _check_keys(d: dict, allowed, where: str, src: str):
             raise SpecError(f"{src}: {_unknown(where, k, allowed)}")
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _number(v, what: str, src: str, lo=None, hi=None, positive=False):
+    """A finite number (optionally within [lo, hi], or > 0); SpecError naming ``what`` otherwise."""
+    if not _is_number(v) or (positive and v <= 0) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = " > 0" if positive else (f" in [{lo}, {hi}]" if lo is not None and hi is not None else
+                                      f" >= {lo}" if lo is not None else "")
+        raise SpecError(f"{src}: {what} must be a number{rng}, got {v!r}")
+    return v
+
+
 def _triple(v, what: str, src: str, integer=False):
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
+    if _is_number(v):
         v = [v, v, v]
-    if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) and not
-                                                                   isinstance(x, bool) and x > 0 for x in v)):
+    if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_number(x) and x > 0 for x in v)):
         raise SpecError(f"{src}: {what} must be a positive number or a list of 3, got {v!r}")
     if integer and not all(float(x).is_integer() for x in v):
         raise SpecError(f"{src}: {what} must be whole voxel counts, got {v!r}")
@@ -92,6 +105,8 @@ def validate_spec(raw, src: str = "<spec>") -> dict:
     _choice(spec["oblique"], ("keep", "resample"), "oblique", src)
     _choice(spec["shear"], ("refuse", "resample"), "shear", src)
     _choice(spec["nonfinite"], ("error", "zero"), "nonfinite", src)
+    if isinstance(spec["channels"], bool):  # True == 1 would otherwise pass as "1"
+        raise SpecError(f"{src}: channels must be one of 1, any, got {spec['channels']!r}")
     _choice(spec["channels"], (1, "any"), "channels", src)
     if not isinstance(spec["antialias"], bool):
         raise SpecError(f"{src}: antialias must be true or false, got {spec['antialias']!r}")
@@ -106,12 +121,15 @@ def validate_spec(raw, src: str = "<spec>") -> dict:
         _check_keys(cfg, INPUT_KEYS, f"inputs.{col}", src)
         kind = _choice(cfg.get("kind", "label" if col == "label" else "image"), ("image", "label"),
                        f"inputs.{col}.kind", src)
-        out = {"kind": kind, "required": bool(cfg.get("required", kind == "image"))}
+        required = cfg.get("required", kind == "image")
+        if not isinstance(required, bool):
+            raise SpecError(f"{src}: inputs.{col}.required must be true or false, got {required!r}")
+        out = {"kind": kind, "required": required}
         if kind == "image":
             out["interpolation"] = _choice(cfg.get("interpolation", "linear"), ("linear", "bspline", "nearest"),
                                            f"inputs.{col}.interpolation", src)
             fill = cfg.get("fill", "min")
-            if fill != "min" and not isinstance(fill, (int, float)):
+            if fill != "min" and not _is_number(fill):
                 raise SpecError(f"{src}: inputs.{col}.fill must be 'min' or a number, got {fill!r}")
             out["fill"] = fill
             it = cfg.get("intensity") or {"type": "none"}
@@ -121,19 +139,36 @@ def validate_spec(raw, src: str = "<spec>") -> dict:
             _check_keys({k: v for k, v in it.items() if k != "type"}, INTENSITY_KEYS[it.get("type", "none")],
                         f"inputs.{col}.intensity ({it.get('type', 'none')})", src)
             it.setdefault("type", "none")
-            if it["type"] == "ct_window" and it.get("hu_max", 1000) <= it.get("hu_min", -1000):
-                raise SpecError(f"{src}: inputs.{col}.intensity needs hu_max > hu_min")
+            key = f"inputs.{col}.intensity"
+            if it["type"] == "ct_window":
+                for k in ("hu_min", "hu_max", "out_min", "out_max"):
+                    if k in it:
+                        _number(it[k], f"{key}.{k}", src)
+                if it.get("hu_max", 1000) <= it.get("hu_min", -1000):
+                    raise SpecError(f"{src}: {key} needs hu_max > hu_min")
+                if it.get("out_max", 1.0) <= it.get("out_min", 0.0):
+                    raise SpecError(f"{src}: {key} needs out_max > out_min")
             if it["type"] == "pet":
-                _choice(it.get("mode", "auto"), ("auto", "suv", "scale"), f"inputs.{col}.intensity.mode", src)
+                _choice(it.get("mode", "auto"), ("auto", "suv", "scale"), f"{key}.mode", src)
+                if "factor" in it:
+                    _number(it["factor"], f"{key}.factor", src, positive=True)
+                if it.get("clip_max") is not None:
+                    _number(it["clip_max"], f"{key}.clip_max", src, positive=True)
             if it["type"] == "mri_zscore":
-                _choice(it.get("foreground", "otsu"), ("otsu", "nonzero", "all"),
-                        f"inputs.{col}.intensity.foreground", src)
+                _choice(it.get("foreground", "otsu"), ("otsu", "nonzero", "all"), f"{key}.foreground", src)
+                for k in ("lower_percentile", "upper_percentile"):
+                    if k in it:
+                        _number(it[k], f"{key}.{k}", src, lo=0, hi=100)
+                if it.get("upper_percentile", 99.5) <= it.get("lower_percentile", 0.5):
+                    raise SpecError(f"{src}: {key} needs upper_percentile > lower_percentile")
+                if it.get("background") is not None:
+                    _number(it["background"], f"{key}.background", src)
             out["intensity"] = it
             out["dtype"] = _choice(cfg.get("dtype", "float32"), ("float32", "float16"), f"inputs.{col}.dtype", src)
         else:
             out["interpolation"] = _choice(cfg.get("interpolation", "nearest"), ("nearest", "onehot_linear"),
                                            f"inputs.{col}.interpolation", src)
-            for bad in ("intensity", "fill"):
+            for bad in ("intensity", "fill", "dtype"):
                 if bad in cfg:
                     raise SpecError(f"{src}: inputs.{col} is a label; '{bad}' does not apply to labels")
         inputs[col] = out
@@ -156,9 +191,13 @@ def validate_spec(raw, src: str = "<spec>") -> dict:
         c["input"] = crop.get("input", ref)
         if c["input"] not in inputs:
             raise SpecError(f"{src}: crop.input '{c['input']}' is not one of the inputs ({', '.join(inputs)})")
-        c["threshold"] = float(crop.get("threshold", 0.0))
+        c["threshold"] = float(_number(crop.get("threshold", 0.0), "crop.threshold", src))
         margin = crop.get("margin", 0)
-        c["margin"] = [int(m) for m in (margin if isinstance(margin, (list, tuple)) else [margin] * 3)]
+        margin = margin if isinstance(margin, (list, tuple)) else [margin] * 3
+        if len(margin) != 3 or not all(_is_number(m) and m >= 0 and float(m).is_integer() for m in margin):
+            raise SpecError(f"{src}: crop.margin must be a whole number of voxels >= 0 or a list of 3, "
+                            f"got {crop.get('margin')!r}")
+        c["margin"] = [int(m) for m in margin]
         spec["crop"] = c
     return spec
 
