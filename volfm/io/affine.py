@@ -86,7 +86,7 @@ def grid_with_spacing(affine: np.ndarray, shape, spacing) -> tuple[np.ndarray, t
     The new shape covers the old physical extent (``shape * old_spacing``) rounded to whole voxels.
     """
     old_sp = spacing_from_affine(affine)
-    new_sp = np.asarray(spacing, dtype=np.float64)
+    new_sp = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
     extent = np.asarray(shape[:3], dtype=np.float64) * old_sp
     new_shape = tuple(int(max(1, round(e))) for e in extent / new_sp)
     new = np.eye(4)

@@ -206,7 +206,9 @@ def load_spec(path) -> dict:
     """Read and validate a spec YAML file; a built-in name (e.g. 'ct_merlin') is found in volfm/specs."""
     path = resolve_spec_path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, IsADirectoryError) as exc:
+        raise SpecError(f"{path}: not a YAML text file ({type(exc).__name__}); give the path of a spec .yaml") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
