@@ -37,6 +37,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from volfm import VolfmError
+from volfm.data.splits import SPLIT_FRACTIONS  # noqa: F401 - re-exported
+from volfm.data.splits import assign_splits as _assign_splits
 from volfm.io import Volume, write_nifti
 from volfm.io.affine import world_to_voxel
 from volfm.io.atomic import atomic_path, write_json_atomic, write_text_atomic
@@ -71,7 +73,6 @@ LABEL_IDS: dict[str, int] = {name: value for value, name in LABELS.items()}
 REPORT_SECTIONS = ("LOWER THORAX", "LIVER AND BILIARY", "GALLBLADDER", "SPLEEN", "KIDNEYS AND URETERS",
                    "VASCULATURE", "PERITONEUM", "MUSCULOSKELETAL")
 CSV_COLUMNS = ("case_id", "image", "label", "icd_codes", "report", "findings", "split", "sex", "age")
-SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
 DEFAULT_SHAPE = (128, 128, 64)
 
 # Orientation codes (nibabel axcodes: the world direction each array axis points to) and their weights.
@@ -1013,20 +1014,8 @@ def make_ct_case(rng_or_seed, case_id: str = "ct_0000", shape=DEFAULT_SHAPE, *, 
 
 
 def assign_splits(n_cases: int, seed: int = 0) -> list[str]:
-    """Deterministic train/val/test (~70/15/15) for case indices 0..n-1; val and test get at least one
-    case each once there are three or more cases."""
-    n_val = n_test = 0
-    if n_cases >= 3:
-        n_val = max(1, round(SPLIT_FRACTIONS["val"] * n_cases))
-        n_test = max(1, round(SPLIT_FRACTIONS["test"] * n_cases))
-    order = np.random.default_rng([int(seed), 0xC7]).permutation(n_cases)
-    splits = ["train"] * n_cases
-    for pos, idx in enumerate(order):
-        if pos < n_test:
-            splits[idx] = "test"
-        elif pos < n_test + n_val:
-            splits[idx] = "val"
-    return splits
+    """Deterministic ~70/15/15 train/val/test split of this cohort's case indices."""
+    return _assign_splits(n_cases, seed, salt=0xC7)
 
 
 def _write_case(job) -> dict:

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from volfm import VolfmError
+from volfm.data.splits import SPLIT_FRACTIONS  # noqa: F401 - re-exported
+from volfm.data.splits import assign_splits as _assign_splits
 from volfm.io import Volume, write_nifti
 from volfm.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 
@@ -60,7 +62,6 @@ HYPO_REGIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, fl
 ORIENTATIONS = {"RAS": (1.0, 1.0, 1.0), "LPS": (-1.0, -1.0, 1.0), "LAS": (-1.0, 1.0, 1.0)}
 _ORIENTATION_P = (0.6, 0.25, 0.15)
 DEFAULT_FOV_MM = (180.0, 216.0, 180.0)
-SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
 
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 # World box (MNI mm) spanned by the control points of the smooth random fields.
@@ -347,20 +348,8 @@ def make_mripet_case(seed_or_rng, case_id: str, spacing=2.0, *, orientation: str
 
 # ----------------------------------------------------------------------------------- cohort
 def assign_splits(n_cases: int, seed: int = 0) -> list[str]:
-    """Deterministic train/val/test (~70/15/15) for case indices 0..n-1; val and test get at least one
-    case each once there are three or more cases."""
-    n_val = n_test = 0
-    if n_cases >= 3:
-        n_val = max(1, round(SPLIT_FRACTIONS["val"] * n_cases))
-        n_test = max(1, round(SPLIT_FRACTIONS["test"] * n_cases))
-    order = np.random.default_rng([int(seed), 0x5EED5]).permutation(n_cases)
-    splits = ["train"] * n_cases
-    for pos, idx in enumerate(order):
-        if pos < n_test:
-            splits[idx] = "test"
-        elif pos < n_test + n_val:
-            splits[idx] = "val"
-    return splits
+    """Deterministic ~70/15/15 train/val/test split of this cohort's case indices."""
+    return _assign_splits(n_cases, seed, salt=0x5EED5)
 
 
 def _readme(n_cases: int, seed: int, spacing) -> str:
