@@ -149,8 +149,18 @@ def run_sitk(path, grid_affine, grid_shape):
 
 
 def make_monai(target):
+    import logging
+
     import monai.transforms as mt
 
+    logging.disable(logging.WARNING)  # LoadImaged logs that nvImageCodec is absent (irrelevant on CPU)
+    try:
+        return _monai_compose(mt, target)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _monai_compose(mt, target):
     return mt.Compose([
         mt.LoadImaged(keys="image", reader="NibabelReader"),
         mt.EnsureChannelFirstd(keys="image"),

@@ -79,8 +79,9 @@ class Pipeline:
         if spec["channels"] == 1 and vol.num_channels != 1:
             raise VolfmError(f"{where}: 4D image with {vol.num_channels} channels/time points, but spec "
                              f"'{spec['name']}' wants 3D (channels: 1); split the series or set channels: any")
-        finite = np.isfinite(vol.array)
-        if not finite.all():
+        # integer voxels cannot be NaN/inf: skip a full pass over them
+        finite = np.isfinite(vol.array) if np.issubdtype(vol.array.dtype, np.floating) else None
+        if finite is not None and not finite.all():
             bad = int((~finite).sum())
             if spec["nonfinite"] == "error":
                 raise VolfmError(f"{where}: {bad} NaN/inf voxels; fix the export or set nonfinite: zero in the spec")
@@ -157,8 +158,8 @@ class Pipeline:
                 if cfg["required"]:
                     raise VolfmError(f"case {case_id}: required input '{name}' is empty in the cohort table")
                 continue
-            vol = src if isinstance(src, Volume) else read_volume(src, dtype=None if cfg["kind"] == "label"
-                                                                  else np.float32)
+            # native dtype and memory order: resampling converts to float only what it samples
+            vol = src if isinstance(src, Volume) else read_volume(src, dtype=None)
             volumes[name] = self._check(name, vol, case_id)
         ref_name = spec["reference"]
         if ref_name not in volumes:
@@ -189,7 +190,7 @@ class Pipeline:
                              "spacing": vol.spacing.tolist(), "orientation": vol.orientation,
                              "dtype": str(vol.array.dtype), "affine_source": vol.meta.get("affine_source")}
             if hash_sources and Path(vol.source).exists():
-                sources[name]["sha256"] = file_sha256(vol.source)
+                sources[name]["sha256"] = vol.meta.get("sha256") or file_sha256(vol.source)
             for k in ("suv_factor", "modality", "series_id"):
                 if k in vol.meta:
                     sources[name][k] = vol.meta[k]

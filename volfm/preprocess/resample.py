@@ -14,6 +14,7 @@ gets ``fill``.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -93,16 +94,43 @@ def _mirror(idx: np.ndarray, n: int) -> np.ndarray:
     return np.where(idx >= n, period - idx, idx)
 
 
+_CHUNK_ELEMS = 1 << 20  # ~4 MB float32 per block: gathers and weighted sums stay in cache
+
+
 def _interp_axis(x: torch.Tensor, axis: int, idx: np.ndarray, w: np.ndarray) -> torch.Tensor:
+    """Weighted sum of gathers along one axis, in cache-sized blocks along dim 1 (the outermost
+    spatial axis). Integer input is gathered first and converted per block, so the (large) source
+    is never copied to float as a whole. Nearest (one tap) keeps the dtype exactly."""
+    idx_t = [torch.from_numpy(np.ascontiguousarray(idx[:, t])) for t in range(idx.shape[1])]
+    if len(idx_t) == 1:
+        return x.index_select(axis, idx_t[0])
+    w_t = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
     shape = [1] * x.ndim
-    shape[axis] = idx.shape[0]
-    out = None
-    for t in range(idx.shape[1]):
-        g = x.index_select(axis, torch.from_numpy(np.ascontiguousarray(idx[:, t])))
-        if idx.shape[1] == 1:
-            return g
-        wt = torch.from_numpy(np.ascontiguousarray(w[:, t])).to(x.dtype).view(shape)
-        out = g * wt if out is None else out.addcmul_(g, wt)
+    out_shape = list(x.shape)
+    out_shape[axis] = idx.shape[0]
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+    w_t = w_t.to(dtype)
+    out = torch.empty(out_shape, dtype=dtype)
+    n1 = out_shape[1]
+    step = max(1, _CHUNK_ELEMS // max(1, out.numel() // max(1, n1)))
+    for a in range(0, n1, step):
+        b = min(n1, a + step)
+        if axis == 1:  # blocks of output planes along the interpolated axis itself
+            src, sel = x, slice(a, b)
+        else:  # blocks of the outer axis; the interpolated axis is inside each block
+            src, sel = x.narrow(1, a, b - a), slice(None)
+        o = out.narrow(1, a, b - a)
+        for t, it in enumerate(idx_t):
+            g = src.index_select(axis, it[sel])
+            if g.dtype != dtype:
+                g = g.to(dtype)
+            wv = w_t[sel, t]
+            shape[axis] = wv.numel()
+            wv = wv.view(shape)
+            if t == 0:
+                torch.mul(g, wv, out=o)
+            else:
+                o.addcmul_(g, wv)
     return out
 
 
@@ -112,20 +140,24 @@ def antialias_sigmas(steps) -> list[float]:
 
 
 def _separable(src: torch.Tensor, perm, scale, offset, shape, order, antialias) -> tuple[torch.Tensor, torch.Tensor]:
-    """src (C, I, J, K) -> (C, *shape) for a scaled-permutation index map. Returns (values, valid)."""
-    x = src
+    """src (C, I, J, K) -> (C, *shape) for a scaled-permutation index map. Returns (values, valid).
+
+    Works on a view whose axes follow the source's memory order (NIfTI data is i-fastest) and
+    interpolates the outermost axis first, so gathers copy whole contiguous planes and every
+    intermediate stays contiguous; the result is permuted to the target axis order at the end.
+    """
+    mem = sorted(range(3), key=lambda a: -src.stride(1 + a))  # source axes, outermost first
+    x = src.permute(0, *[1 + a for a in mem])
     masks = [None, None, None]
-    # Interpolate along source axes; target axis t reads source axis perm[t].
-    for t in np.argsort([-abs(s) for s in scale]):  # largest step (most shrinking) first: less work later
-        s_ax = int(perm[t])
-        n_in = src.shape[1 + s_ax]
+    target_of = {int(perm[t]): t for t in range(3)}  # source axis -> target axis it becomes
+    for pos, s_ax in enumerate(mem):
+        t = target_of[s_ax]
         coords = scale[t] * np.arange(shape[t], dtype=np.float64) + offset[s_ax]
         sigma = antialias_sigmas([scale[t]])[0] if antialias else 0.0
-        idx, w, valid = _taps(coords, n_in, order, sigma)
-        x = _interp_axis(x, 1 + s_ax, idx, w)
+        idx, w, valid = _taps(coords, src.shape[1 + s_ax], order, sigma)
+        x = _interp_axis(x, 1 + pos, idx, w)
         masks[t] = valid
-    # Source axis perm[t] now holds target axis t: reorder to target axis order.
-    x = x.permute(0, *[1 + int(p) for p in perm])
+    x = x.permute(0, *[1 + mem.index(int(perm[t])) for t in range(3)])
     valid = torch.from_numpy(masks[0][:, None, None] & masks[1][None, :, None] & masks[2][None, None, :])
     return x.contiguous(), valid
 
@@ -184,8 +216,28 @@ def _blur_general(src: torch.Tensor, m: np.ndarray, order: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
+_GATHER_DTYPES = (np.float32, np.float64, np.int8, np.uint8, np.int16, np.int32, np.int64)
+
+
+def _as_tensor(arr: np.ndarray) -> torch.Tensor:
+    """Zero-copy view of the source where torch can take it as is (any positive strides, native byte
+    order, a dtype index_select supports); otherwise a float32 copy in the array's own memory order."""
+    a = np.asarray(arr)
+    if (a.dtype.type in _GATHER_DTYPES and a.dtype.isnative and all(st >= 0 for st in a.strides)):
+        with warnings.catch_warnings():  # read-only sources (inflated files, memmaps) are only read here
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(a)
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    return t if t.dtype != torch.float64 else t.float()
+
+
 def _resample_array(src: torch.Tensor, m: np.ndarray, shape, order: str, antialias: bool):
     pm = _as_permutation(m[:3, :3])
+    if pm is None or order == "bspline":
+        # grid_sample/scipy need floats; integer class ids beyond 2**24 need float64 to stay exact
+        exact = order == "nearest" and not src.is_floating_point()
+        src = src.double() if exact else (src if src.dtype == torch.float32 else src.float())
     if pm is None:
         if antialias:
             src = _blur_general(src, m, order)
@@ -220,8 +272,9 @@ def resample_to_grid(volume: Volume, affine: np.ndarray, shape, *, order: str = 
     if order == "onehot_linear" or (order == "nearest" and is_int):
         out = _resample_labels(volume.array, m, shape, order)
     else:
-        src = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))
+        src = _as_tensor(volume.array)
         vals, valid = _resample_array(src, m, shape, order, antialias)
+        vals = vals if vals.dtype == torch.float32 else vals.float()
         vals.masked_fill_(~valid[None], float(fill))
         out = vals.numpy()
     meta = dict(volume.meta)
@@ -232,12 +285,11 @@ def _resample_labels(arr: np.ndarray, m, shape, order) -> np.ndarray:
     dtype = arr.dtype if (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool) else np.int32
     if order == "nearest":
         # float32 holds integers exactly only up to 2**24; larger class ids go through float64
-        big = arr.size > 0 and np.issubdtype(arr.dtype, np.integer) and \
-            max(abs(int(arr.max())), abs(int(arr.min()))) >= 2 ** 24
-        src = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64 if big else np.float32))
-        vals, valid = _resample_array(src, m, shape, "nearest", False)
-        vals.masked_fill_(~valid[None], 0.0)
-        return vals.numpy().round().astype(dtype)
+        # gathers copy class ids exactly in their own integer dtype (no float round trip)
+        vals, valid = _resample_array(_as_tensor(arr), m, shape, "nearest", False)
+        vals.masked_fill_(~valid[None], 0)
+        vals = vals.numpy()
+        return (vals.round() if vals.dtype.kind == "f" else vals).astype(dtype)
     out = np.zeros((arr.shape[0], *shape), dtype=dtype)
     for ch in range(arr.shape[0]):
         best = torch.zeros(shape, dtype=torch.float32)  # largest interpolated share of any label
