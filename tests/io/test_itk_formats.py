@@ -327,3 +327,52 @@ def test_hand_written_nrrd_in_ras_space(tmp_path):
     assert vol.orientation == "RAS"
     np.testing.assert_array_equal(vol.array[0], data.reshape(2, 3, 4).transpose(2, 1, 0))
     assert vol.array[0][3, 2, 1] == 3 + 4 * 2 + 12 * 1
+
+
+def _tilted_series(folder, tilt_deg=20.0, nz=8, dz=2.5):
+    """Axial slices whose positions also move along the column direction (gantry tilt)."""
+    rng = np.random.default_rng(3)
+    kji = rng.integers(-500, 500, (nz, 12, 10)).astype(np.int16)
+    origin = np.array([-30.0, -40.0, 100.0])
+    shift = dz * math.tan(math.radians(tilt_deg))
+
+    def tilt(ds):
+        k = int(ds.InstanceNumber) - 1
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in origin + [0.0, k * shift, k * dz]]
+
+    write_dicom_series(folder, kji, origin, [1, 0, 0], [0, 1, 0], (0.8, 0.9), dz, extra=tilt)
+    positions = np.array([origin + [0.0, k * shift, k * dz] for k in range(nz)])
+    return kji, positions
+
+
+def test_gantry_tilt_gives_a_sheared_grid_at_the_true_positions(tmp_path):
+    kji, positions = _tilted_series(tmp_path / "tilt")
+    vol = read_volume(tmp_path / "tilt")
+    assert vol.is_sheared
+    assert vol.meta["gantry_tilt_deg"] == pytest.approx(20.0, abs=0.01)
+    # the first voxel of every slice sits at that slice's ImagePositionPatient (LPS -> RAS)
+    for k, p in enumerate(positions):
+        np.testing.assert_allclose(vol.world_of([0, 0, k]), [-p[0], -p[1], p[2]], atol=1e-4)
+    np.testing.assert_array_equal(vol.array[0], kji.transpose(2, 1, 0))
+
+
+def test_gantry_tilt_is_refused_by_default_and_resampled_on_request(tmp_path):
+    from volfm import VolfmError
+    from volfm.preprocess.pipeline import Pipeline
+
+    _tilted_series(tmp_path / "tilt")
+    spec = {"spacing": [2.0, 2.0, 2.5], "inputs": {"image": {"kind": "image"}}}
+    with pytest.raises(VolfmError, match="shear"):
+        Pipeline(spec)({"image": str(tmp_path / "tilt")}, case_id="c1")
+    out = Pipeline({**spec, "shear": "resample"})({"image": str(tmp_path / "tilt")}, case_id="c1")
+    assert out.meta["grid"]["world_resampled"] == "sheared"
+
+
+def test_missing_slice_is_refused(tmp_path):
+    rng = np.random.default_rng(4)
+    kji = rng.integers(0, 100, (8, 6, 5)).astype(np.int16)
+    write_dicom_series(tmp_path / "s", kji, [0.0, 0.0, 0.0], [1, 0, 0], [0, 1, 0], (1.0, 1.0), 2.0)
+    (tmp_path / "s" / "004.dcm").unlink()
+    with pytest.raises(VolumeReadError, match="uneven slice gaps") as err:
+        read_volume(tmp_path / "s")
+    assert "\n" not in str(err.value) and str(tmp_path / "s") in str(err.value)

@@ -260,7 +260,12 @@ def _read_dicom_series(folder: Path, series_id: str | None) -> Volume:
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
-    ids = list(reader.GetGDCMSeriesIDs(str(folder)) or [])
+    shown = sitk.ProcessObject_GetGlobalWarningDisplay()
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)  # GDCM's multi-line warnings; we raise one-line errors
+    try:
+        ids = list(reader.GetGDCMSeriesIDs(str(folder)) or [])
+    finally:
+        sitk.ProcessObject_SetGlobalWarningDisplay(shown)
     if not ids:
         raise VolumeReadError(f"{folder}: no DICOM series found in this folder; point the table at the folder "
                               "that holds the .dcm files of one series")
@@ -274,7 +279,8 @@ def _read_dicom_series(folder: Path, series_id: str | None) -> Volume:
         raise VolumeReadError(f"{folder}: DICOM series {series_id} not found; series present: {', '.join(ids)}")
     files = reader.GetGDCMSeriesFileNames(str(folder), series_id)
     reader.SetFileNames(files)
-    if _rescale_varies(files):
+    positions, rescale_varies = _slice_headers(files)
+    if rescale_varies:
         # ITK takes the pixel type from the first slice: with per-slice RescaleSlope/Intercept (usual in
         # PET) an integer first slice would truncate/wrap the others, so read into float64 instead
         reader.SetOutputPixelType(sitk.sitkFloat64)
@@ -285,26 +291,58 @@ def _read_dicom_series(folder: Path, series_id: str | None) -> Volume:
                               f"({_last_line(exc)}); check for missing or corrupt slices") from exc
     meta = {"path": str(folder), "format": "dicom", "series_id": series_id, "num_files": len(files)}
     meta.update(dicom_pet_meta(files[0]))
-    return _sitk_to_volume(image, folder, meta)
+    vol = _sitk_to_volume(image, folder, meta)
+    if positions is not None and len(files) > 1:
+        vol.affine = _slice_axis_from_positions(vol.affine, positions, folder, series_id, meta)
+    return vol
 
 
-def _rescale_varies(files) -> bool:
-    """True when the slices of a series do not all share one (RescaleSlope, RescaleIntercept)."""
+def _slice_axis_from_positions(affine: np.ndarray, positions: np.ndarray, folder, series_id, meta) -> np.ndarray:
+    """Check slice positions and make the slice axis of the affine follow them.
+
+    ITK builds a DICOM series' geometry from the first slice's orientation and assumes slices stacked
+    along its normal. With gantry tilt the slices are offset along the rows, so the true grid is
+    sheared: the third column becomes the measured slice step, and the spec's ``shear:`` policy then
+    refuses or resamples it. Uneven gaps (missing slices) are refused.
+    """
+    steps = np.diff(positions, axis=0)
+    gaps = np.linalg.norm(steps, axis=1)
+    if gaps.min() <= 1e-6:
+        raise VolumeReadError(f"{folder}: DICOM series {series_id} has two slices at the same position; "
+                              "remove duplicated files or split the series")
+    if gaps.max() - gaps.min() > max(0.01 * gaps.mean(), 1e-3):
+        raise VolumeReadError(f"{folder}: DICOM series {series_id} has uneven slice gaps ({gaps.min():.4g} to "
+                              f"{gaps.max():.4g} mm): slices are missing; re-export the complete series")
+    step_ras = geo.LPS_RAS_FLIP[:3, :3] @ ((positions[-1] - positions[0]) / (len(positions) - 1))
+    if np.abs(step_ras - affine[:3, 2]).max() > 1e-3:
+        affine = affine.copy()
+        affine[:3, 2] = step_ras
+        affine[:3, 3] = geo.LPS_RAS_FLIP[:3, :3] @ positions[0]
+        normal = np.cross(affine[:3, 0], affine[:3, 1])
+        cosang = abs(float(normal @ step_ras)) / (np.linalg.norm(normal) * np.linalg.norm(step_ras))
+        meta["gantry_tilt_deg"] = float(np.degrees(np.arccos(min(1.0, cosang))))
+    return affine
+
+
+def _slice_headers(files) -> tuple[np.ndarray | None, bool]:
+    """Per-slice ImagePositionPatient (LPS, in file order; None if any is missing) and whether the
+    slices differ in (RescaleSlope, RescaleIntercept)."""
     try:
         import pydicom
     except ImportError:  # pragma: no cover - pydicom is a dependency
-        return False
-    pairs = set()
+        return None, False
+    pairs, positions = set(), []
     for f in files:
         try:
             ds = pydicom.dcmread(str(f), stop_before_pixels=True,
-                                 specific_tags=["RescaleSlope", "RescaleIntercept"])
+                                 specific_tags=["RescaleSlope", "RescaleIntercept", "ImagePositionPatient"])
             pairs.add((float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)))
+            ipp = getattr(ds, "ImagePositionPatient", None)
+            positions.append([float(v) for v in ipp] if ipp is not None and len(ipp) == 3 else None)
         except Exception:  # noqa: BLE001 - unreadable headers: let SimpleITK report it
-            return False
-        if len(pairs) > 1:
-            return True
-    return False
+            return None, False
+    pos = None if any(p is None for p in positions) else np.asarray(positions, dtype=np.float64)
+    return pos, len(pairs) > 1
 
 
 def _dicom_time(value) -> float | None:
