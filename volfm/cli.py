@@ -42,6 +42,8 @@ def print_summary(summary: dict, log=print) -> None:
     log(f"store:    {summary['store']}")
     log(f"manifest: {summary['manifest']}")
     log(f"QC:       {Path(summary['store']) / 'qc'}")
+    for cid, note in summary.get("warnings", []):
+        log(f"warning {cid}: {note}")
     for cid, err in summary["failures"]:
         log(f"FAILED {cid}: {err}")
 

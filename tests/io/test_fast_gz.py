@@ -61,3 +61,13 @@ def test_truncated_file_still_gets_the_clear_error(tmp_path):
     p.write_bytes(data[: len(data) // 2])
     with pytest.raises(readers.VolumeReadError, match="truncated or corrupt"):
         read_volume(p)
+
+
+def test_default_read_is_writable_and_pipeline_read_is_zero_copy(tmp_path):
+    p = _fixtures(tmp_path)["float32"]
+    v = read_volume(p)
+    v.array[0, 0, 0, 0] = 5.0  # the default contract: an array you may edit
+    assert v.array[0, 0, 0, 0] == 5.0
+    ro = read_volume(p, writable=False)
+    assert not ro.array.flags.writeable
+    np.testing.assert_array_equal(ro.array[0, 1:], v.array[0, 1:])

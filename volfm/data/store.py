@@ -23,7 +23,7 @@ import yaml
 from volfm import VolfmError
 from volfm.io.atomic import save_npy_atomic, write_json_atomic
 
-MANIFEST_FIRST = ["case_id", "status", "error", "shape", "spacing", "elapsed_s"]
+MANIFEST_FIRST = ["case_id", "status", "error", "shape", "spacing", "elapsed_s", "warnings"]
 
 
 class StoreError(VolfmError):

@@ -45,10 +45,14 @@ def is_image_path(path) -> bool:
     return name.endswith(IMAGE_SUFFIXES)
 
 
-def read_volume(path, *, dtype=np.float32, prefer: str = "sform", series_id: str | None = None) -> Volume:
+def read_volume(path, *, dtype=np.float32, prefer: str = "sform", series_id: str | None = None,
+                writable: bool = True) -> Volume:
     """Read a NIfTI file, NRRD/MHA/MHD file or DICOM series folder.
 
     dtype: array dtype (float32 by default; ``None`` keeps the stored integer type, for label maps).
+    writable: False allows a read-only array (a zero-copy view of an inflated .nii.gz) for callers
+        that only read it, as the preprocessing pipeline does; the default returns an array you may
+        edit in place. Either way the array keeps the file's memory order (NIfTI: i fastest).
     """
     path = Path(path)
     if not path.exists():
@@ -72,6 +76,8 @@ def read_volume(path, *, dtype=np.float32, prefer: str = "sform", series_id: str
         arr = arr.astype(dtype, copy=False)
     elif not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
+    if writable and not arr.flags.writeable:
+        arr = arr.copy(order="K")
     vol.array = arr  # the file's own memory order (NIfTI: i fastest); consumers must not assume C order
     return vol
 

@@ -159,7 +159,7 @@ class Pipeline:
                     raise VolfmError(f"case {case_id}: required input '{name}' is empty in the cohort table")
                 continue
             # native dtype and memory order: resampling converts to float only what it samples
-            vol = src if isinstance(src, Volume) else read_volume(src, dtype=None)
+            vol = src if isinstance(src, Volume) else read_volume(src, dtype=None, writable=False)
             volumes[name] = self._check(name, vol, case_id)
         ref_name = spec["reference"]
         if ref_name not in volumes:
@@ -189,6 +189,9 @@ class Pipeline:
             sources[name] = {"path": vol.source, "affine": vol.affine.tolist(), "shape": list(vol.shape),
                              "spacing": vol.spacing.tolist(), "orientation": vol.orientation,
                              "dtype": str(vol.array.dtype), "affine_source": vol.meta.get("affine_source")}
+            if Path(vol.source).is_file():  # size + mtime let a rerun notice a replaced file cheaply
+                st = Path(vol.source).stat()
+                sources[name].update(size=st.st_size, mtime_ns=st.st_mtime_ns)
             if hash_sources and Path(vol.source).exists():
                 sources[name]["sha256"] = vol.meta.get("sha256") or file_sha256(vol.source)
             for k in ("suv_factor", "modality", "series_id"):

@@ -54,22 +54,33 @@ def _init_worker(threads: int):
     import torch
 
     torch.set_num_threads(threads)
-    warnings.simplefilter("ignore")
+    # geometry warnings are recorded per case in meta.json and the manifest; library noise is not
+    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore", FutureWarning)
 
 
 def process_case(spec: dict, row: dict, store: str, write_qc: bool = True) -> dict:
     """Run the pipeline on one row and write its case folder and QC image. Never raises."""
     case_id = row["case_id"]
     t0 = time.perf_counter()
-    result = {"case_id": case_id, "status": "failed", "error": "", "shape": "", "spacing": ""}
+    result = {"case_id": case_id, "status": "failed", "error": "", "shape": "", "spacing": "", "warnings": ""}
+    caught: list = []
     try:
         pipe = Pipeline(spec)
         for name in spec["inputs"]:
             v = (row.get(name) or "").strip()
             if v and not Path(v).exists():
-                raise VolfmError(f"case {case_id}: {name} file not found: {v}")
-        case = pipe({k: row.get(k) for k in spec["inputs"]}, case_id=case_id)
+                raise VolfmError(f"case {case_id}: {name} file not found: {v}; fix the path in the cohort table "
+                                 "(relative paths are read from the table's folder)")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            case = pipe({k: row.get(k) for k in spec["inputs"]}, case_id=case_id)
+        notes = list(dict.fromkeys(" ".join(str(w.message).split()) for w in caught
+                                   if issubclass(w.category, UserWarning)))
+        result["warnings"] = " | ".join(notes)
         meta = dict(case.meta)
+        meta["warnings"] = notes
+        meta["written_at"] = time.time()
         meta["table"] = {k: v for k, v in row.items() if k not in spec["inputs"]}
         root = Path(store)
         write_case_dir(root / "cases", case_id, case.arrays, meta)
@@ -116,6 +127,30 @@ def _check_store_spec(out: Path, spec: dict, h: str, overwrite: bool):
                              f"{doc.get('spec_hash')}; this one is {h}); use --overwrite to rebuild it or a new --out")
 
 
+def case_is_done(meta: dict | None, row: dict, spec: dict, h: str, redo_before: float | None) -> bool:
+    """A stored case can be skipped when it was made with this spec, from the same input files (path,
+    size, mtime), with the same set of inputs, and after the last --overwrite run began."""
+    if meta is None or meta.get("spec_hash") != h:
+        return False
+    if redo_before is not None and float(meta.get("written_at", 0.0)) < redo_before:
+        return False
+    given = {n: (row.get(n) or "").strip() for n in spec["inputs"]}
+    given = {n: v for n, v in given.items() if v}
+    sources = meta.get("source", {})
+    if set(given) != set(sources):
+        return False
+    for name, path in given.items():
+        src = sources[name]
+        if Path(src.get("path", "")) != Path(path):
+            return False
+        p = Path(path)
+        if p.is_file() and "size" in src:
+            st = p.stat()
+            if st.st_size != src["size"] or st.st_mtime_ns != src.get("mtime_ns"):
+                return False
+    return True
+
+
 def run_cohort(spec_path, out, cohort=None, input_dir=None, workers: int = 1, shard=None, overwrite: bool = False,
                progress: bool = True, qc: bool = True, log=print) -> dict:
     """Preprocess a cohort into ``out``. Returns a summary dict (counts, failures, manifest path)."""
@@ -127,8 +162,13 @@ def run_cohort(spec_path, out, cohort=None, input_dir=None, workers: int = 1, sh
     rows = load_cohort(cohort, spec) if cohort is not None else table_from_dir(input_dir, spec)
     _check_store_spec(out, spec, h, overwrite)
     (out / "cases").mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "spec.yaml", yaml.safe_dump({"spec": spec, "spec_hash": h, "volfm_version": __version__},
-                                                        sort_keys=False))
+    # --overwrite marks everything written before now as stale, so a killed overwrite run resumes as one
+    previous = yaml.safe_load((out / "spec.yaml").read_text()) if (out / "spec.yaml").exists() else None
+    redo_before = time.time() if overwrite else (previous or {}).get("redo_before")
+    doc = {"spec": spec, "spec_hash": h, "volfm_version": __version__}
+    if redo_before is not None:
+        doc["redo_before"] = float(redo_before)
+    write_text_atomic(out / "spec.yaml", yaml.safe_dump(doc, sort_keys=False))
     write_table(out / "cohort.csv", rows)
     if shard is not None:
         rows_here = [r for r in rows if shard_of(r["case_id"], shard[1]) == shard[0]]
@@ -141,11 +181,11 @@ def run_cohort(spec_path, out, cohort=None, input_dir=None, workers: int = 1, sh
         meta = None if overwrite else read_case_meta(out / "cases" / r["case_id"])
         # the QC image is written after the case folder: a run killed between the two redoes the case
         qc_done = not qc or (out / "qc" / f"{r['case_id']}.png").exists()
-        if meta is not None and meta.get("spec_hash") == h and qc_done:
+        if qc_done and case_is_done(meta, r, spec, h, redo_before):
             results[r["case_id"]] = {"case_id": r["case_id"], "status": "ok", "error": "",
                                      "shape": "x".join(map(str, meta["shape"])),
                                      "spacing": "x".join(f"{s:.4g}" for s in meta["spacing"]),
-                                     "elapsed_s": "skipped"}
+                                     "elapsed_s": "skipped", "warnings": " | ".join(meta.get("warnings", []))}
         else:
             todo.append(r)
     skipped = len(results)
@@ -191,6 +231,7 @@ def run_cohort(spec_path, out, cohort=None, input_dir=None, workers: int = 1, sh
     summary = {"ok": len(manifest_rows) - len(failed), "failed": len(failed), "skipped": skipped,
                "processed": len(todo), "elapsed_s": elapsed, "manifest": str(target), "store": str(out),
                "failures": [(m["case_id"], m["error"]) for m in failed],
+               "warnings": [(m["case_id"], m["warnings"]) for m in manifest_rows if m.get("warnings")],
                "cases_per_min": (len(todo) / elapsed * 60.0) if todo and elapsed > 0 else None}
     return summary
 
