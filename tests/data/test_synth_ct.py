@@ -107,7 +107,7 @@ def test_default_grid_spacing_and_fov():
     case = make_ct_case(0, "c", orientation="RAS", oblique_deg=0)
     sp = case["image"].spacing
     assert case["image"].shape == (128, 128, 64)
-    assert 2.3 <= sp[0] <= 3.05 and 2.3 <= sp[1] <= 3.05 and 3.0 <= sp[2] <= 5.0
+    assert 2.3 <= sp[0] <= 3.0 and 2.3 <= sp[1] <= 3.0 and 3.5 <= sp[2] <= 5.5
     body = case["image"].array[0] > -500
     centre = voxel_to_world(case["image"].affine, (np.array(case["image"].shape) - 1) / 2)
     body_centre = voxel_to_world(case["image"].affine, np.argwhere(body)).mean(axis=0)
@@ -164,6 +164,79 @@ def test_hepatomegaly_and_splenomegaly_grow_the_organ():
         assert (fl == label).sum() > factor * (bl == label).sum(), name
     base, case = _pair("hepatomegaly")
     assert case["metadata"]["details"]["liver_span_cm"] > 1.2 * base["metadata"]["details"]["liver_span_cm"]
+
+
+def _world_z(case, mask):
+    """World z (superior, mm) of the voxel centres in ``mask``."""
+    return voxel_to_world(case["label"].affine, np.argwhere(mask))[:, 2]
+
+
+def _si_axis(case):
+    return int(np.argmax(np.abs(case["label"].affine[2, :3])))  # array axis closest to S-I
+
+
+def _cohort_pairs(n=20):
+    """(normal, hepatomegaly + splenomegaly) cases of seeds 0..n-1; every 5th forced oblique (12 deg)."""
+    out = []
+    for seed in range(n):
+        kw = {"orientation": "PIR", "oblique_deg": 12.0} if seed % 5 == 0 else {}
+        out.append((make_ct_case(seed, "c", SMALL, findings=(), **kw),
+                    make_ct_case(seed, "c", SMALL, findings=("hepatomegaly", "splenomegaly"), **kw)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return _cohort_pairs()
+
+
+def test_liver_and_spleen_stay_inside_the_volume(pairs):
+    for normal, enlarged in pairs:
+        for case in (normal, enlarged):
+            lab = case["label"].array[0]
+            sh = np.array(lab.shape)
+            corners = np.array([[i, j, k] for i in (0, sh[0] - 1) for j in (0, sh[1] - 1) for k in (0, sh[2] - 1)])
+            vol_z = voxel_to_world(case["label"].affine, corners)[:, 2]
+            ax = _si_axis(case)
+            for value in (LABEL_IDS["liver"], LABEL_IDS["spleen"]):
+                m = np.moveaxis(lab == value, ax, 0)
+                assert m.any() and not m[0].any() and not m[-1].any(), (case["findings"], value)
+                z = _world_z(case, lab == value)
+                assert vol_z.min() < z.min() and z.max() < vol_z.max()
+
+
+def test_enlarged_organs_separate_from_normal_ones(pairs):
+    """Measured from the label (world mm) and as reported: every enlarged organ exceeds every normal one."""
+    span = {False: [], True: []}
+    for normal, enlarged in pairs:
+        for case, big in ((normal, False), (enlarged, True)):
+            lab, d = case["label"].array[0], case["metadata"]["details"]
+            tol = 4.0 + 2 * case["label"].spacing[_si_axis(case)]  # dome clipping + a voxel at each end
+            measured = []
+            for value, key in ((LABEL_IDS["liver"], "liver_span_cm"), (LABEL_IDS["spleen"], "spleen_length_cm")):
+                z = _world_z(case, lab == value)
+                measured.append(z.max() - z.min())
+                assert -2.0 < 10 * d[key] - measured[-1] < tol, (key, d[key], measured[-1])
+            span[big].append(measured + [d["liver_span_cm"], d["spleen_length_cm"]])
+    normal, big = np.array(span[False]), np.array(span[True])
+    assert np.all(big[:, :2].min(axis=0) > normal[:, :2].max(axis=0) + 10.0), (normal.max(0), big.min(0))
+    assert normal[:, 2].max() <= 16.0 and big[:, 2].min() >= 18.0       # liver span, cm
+    assert normal[:, 3].max() <= 11.5 and big[:, 3].min() >= 14.0       # spleen length, cm
+    for case in (c for pair in pairs for c in pair):  # any size the report quotes is the drawn one
+        d, sec = case["metadata"]["details"], _sections(case["report"])
+        for section, key in (("LIVER AND BILIARY", "liver_span_cm"), ("SPLEEN", "spleen_length_cm")):
+            assert all(float(x) == d[key] for x in re.findall(r"(\d+(?:\.\d+)?) cm", sec[section]))
+
+
+def test_body_fits_the_336_mm_in_plane_crop(pairs):
+    for normal, _ in pairs:
+        img = normal["image"].array[0]
+        affine = normal["image"].affine
+        body = voxel_to_world(affine, np.argwhere(img > -500))
+        centre = voxel_to_world(affine, (np.array(img.shape) - 1) / 2)  # the centre crop is centred here
+        width = body[:, 0].max() - body[:, 0].min()
+        assert width < 336.0, width
+        assert np.abs(body[:, :2] - centre[:2]).max() < 168.0
 
 
 def test_fatty_liver_lowers_liver_attenuation_below_spleen():

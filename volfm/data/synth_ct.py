@@ -6,10 +6,15 @@ pretraining 3D encoders on ICD-code prediction and report matching, so every fin
 Per case (one seed -> one case; independent random streams for the grid, the anatomy, each finding,
 the finding draws, the wording and the noise, so forcing a finding on or off changes nothing else):
 
-* a voxel grid: field of view ~300-390 mm in-plane x 250-290 mm cranio-caudal, split over ``shape``
-  (the default 128x128x64 gives ~2.3-3.0 mm in-plane and ~4-4.5 mm slices), orientation RAS, LPS,
-  LAS, LPI, RPI or an axis permutation (coronal/sagittal slices), some oblique (3-12 degrees). The
-  affine is the nibabel RAS+ voxel-to-world map (+x towards the patient's right, +y anterior,
+* a voxel grid: field of view 300-380 mm in-plane (centred within 6 mm of the body axis; the body,
+  skin included, is at most 316 mm wide, so it fits the 336 mm in-plane crop of the Merlin
+  preprocessing) x ~255-340 mm cranio-caudal, derived from the anatomy: 45-70 mm of lung above the
+  right dome down to 15-30 mm below the lowest of the enlarged liver and spleen (drawn whether or not
+  hepatomegaly/splenomegaly is present), the kidneys and the infrarenal aorta, measured along the
+  grid's own (possibly tilted) axis, so no organ a finding depends on leaves the volume. ``shape``
+  splits it (the default 128x128x64 gives ~2.3-3.0 mm in-plane and ~4-5.3 mm slices); orientation
+  RAS, LPS, LAS, LPI, RPI or an axis permutation (coronal/sagittal slices), some oblique (3-12
+  degrees). The affine is the nibabel RAS+ voxel-to-world map (+x towards the patient's right, +y anterior,
   +z superior), so the liver has a larger world x than the spleen;
 * anatomy evaluated analytically at each voxel centre's WORLD position (patient frame = RAS offsets
   from a random body centre), so labels land at the same world place whatever the grid: body outline,
@@ -17,8 +22,11 @@ the finding draws, the wording and the noise, so forcing a finding on or off cha
   spleen, kidneys (cortex, medulla, sinus fat), stomach, bowel, IVC, aorta, spine; non-contrast or
   portal-venous phase; then partial-volume blur, a slight intensity drift and Gaussian noise (10-20 HU);
 * findings (each independent, default probability 0.3), see :data:`FINDINGS`; ``findings=`` forces a
-  set. Focal lesions are at least ~2.2 voxels across (stones and nodules grow on coarse grids), and the
-  report quotes the simulated sizes.
+  set. Organ sizes never overlap between normal and enlarged: liver span (liver dome to inferior
+  tip) 11.2-15.8 cm normal vs 18.5-21.5 cm (and >= 1.22x the normal span) with hepatomegaly; spleen
+  length 9-11 cm normal vs 14.5-17.5 cm with splenomegaly; the report quotes these spans. Focal
+  lesions are at least ~2.2 voxels across (stones and nodules grow on coarse grids), and the report
+  quotes the simulated sizes.
 
 Label map (uint8, :data:`LABELS`): organ segmentation. Lesions inside an organ take that organ's label
 (renal cyst and stone -> kidney, gallstone -> gallbladder, lung nodule and atelectasis -> lung,
@@ -74,6 +82,11 @@ REPORT_SECTIONS = ("LOWER THORAX", "LIVER AND BILIARY", "GALLBLADDER", "SPLEEN",
                    "VASCULATURE", "PERITONEUM", "MUSCULOSKELETAL")
 CSV_COLUMNS = ("case_id", "image", "label", "icd_codes", "report", "findings", "split", "sex", "age")
 DEFAULT_SHAPE = (128, 128, 64)
+# Size limits (mm) keeping findings verifiable from the image: normal vs enlarged organs never overlap,
+# and the body fits the 336 mm in-plane crop of the Merlin preprocessing.
+LIVER_SPAN_NORMAL_MAX, LIVER_SPAN_ENLARGED = 158.0, (185.0, 215.0)
+SPLEEN_LENGTH_NORMAL_MAX, SPLEEN_LENGTH_ENLARGED = 110.0, (145.0, 175.0)
+BODY_HALF_WIDTH_MAX, FOV_SHIFT_MAX = 158.0, 6.0
 
 # Orientation codes (nibabel axcodes: the world direction each array axis points to) and their weights.
 ORIENTATIONS: dict[str, float] = {"RAS": 0.2, "LPS": 0.25, "LAS": 0.15, "LPI": 0.05, "RPI": 0.05,
@@ -205,7 +218,9 @@ class _Anatomy:
         self.world_centre = np.array([_u(rng, -15, 15), _u(rng, -60, 20), _u(rng, -350, 50)])
         self.contrast = bool(rng.random() < CONTRAST_PROB)
         # Body outline (superellipse), fat and muscle layers, abdominal/thoracic cavity.
-        self.Bx = 150.0 * size * _u(rng, 0.93, 1.07)
+        # Half-width capped so that the body (skin included) fits the 336 mm in-plane crop of the Merlin
+        # preprocessing (224 x 1.5 mm, centred on the field of view) with the FOV shift of _make_grid.
+        self.Bx = float(np.clip(143.0 * size * _u(rng, 0.95, 1.05), 118.0, BODY_HALF_WIDTH_MAX))
         self.By = self.Bx * 0.72 * _u(rng, 0.94, 1.06)
         self.pw = _u(rng, 2.2, 2.8)
         self.fat = _u(rng, 8, 28) + (6.0 if self.sex == "F" else 0.0)
@@ -231,7 +246,9 @@ class _Anatomy:
         self.ao_a0 = self.sp_a + self.vb_ry + self.ao_rad + 3.0
         self.ivc = (_u(rng, 18, 26), self.ao_a0 + _u(rng, 0, 8), _u(rng, 10, 14), _u(rng, 7, 10))
         # Liver (right lobe + left lobe, top under the right dome), gallbladder, spleen.
-        self.liver_span = _u(rng, 130, 160) * size
+        # Normal cranio-caudal liver span (liver dome to inferior tip), <= LIVER_SPAN_NORMAL_MAX.
+        self.liver_span = float(np.clip(_u(rng, 122, 148) * (1.0 + 0.5 * (size - 1.0)), 112.0,
+                                        LIVER_SPAN_NORMAL_MAX))
         self.liver_r = 0.42 * Cx * _u(rng, 0.9, 1.1)
         self.liver_a = Cy * _u(rng, -0.05, 0.1)
         self.liver_semi = (0.55 * Cx * _u(rng, 0.9, 1.05), 0.85 * Cy * _u(rng, 0.9, 1.0))
@@ -239,7 +256,7 @@ class _Anatomy:
                           0.35 * Cy * _u(rng, 0.85, 1.1), _u(rng, 0.18, 0.26))
         self.gb = (0.3 * Cx * _u(rng, 0.85, 1.15), 0.3 * Cy * _u(rng, 0.8, 1.2), _u(rng, 0.3, 0.4),
                    (_u(rng, 13, 17), _u(rng, 13, 17), _u(rng, 28, 38)), _u(rng, 20, 40))
-        self.spleen_semi = (_u(rng, 22, 28), _u(rng, 36, 46), _u(rng, 45, 55))
+        self.spleen_semi = (_u(rng, 22, 28), _u(rng, 36, 46), _u(rng, 45, 55))  # normal length 9-11 cm
         self.spleen_a = -0.3 * Cy * _u(rng, 0.8, 1.2)
         self.spleen_rot, self.spleen_gap = _u(rng, 20, 35), _u(rng, 0, 8)
         # Kidneys: centre, semi-axes, coronal tilt, axial rotation (hilum antero-medial).
@@ -325,26 +342,33 @@ class _Anatomy:
 
 # ----------------------------------------------------------------------------------- organs and findings
 class _Phantom:
-    """Anatomy + finding parameters -> organ geometry, rendering and measurements."""
+    """Anatomy + finding parameters -> organ geometry, rendering and measurements.
 
-    def __init__(self, anat: _Anatomy, frngs: dict[str, np.random.Generator], present: set[str], max_sp: float):
-        self.A, self.present, self.max_sp = anat, present, max_sp
+    Built in two steps: the constructor draws every parameter (so :meth:`coverage_points` can size the
+    field of view before the grid exists), then :meth:`fit` adapts lesion sizes to the grid's spacing and
+    builds the geometry.
+    """
+
+    def __init__(self, anat: _Anatomy, frngs: dict[str, np.random.Generator], present: set[str]):
+        self.A, self.present = anat, present
         A = anat
         # Finding parameters are always drawn (each from its own stream), used only when present.
         f = {name: frngs[name] for name in FINDINGS}
-        g = f["hepatomegaly"]
-        self.hepato = (_u(g, 1.1, 1.2), _u(g, 1.05, 1.1), _u(g, 1.3, 1.45))      # scale (r, a, s)
-        g = f["splenomegaly"]
-        self.spleno = (_u(g, 1.1, 1.2), _u(g, 1.35, 1.55), _u(g, 1.4, 1.6))
+        g = f["hepatomegaly"]  # in-plane scales (r, a) and the enlarged span (dome apex to tip, mm)
+        sr, sa, span = _u(g, 1.1, 1.2), _u(g, 1.05, 1.1), _u(g, *LIVER_SPAN_ENLARGED)
+        self.hepato = (sr, sa, max(span, 1.22 * A.liver_span))
+        g = f["splenomegaly"]  # in-plane scales and the enlarged length (mm)
+        fr, fa, length = _u(g, 1.1, 1.2), _u(g, 1.35, 1.55), _u(g, *SPLEEN_LENGTH_ENLARGED)
+        self.spleno = (fr, fa, max(length, 1.35 * 2.0 * A.spleen_semi[2]))
         self.fat_drop = _u(f["fatty_liver"], 50, 75)
         g = f["renal_cyst"]
         self.cyst = dict(side=("left", "right")[int(g.integers(2))], diameter=_u(g, 15, 30), hu=_u(g, 0, 12),
                          dir=self._lateral_dir(g), depth=_u(g, 0.5, 0.7))
         g = f["kidney_stone"]
-        self.stone = dict(side=("left", "right")[int(g.integers(2))], diameter=max(_u(g, 4, 10), 2.2 * max_sp),
+        self.stone = dict(side=("left", "right")[int(g.integers(2))], drawn=_u(g, 4, 10),
                           hu=_u(g, 800, 1200), s=_u(g, -0.55, 0.55))
         g = f["gallstone"]
-        self.gallstone = dict(diameter=max(_u(g, 6, 18), 2.2 * max_sp), hu=_u(g, 400, 900))
+        self.gallstone = dict(drawn=_u(g, 6, 18), hu=_u(g, 400, 900))
         g = f["pleural_effusion"]
         self.effusion = dict(side=("left", "right", "bilateral")[int(g.choice(3, p=[0.35, 0.35, 0.3]))],
                              depth=_u(g, 20, 55), hu=_u(g, 5, 15))
@@ -352,7 +376,7 @@ class _Phantom:
         self.ascites = dict(depth=_u(g, 6, 25), hu=_u(g, 0, 15))
         g = f["lung_nodule"]
         self.nodule = dict(side=("left", "right")[int(g.integers(2))],
-                           diameter=float(np.clip(max(_u(g, 8, 20), 2.2 * max_sp), 8, 25)), hu=_u(g, 20, 50),
+                           drawn=_u(g, 8, 20), hu=_u(g, 20, 50),
                            cand=g.random((256, 3)))
         g = f["atelectasis"]
         self.atel = dict(side=("left", "right", "bilateral")[int(g.choice(3, p=[0.3, 0.3, 0.4]))],
@@ -361,7 +385,56 @@ class _Phantom:
         k_s = 0.5 * (A.kidneys["left"].c[2] + A.kidneys["right"].c[2])
         self.aneurysm = dict(diameter=_u(g, 40, 60), s=k_s - _u(g, 30, 40), half_len=_u(g, 30, 45),
                              lumen=_u(g, 0.3, 0.45))
+
+    def fit(self, grid: _Grid, max_sp: float) -> None:
+        """Grow focal lesions to at least ~2.2 voxels (``max_sp``: coarsest spacing), build the geometry and
+        place the lung nodule inside the field of view."""
+        self.max_sp = max_sp
+        self.stone["diameter"] = max(self.stone["drawn"], 2.2 * max_sp)
+        self.gallstone["diameter"] = max(self.gallstone["drawn"], 2.2 * max_sp)
+        self.nodule["diameter"] = float(np.clip(max(self.nodule["drawn"], 2.2 * max_sp), 8, 25))
         self._build()
+        self.place_nodule(grid)
+
+    def _liver(self, enlarged: bool):
+        """Right and left lobe ellipsoids and the cranio-caudal span (visible dome to inferior tip, mm).
+
+        The ellipsoid top is anchored just above the right dome, which clips the liver 3 mm under the dome's
+        apex (hR - 3: the liver's visible top); hepatomegaly lengthens the liver caudally and widens it."""
+        A = self.A
+        sr, sa, span = self.hepato if enlarged else (1.0, 1.0, A.liver_span)
+        top = A.hR + 5.0
+        height = span + 8.0
+        right = _Ell((A.liver_r, A.liver_a, top - height / 2),
+                     (A.liver_semi[0] * sr, A.liver_semi[1] * sa, height / 2))
+        lr, la, lsx, lsy, lfrac = A.left_lobe
+        lss = height * lfrac
+        left = _Ell((lr, la, top - 10.0 - lss), (lsx * sr, lsy * sa, lss))
+        return right, left, span
+
+    def _spleen(self, enlarged: bool):
+        """Spleen ellipsoid, top anchored just under the left hemidiaphragm above its centre, and its length."""
+        A = self.A
+        fr, fa, length = self.spleno if enlarged else (1.0, 1.0, 2.0 * A.spleen_semi[2])
+        semi = (A.spleen_semi[0] * fr, A.spleen_semi[1] * fa, length / 2)
+        r, a = -(A.Cx - semi[0] - A.spleen_gap), A.spleen_a
+        top = float(A.s_dia(r, a)) - 3.0  # where below_dia clips
+        return _Ell((r, a, top - semi[2]), semi, _rot(2, -A.spleen_rot)), length
+
+    def coverage_points(self) -> np.ndarray:
+        """Patient-frame points the field of view must contain whether or not a finding is present: the
+        bounding-box corners of the enlarged liver and spleen, the kidneys and the infrarenal aorta."""
+        A, boxes = self.A, []
+        right, left, _ = self._liver(True)
+        spleen, _ = self._spleen(True)
+        boxes += [right.box(), left.box(), spleen.box(), self._spleen(False)[0].box()]
+        boxes += [k.box(pad=3.0) for k in A.kidneys.values()]
+        an = self.aneurysm
+        rad = an["diameter"] / 2
+        boxes.append((np.array([A.ao_r0 - rad, A.ao_a0 - rad, an["s"] - an["half_len"]]),
+                      np.array([A.ao_r0 + rad, A.ao_a0 + 2 * rad, an["s"] + an["half_len"]])))
+        return np.array([[lo[0] if i else hi[0], lo[1] if j else hi[1], lo[2] if k else hi[2]]
+                         for lo, hi in boxes for i in (0, 1) for j in (0, 1) for k in (0, 1)])
 
     @staticmethod
     def _lateral_dir(g):
@@ -374,31 +447,18 @@ class _Phantom:
 
     def _build(self):
         A = self.A
-        # Liver: top anchored just above the right dome; hepatomegaly lengthens it caudally and widens it.
-        sr, sa, ss = self.hepato if self.on("hepatomegaly") else (1.0, 1.0, 1.0)
-        top = A.hR + 5.0
-        span = A.liver_span * ss
-        self.liver_bottom = top - span
-        self.liver_span_mm = A.hR - self.liver_bottom  # dome apex to inferior tip
-        self.liver_right = _Ell((A.liver_r, A.liver_a, top - span / 2),
-                                (A.liver_semi[0] * sr, A.liver_semi[1] * sa, span / 2))
-        lr, la, lsx, lsy, lfrac = A.left_lobe
-        lss = A.liver_span * lfrac * ss
-        self.liver_left = _Ell((lr, la, top - 10.0 - lss), (lsx * sr, lsy * sa, lss))
+        self.liver_right, self.liver_left, self.liver_span_mm = self._liver(self.on("hepatomegaly"))
+        self.liver_bottom = A.hR - 3.0 - self.liver_span_mm
+        height = self.liver_span_mm + 8.0
         gr, ga, gfrac, gsemi, gtilt = A.gb
         rad = self.gallstone["diameter"] / 2
         if self.on("gallstone"):  # room for a stone at least ~2 voxels wide
             gsemi = tuple(max(x, rad + 4.0) for x in gsemi)
         ga = max(ga, A.ivc[1] + A.ivc[3] + max(gsemi[:2]) + 4.0)  # keep it anterior to the IVC
-        self.gb = _Ell((gr, ga, self.liver_bottom + gfrac * span), gsemi, _rot(0, -gtilt))
+        self.gb = _Ell((gr, ga, self.liver_bottom + gfrac * height), gsemi, _rot(0, -gtilt))
         # Gallstone in the dependent (posterior) part of the gallbladder, local y ~ anterior.
         self.gallstone_c = self.gb.point((0.0, -(gsemi[1] - rad - 1.5), -0.3 * (gsemi[2] - rad)))
-        # Spleen: top anchored under the left dome.
-        fr, fa, fs = self.spleno if self.on("splenomegaly") else (1.0, 1.0, 1.0)
-        semi = (A.spleen_semi[0] * fr, A.spleen_semi[1] * fa, A.spleen_semi[2] * fs)
-        self.spleen_len_mm = 2.0 * semi[2]
-        self.spleen = _Ell((-(A.Cx - semi[0] - A.spleen_gap), A.spleen_a, A.hL + 3.0 - semi[2]), semi,
-                           _rot(2, -A.spleen_rot))
+        self.spleen, self.spleen_len_mm = self._spleen(self.on("splenomegaly"))
         # Kidney lesions.
         k = A.kidneys[self.cyst["side"]]
         sign = -1.0 if self.cyst["side"] == "left" else 1.0
@@ -730,17 +790,23 @@ def _pole(local, k: _Ell) -> str:
 
 
 # ----------------------------------------------------------------------------------- grid
-def _make_grid(rng: np.random.Generator, anat: _Anatomy, shape, orientation, oblique_deg):
-    """Random field of view, orientation and obliquity -> (affine, FOV centre in world, code, oblique)."""
+def _make_grid(rng: np.random.Generator, anat: _Anatomy, shape, orientation, oblique_deg, cover):
+    """Random field of view, orientation and obliquity -> (affine, code, oblique tilt in degrees).
+
+    In-plane: 300-380 mm, centred within FOV_SHIFT_MAX mm of the body axis. Cranio-caudal (along the
+    grid's own, possibly tilted, S axis): from 15-30 mm below the lowest of the patient-frame points
+    ``cover`` (enlarged liver and spleen, kidneys, infrarenal aorta) to 45-70 mm of lung above the right
+    dome, so every finding stays inside the volume whatever the tilt.
+    """
     codes = list(ORIENTATIONS)
     w = np.array([ORIENTATIONS[c] for c in codes])
     code = codes[int(rng.choice(len(codes), p=w / w.sum()))]
     tilt = _u(rng, 3, 12) * (1 if rng.random() < 0.5 else -1)
     tilt_axis = int(rng.choice(3, p=[0.6, 0.2, 0.2]))
     is_oblique = rng.random() < OBLIQUE_PROB
-    fov_xy = float(np.clip(2 * anat.Bx * _u(rng, 1.1, 1.25), 300, 390))
-    fov = np.array([fov_xy, fov_xy, _u(rng, 250, 290)])
-    shift = np.array([_u(rng, -10, 10), _u(rng, -10, 10), _u(rng, -10, 10)])
+    fov_xy = float(np.clip(2 * anat.Bx * _u(rng, 1.1, 1.25), 300, 380))
+    shift = rng.uniform(-FOV_SHIFT_MAX, FOV_SHIFT_MAX, size=2)
+    lung_top, m_lo, m_hi = _u(rng, 45, 70), _u(rng, 15, 30), _u(rng, 0, 10)
     if orientation is not None:
         code = str(orientation).upper()
     if oblique_deg is not None:
@@ -748,16 +814,26 @@ def _make_grid(rng: np.random.Generator, anat: _Anatomy, shape, orientation, obl
     if (len(code) != 3 or any(c not in _AXIS for c in code)
             or sorted(_AXIS[c][0] for c in code) != [0, 1, 2]):
         raise VolfmError(f"orientation must be a 3-letter axis code such as 'RAS' or 'LPS', got {orientation!r}")
+    R = _rot(tilt_axis, tilt) if is_oblique else np.eye(3)
+    # Extent along the grid's S axis n (world direction of R e_z): project the points to cover and the
+    # top of the lung slab (the cavity's corners at lung_top above the right dome), relative to (shift, 0).
+    top = np.array([[x, y, anat.hR + lung_top] for x in (-anat.Cx, anat.Cx) for y in (-anat.Cy, anat.Cy)])
+    pts = np.vstack([np.asarray(cover, float), top])
+    n = R[:, 2]
+    t = (pts - np.array([shift[0], shift[1], 0.0])) @ n
+    t_lo, t_hi = float(t.min()) - m_lo, float(t.max()) + m_hi
+    fov = np.array([fov_xy, fov_xy, t_hi - t_lo])
+    # Grid centre at (shift, zc) in the patient frame, zc putting the middle of [t_lo, t_hi] at its projection.
+    zc = 0.5 * (t_lo + t_hi) / n[2]
     D = np.zeros((3, 3))
     sp = np.zeros(3)
     for ax, c in enumerate(code):
         world, sign = _AXIS[c]
         D[world, ax] = sign
         sp[ax] = fov[world] / shape[ax]
-    R = _rot(tilt_axis, tilt) if is_oblique else np.eye(3)
     affine = np.eye(4)
     affine[:3, :3] = R @ D @ np.diag(sp)
-    centre = anat.world_centre + shift
+    centre = anat.world_centre + np.array([shift[0], shift[1], zc])
     affine[:3, 3] = centre - affine[:3, :3] @ ((np.asarray(shape, float) - 1.0) / 2.0)
     return affine, code, (tilt if is_oblique else 0.0)
 
@@ -967,7 +1043,6 @@ def make_ct_case(rng_or_seed, case_id: str = "ct_0000", shape=DEFAULT_SHAPE, *, 
         raise VolfmError(f"shape must be three sizes of at least 8 voxels, got {shape!r}")
     ss = _seed_sequence(rng_or_seed)
     anat = _Anatomy(_stream(ss, _ANAT))
-    affine, code, tilt = _make_grid(_stream(ss, _GRID), anat, shape, orientation, oblique_deg)
     probs = _probabilities(finding_prob)
     u = _stream(ss, _PRESENT).random(len(FINDINGS))
     if findings is None:
@@ -977,11 +1052,15 @@ def make_ct_case(rng_or_seed, case_id: str = "ct_0000", shape=DEFAULT_SHAPE, *, 
         unknown = present - set(FINDINGS)
         if unknown:
             raise VolfmError(f"unknown finding(s) {sorted(unknown)}; known: {', '.join(FINDINGS)}")
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     frngs = {n: _stream(ss, _FIND0 + i) for i, n in enumerate(FINDINGS)}
-    ph = _Phantom(anat, frngs, present, float(spacing.max()))
+    ph = _Phantom(anat, frngs, present)
+    # The field of view covers the anatomy the findings depend on, enlarged organs included, whether or
+    # not they are present (so forcing a finding changes nothing else).
+    affine, code, tilt = _make_grid(_stream(ss, _GRID), anat, shape, orientation, oblique_deg,
+                                    ph.coverage_points())
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     grid = _Grid(affine, shape, anat.world_centre)
-    ph.place_nodule(grid)
+    ph.fit(grid, float(spacing.max()))
     img, lab = ph.render(grid)
     # Partial volume, slight smooth drift inside the body, quantum noise.
     img = ndi.gaussian_filter(img, 0.5, truncate=2.5)

@@ -163,38 +163,76 @@ def _separable(src: torch.Tensor, perm, scale, offset, shape, order, antialias) 
 
 
 def _general(src: torch.Tensor, m: np.ndarray, shape, order, slab_voxels=8_000_000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Any affine index map, in slabs along the first target axis to bound memory."""
-    n_in = np.array(src.shape[1:], dtype=np.float64)
+    """Any affine index map, in slabs along the first target axis to bound memory.
+
+    A source coordinate is affine in the target index, c = p[i, j] + d * k: one float64 broadcast add
+    per component gives the grid (normalised, then float32 for grid_sample). Which points lie inside
+    the source is decided per (i, j) row as a range of k by :func:`_inside_interval`.
+    """
     out = torch.empty((src.shape[0], *shape), dtype=src.dtype)
     valid = torch.empty(tuple(shape), dtype=torch.bool)
-    jj, kk = np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij")
     step = max(1, slab_voxels // max(1, shape[1] * shape[2]))
+    mt = torch.from_numpy(np.asarray(m, np.float64))
+    jj = torch.arange(shape[1], dtype=torch.float64)
+    kk = torch.arange(shape[2], dtype=torch.float64)
+    tol = 1e-6
     coeffs = None
     if order == "bspline":
         from scipy import ndimage
 
         coeffs = [ndimage.spline_filter(c.numpy().astype(np.float64), order=3, mode="mirror") for c in src]
     for i0 in range(0, shape[0], step):
-        ii = np.arange(i0, min(shape[0], i0 + step), dtype=np.float64)
-        tgt = np.stack(np.broadcast_arrays(ii[:, None, None], jj[None], kk[None]), axis=-1)
-        c = tgt @ m[:3, :3].T + m[:3, 3]  # (n, J, K, 3) source indices
-        ok = np.all((c >= -0.5 - 1e-6) & (c <= n_in - 0.5 + 1e-6), axis=-1)
-        valid[i0:i0 + len(ii)] = torch.from_numpy(ok)
+        ii = torch.arange(i0, min(shape[0], i0 + step), dtype=torch.float64)
+        comps, ok = [], None
+        for ax in range(3):  # source index along axis ax for every target voxel of the slab
+            partial = ii[:, None] * mt[ax, 0] + jj[None, :] * mt[ax, 1] + mt[ax, 3]  # float64 (i, j)
+            d = float(mt[ax, 2])
+            c = partial[:, :, None] + (kk * d)[None, None, :]
+            inside = _inside_interval(partial, d, shape[2], -0.5 - tol, src.shape[1 + ax] - 0.5 + tol)
+            ok = inside if ok is None else ok.logical_and_(inside)
+            comps.append(c)
+        valid[i0:i0 + ii.shape[0]] = ok
         if coeffs is not None:
             from scipy import ndimage
 
-            pts = c.reshape(-1, 3).T
+            pts = np.stack([c.numpy().astype(np.float64).ravel() for c in comps])
             for ch, co in enumerate(coeffs):
                 v = ndimage.map_coordinates(co, pts, order=3, mode="mirror", prefilter=False)
-                out[ch, i0:i0 + len(ii)] = torch.from_numpy(v.reshape(c.shape[:3]).astype(np.float32))
+                out[ch, i0:i0 + ii.shape[0]] = torch.from_numpy(v.reshape(ok.shape).astype(np.float32))
             continue
-        cc = np.clip(c, 0.0, n_in - 1.0)
-        norm = np.where(n_in > 1, 2.0 * cc / np.maximum(n_in - 1.0, 1.0) - 1.0, 0.0)
-        grid = torch.from_numpy(norm[..., ::-1].astype(np.float32).copy())[None]  # (1, n, J, K, 3) as (k, j, i)
+        # grid_sample wants (x, y, z) = (k, j, i) in [-1, 1] (align_corners=True); its "border" padding
+        # clamps to the edge voxels, which is ITK's rule inside the half-voxel rim
+        norm = []
+        for ax in (2, 1, 0):
+            n = src.shape[1 + ax]
+            norm.append((comps[ax].mul_(2.0 / (n - 1)).sub_(1.0) if n > 1 else comps[ax].zero_()).to(src.dtype))
+        grid = torch.stack(norm, dim=-1)[None]
         mode = "nearest" if order == "nearest" else "bilinear"
-        res = F.grid_sample(src[None], grid.to(src.dtype), mode=mode, padding_mode="border", align_corners=True)
-        out[:, i0:i0 + len(ii)] = res[0]
+        res = F.grid_sample(src[None], grid, mode=mode, padding_mode="border", align_corners=True)
+        out[:, i0:i0 + ii.shape[0]] = res[0]
     return out, valid
+
+
+def _inside_interval(partial: torch.Tensor, d: float, n_k: int, lo: float, hi: float) -> torch.Tensor:
+    """Mask (I, J, K) of lo <= partial[i, j] + d * k <= hi, evaluated in float64 per (i, j) row as a
+    range of k, so the full-size work is two integer comparisons."""
+    k = torch.arange(n_k, dtype=torch.int64)
+    if d == 0.0:
+        row = (partial >= lo) & (partial <= hi)
+        return row[:, :, None].expand(-1, -1, n_k).clone()
+    a, b = (lo - partial) / d, (hi - partial) / d
+    kmin = torch.ceil(torch.minimum(a, b)).to(torch.int64)
+    kmax = torch.floor(torch.maximum(a, b)).to(torch.int64)
+    # the divisions may round across an integer: settle each bound with the float64 sum itself
+    for bound, shift in ((kmin, -1), (kmax, 1)):
+        for _ in range(2):
+            inner = partial + d * bound.to(torch.float64)
+            bad = (inner < lo) | (inner > hi)
+            bound.sub_(shift * bad.to(torch.int64))  # move inwards where the bound is outside
+            outer = partial + d * (bound + shift).to(torch.float64)
+            good = (outer >= lo) & (outer <= hi)
+            bound.add_(shift * good.to(torch.int64))  # move outwards where the next k is still inside
+    return (k[None, None, :] >= kmin[:, :, None]) & (k[None, None, :] <= kmax[:, :, None])
 
 
 def _blur_general(src: torch.Tensor, m: np.ndarray, order: str) -> torch.Tensor:
