@@ -14,8 +14,8 @@ the finding draws, the wording and the noise, so forcing a finding on or off cha
   grid's own (possibly tilted) axis, so no organ a finding depends on leaves the volume. ``shape``
   splits it (the default 128x128x64 gives ~2.3-3.0 mm in-plane and ~4-5.3 mm slices); orientation
   RAS, LPS, LAS, LPI, RPI or an axis permutation (coronal/sagittal slices), some oblique (3-12
-  degrees). The affine is the nibabel RAS+ voxel-to-world map (+x towards the patient's right, +y anterior,
-  +z superior), so the liver has a larger world x than the spleen;
+  degrees). The affine is the nibabel RAS+ voxel-to-world map (+x towards the patient's right,
+  +y anterior, +z superior), so the liver has a larger world x than the spleen;
 * anatomy evaluated analytically at each voxel centre's WORLD position (patient frame = RAS offsets
   from a random body centre), so labels land at the same world place whatever the grid: body outline,
   subcutaneous fat, muscle wall, ribs, lung bases, diaphragm, heart, liver (+ vessels), gallbladder,
@@ -354,7 +354,7 @@ class _Phantom:
         A = anat
         # Finding parameters are always drawn (each from its own stream), used only when present.
         f = {name: frngs[name] for name in FINDINGS}
-        g = f["hepatomegaly"]  # in-plane scales (r, a) and the enlarged span (dome apex to tip, mm)
+        g = f["hepatomegaly"]  # in-plane scales (r, a) and the enlarged span (liver dome to tip, mm)
         sr, sa, span = _u(g, 1.1, 1.2), _u(g, 1.05, 1.1), _u(g, *LIVER_SPAN_ENLARGED)
         self.hepato = (sr, sa, max(span, 1.22 * A.liver_span))
         g = f["splenomegaly"]  # in-plane scales and the enlarged length (mm)
