@@ -28,6 +28,7 @@ def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2) -> int:
     _step(f"1. synthetic CT cohort ({cases} cases) -> {out / 'synth_ct'}")
     ct_table = make_ct_cohort(out / "synth_ct", cases, seed=0)
     print(f"cohort table: {ct_table}")
+    _describe_ct_cohort(ct_table)
 
     _step("2. preprocess with preprocessing/ct_merlin.yaml (RAS, 1.5x1.5x3 mm, HU [-1000,1000]->[0,1], 224x224x160)")
     ct_store = out / "store_ct_merlin"
@@ -57,3 +58,21 @@ def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2) -> int:
     print(f"MRI/PET store:  {mp_store}\n  manifest:     {mp_store / 'manifest.csv'}\n  QC images:    {mp_store / 'qc'}")
     print("Next: volfm inspect " + str(ct_store) + "   |   volfm bench preprocess")
     return 0 if not (s1["failed"] or s2["failed"]) else 1
+
+
+def _describe_ct_cohort(table) -> None:
+    """Finding prevalence with ICD-10-CM codes, and one report, so the pretraining targets are visible."""
+    import collections
+
+    from volfm.data.cohort import read_table
+    from volfm.data.synth_ct import FINDINGS
+
+    rows = read_table(table)
+    counts = collections.Counter(f for r in rows for f in r["findings"].split(";") if f)
+    print("findings (ICD-10-CM): " + ", ".join(f"{name} {FINDINGS[name].code} x{counts[name]}"
+                                               for name in FINDINGS if counts[name]))
+    example = next((r for r in rows if r["findings"]), rows[0])
+    print(f"example report ({example['case_id']}; codes {example['icd_codes']}):")
+    for line in example["report"].splitlines():
+        print("    " + line)
+
