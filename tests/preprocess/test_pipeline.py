@@ -13,6 +13,7 @@ from volfm.preprocess.intensity import ct_window
 from volfm.preprocess.pipeline import Pipeline, grids_match, to_source_grid
 from volfm.preprocess.resample import index_map, resample_to_grid, resample_to_spacing
 from volfm.preprocess.spatial import crop_or_pad, reorient
+from volfm.testing import rotation as rot, centred_affine, index_grid
 
 SPEC_DIR = Path(__file__).resolve().parents[2] / "preprocessing"
 SRC_SHAPE = (41, 37, 12)  # odd in-plane sizes: no nearest-neighbour ties at the FOV centre (see test_fused...)
@@ -28,25 +29,8 @@ def merlin(**changes):
     return spec
 
 
-def rot(axis, deg):
-    t = np.deg2rad(deg)
-    c, s = np.cos(t), np.sin(t)
-    i, j = [a for a in range(3) if a != axis]
-    r = np.eye(3)
-    r[i, i] = r[j, j] = c
-    r[i, j], r[j, i] = -s, s
-    return r
-
-
 def grid_affine(directions, spacing, shape, centre=(4.0, -6.0, 12.0)):
-    a = np.eye(4)
-    a[:3, :3] = np.asarray(directions, float) * np.asarray(spacing, float)[None, :]
-    a[:3, 3] = np.asarray(centre) - a[:3, :3] @ ((np.asarray(shape) - 1) / 2)
-    return a
-
-
-def index_grid(shape):
-    return np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+    return centred_affine(directions, spacing, shape, centre)
 
 
 def world(affine, shape):

@@ -14,6 +14,7 @@ from volfm.io import affine as geo
 from volfm.preprocess import resample as rs
 from volfm.preprocess.resample import index_map, resample_axis_aligned, resample_to_grid, resample_to_spacing
 from volfm.preprocess.spatial import crop_grid
+from volfm.testing import rotation as rot, centred_affine, index_grid
 
 FILL = -7.0
 SHAPE = (40, 36, 12)
@@ -28,25 +29,8 @@ def smooth(xyz):
     return 100 + 20 * np.sin(x / 9.0) + 15 * np.cos(y / 7.0) + 10 * np.sin(z / 13.0 + 0.3) + 0.01 * x * y
 
 
-def rot(axis, deg):
-    t = np.deg2rad(deg)
-    c, s = np.cos(t), np.sin(t)
-    i, j = [a for a in range(3) if a != axis]
-    r = np.eye(3)
-    r[i, i] = r[j, j] = c
-    r[i, j], r[j, i] = -s, s
-    return r
-
-
 def grid_affine(directions, spacing, shape, centre=(3.0, -5.0, 10.0)):
-    a = np.eye(4)
-    a[:3, :3] = np.asarray(directions, float) * np.asarray(spacing, float)[None, :]
-    a[:3, 3] = np.asarray(centre) - a[:3, :3] @ ((np.asarray(shape) - 1) / 2)
-    return a
-
-
-def index_grid(shape):
-    return np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+    return centred_affine(directions, spacing, shape, centre)
 
 
 def sample_volume(affine, shape, fn=smooth):

@@ -9,18 +9,9 @@ from volfm.io import Volume
 from volfm.io import affine as geo
 from volfm.preprocess import spatial
 from volfm.preprocess.spatial import crop_foreground, crop_or_pad, reorient, reoriented_grid
+from volfm.testing import rotation as rot
 
 SHAPE = (10, 8, 6)
-
-
-def rot(axis, deg):
-    t = np.deg2rad(deg)
-    c, s = np.cos(t), np.sin(t)
-    i, j = [a for a in range(3) if a != axis]
-    r = np.eye(3)
-    r[i, i] = r[j, j] = c
-    r[i, j], r[j, i] = -s, s
-    return r
 
 
 def make_affine(directions, spacing=(0.7, 0.9, 5.0), origin=(-12.0, 30.0, 7.5)):
