@@ -120,3 +120,14 @@ def test_geometry_warnings_are_recorded_with_workers(cohort):
     meta = yaml.safe_load((store / "cases" / "c1" / "meta.json").read_text())
     assert any("disagree" in w for w in meta["warnings"])
     assert os.path.exists(store / "cases" / "c1" / "image.npy")
+
+
+def test_deleted_array_is_redone(cohort):
+    root, data, spec, rows = cohort
+    store = root / "store"
+    table = _table(data / "t.csv", rows)
+    _run(spec, store, table)
+    (store / "cases" / "c1" / "label.npy").unlink()
+    s = _run(spec, store, table)
+    assert (s["processed"], s["skipped"]) == (1, 2)
+    assert (store / "cases" / "c1" / "label.npy").exists()

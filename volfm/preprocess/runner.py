@@ -127,10 +127,14 @@ def _check_store_spec(out: Path, spec: dict, h: str, overwrite: bool):
                              f"{doc.get('spec_hash')}; this one is {h}); use --overwrite to rebuild it or a new --out")
 
 
-def case_is_done(meta: dict | None, row: dict, spec: dict, h: str, redo_before: float | None) -> bool:
+def case_is_done(meta: dict | None, row: dict, spec: dict, h: str, redo_before: float | None,
+                 case_dir: Path | None = None) -> bool:
     """A stored case can be skipped when it was made with this spec, from the same input files (path,
-    size, mtime), with the same set of inputs, and after the last --overwrite run began."""
+    size, mtime), with the same set of inputs, after the last --overwrite run began, and all its
+    arrays are still on disk."""
     if meta is None or meta.get("spec_hash") != h:
+        return False
+    if case_dir is not None and not all((case_dir / f"{n}.npy").is_file() for n in meta.get("source", {})):
         return False
     if redo_before is not None and float(meta.get("written_at", 0.0)) < redo_before:
         return False
@@ -181,7 +185,7 @@ def run_cohort(spec_path, out, cohort=None, input_dir=None, workers: int = 1, sh
         meta = None if overwrite else read_case_meta(out / "cases" / r["case_id"])
         # the QC image is written after the case folder: a run killed between the two redoes the case
         qc_done = not qc or (out / "qc" / f"{r['case_id']}.png").exists()
-        if qc_done and case_is_done(meta, r, spec, h, redo_before):
+        if qc_done and case_is_done(meta, r, spec, h, redo_before, out / "cases" / r["case_id"]):
             results[r["case_id"]] = {"case_id": r["case_id"], "status": "ok", "error": "",
                                      "shape": "x".join(map(str, meta["shape"])),
                                      "spacing": "x".join(f"{s:.4g}" for s in meta["spacing"]),
