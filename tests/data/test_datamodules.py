@@ -130,3 +130,35 @@ def test_case_shards_are_disjoint_and_cover_every_case(world):
     a = s.cases()
     s.set_epoch(1)
     assert a != s.cases() and sorted(a) == sorted(s.cases())
+
+
+class RecordCases(TinySeg):
+    """Writes the case ids each rank trained on (ddp_spawn runs the module in child processes)."""
+
+    def __init__(self, out_dir):
+        super().__init__()
+        self.out_dir = str(out_dir)
+
+    def training_step(self, batch, i):
+        with open(f"{self.out_dir}/rank{self.global_rank}.txt", "a") as f:
+            f.write("\n".join(batch["case_id"]) + "\n")
+        return super().training_step(batch, i)
+
+
+def test_ddp_ranks_read_disjoint_cases(ct_store, tmp_path):
+    dm = SegmentationDataModule(str(ct_store), patch_size=(8, 8, 8), batch_size=1, num_workers=0,
+                                samples_per_volume=1, sampler="uniform")
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         use_distributed_sampler=False, limit_val_batches=0)
+    trainer.fit(RecordCases(tmp_path), datamodule=dm)
+    seen = [set((tmp_path / f"rank{r}.txt").read_text().split()) for r in (0, 1)]
+    from volfm.data.dataset import StoreDataset
+
+    train_ids = set(StoreDataset(str(ct_store), split="train", label="label").case_ids)
+    assert seen[0] and seen[1]
+    assert seen[0] | seen[1] == train_ids
+    if len(train_ids) % 2 == 0:
+        assert not seen[0] & seen[1]
+    else:  # one case repeats to keep the ranks in step
+        assert len(seen[0] & seen[1]) <= 1
