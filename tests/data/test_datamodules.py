@@ -162,3 +162,25 @@ def test_ddp_ranks_read_disjoint_cases(ct_store, tmp_path):
         assert not seen[0] & seen[1]
     else:  # one case repeats to keep the ranks in step
         assert len(seen[0] & seen[1]) <= 1
+
+
+def test_datamodule_from_recipe_yaml(ct_store, tmp_path):
+    """class_path/init_args as a recipe would give it, through LightningCLI."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from volfm.data.datamodules import StoreDataModule
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "trainer": {"fast_dev_run": True, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False},
+        "data": {"class_path": "volfm.data.datamodules.SegmentationDataModule",
+                 "init_args": {"store": str(ct_store), "patch_size": [8, 8, 8], "batch_size": 2, "num_workers": 0,
+                               "augmentation": AUG}},
+    }))
+    cli = LightningCLI(TinySeg, StoreDataModule, subclass_mode_data=True, run=False,
+                       args=["--config", str(recipe)], save_config_callback=None)
+    assert isinstance(cli.datamodule, SegmentationDataModule)
+    assert cli.datamodule.hparams.patch_size == [8, 8, 8]
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.model.seen and cli.model.seen[0]["image"] == (2, 1, 8, 8, 8)
