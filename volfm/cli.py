@@ -12,7 +12,7 @@ from pathlib import Path
 
 from volfm import VolfmError, __version__
 
-BENCHMARKS = {"preprocess": "volfm.bench.preprocess"}
+BENCHMARKS = {"preprocess": "volfm.bench.preprocess", "sliding-window": "volfm.bench.sliding_window"}
 
 
 def _triple(text: str):
