@@ -341,3 +341,35 @@ def test_whole_volume_patch_dataset(store):
     padded = PatchDataset(StoreDataset(store), WholeVolumeSampler((30, 20, 14)))[0]
     assert padded["image"].shape == (1, 30, 20, 14) and padded["patch_start"].tolist() == [-2, 1, 0]
     assert float(padded["image"][0, 0].max()) == 0.0  # padded with the store's background (ct_window out_min)
+
+
+def test_precomputed_foreground_locations_equal_the_computed_ones(tmp_path):
+    """The runner stores <label>_fg.npz; loading it gives exactly what the sampler would compute."""
+    import yaml
+
+    from volfm.data.dataset import StoreDataset
+    from volfm.data.samplers import FG_MAX_PER_CLASS, case_seed, foreground_locations
+    from volfm.data.synth_ct import make_ct_cohort
+    from volfm.preprocess.runner import run_cohort
+    from volfm.preprocess.spec import load_spec
+
+    table = make_ct_cohort(tmp_path / "ct", 2, seed=4, shape=(40, 40, 24), progress=False)
+    spec = load_spec("ct_seg")
+    spec.update(spacing=[5.0, 5.0, 5.0], antialias=False)
+    spec["inputs"]["label"]["interpolation"] = "nearest"
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    run_cohort(tmp_path / "spec.yaml", tmp_path / "store", cohort=table, progress=False, qc=False)
+    ds = StoreDataset(tmp_path / "store")
+    for i in range(len(ds)):
+        case = ds[i]
+        assert (tmp_path / "store" / "cases" / case["case_id"] / "label_fg.npz").is_file()
+        want = foreground_locations(case["label"], FG_MAX_PER_CLASS, case_seed(case["case_id"]))
+        got = case["label_fg"]
+        assert sorted(got) == sorted(want) and len(got) >= 5
+        for c in want:
+            np.testing.assert_array_equal(got[c], want[c])
+        # the sampler uses the stored locations and draws foreground centres from them
+        sampler = LabelWeightedPatchSampler((8, 8, 8), foreground_fraction=1.0)
+        patch = sampler.sample(case, np.random.default_rng(0))
+        centre = np.asarray(patch["patch_start"]) + 4
+        assert case["label"][(0, *centre)] > 0

@@ -238,7 +238,7 @@ def test_case_folder_arrays_and_meta(built, cohort):
     h = yaml.safe_load((store / "spec.yaml").read_text())["spec_hash"]
     for i, cid in enumerate(cohort.good):
         d = store / "cases" / cid
-        assert sorted(p.name for p in d.iterdir()) == ["image.npy", "label.npy", "meta.json"]
+        assert sorted(p.name for p in d.iterdir()) == ["image.npy", "label.npy", "label_fg.npz", "meta.json"]
         img = np.load(d / "image.npy", mmap_mode="r")
         lab = np.load(d / "label.npy", mmap_mode="r")
         assert isinstance(img, np.memmap) and isinstance(lab, np.memmap)

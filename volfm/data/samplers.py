@@ -139,7 +139,26 @@ class UniformPatchSampler(PatchSampler):
         return f"UniformPatchSampler(patch_size={self.patch_size})"
 
 
-def foreground_locations(label: np.ndarray, max_per_class: int = 10_000, seed: int = 0) -> dict[int, np.ndarray]:
+FG_MAX_PER_CLASS = 10_000
+
+
+def case_seed(case_id) -> int:
+    """Seed of a case's foreground subsample: the same in the cohort runner and in every loader worker."""
+    return zlib.crc32(str(case_id).encode()) if case_id is not None else 0
+
+
+def save_foreground_locations(path, locs: dict[int, np.ndarray]) -> None:
+    """Write {class: flat indices} as an .npz (keys 'c<class>'; no pickle)."""
+    with open(path, "wb") as f:
+        np.savez(f, **{f"c{int(c)}": np.asarray(v, dtype=np.int64) for c, v in locs.items()})
+
+
+def load_foreground_locations(path) -> dict[int, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {int(k[1:]): z[k] for k in z.files}
+
+
+def foreground_locations(label: np.ndarray, max_per_class: int = FG_MAX_PER_CLASS, seed: int = 0) -> dict[int, np.ndarray]:
     """{class value: flat voxel indices (sorted, int64)} of every foreground class (> 0) of a label
     ``(1, I, J, K)`` or ``(I, J, K)``; classes with more than ``max_per_class`` voxels keep a random
     subset of that many, drawn with ``seed`` (so the result depends only on the label and the seed).
@@ -236,8 +255,11 @@ class LabelWeightedPatchSampler(UniformPatchSampler):
         if cid is not None and key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        seed = zlib.crc32(str(cid).encode()) if cid is not None else 0
-        locs = foreground_locations(label, self.max_per_class, seed)
+        stored = case.get(f"{self.label_key}_fg")  # precomputed by the cohort runner: same subset, no label scan
+        if stored is not None and self.max_per_class == FG_MAX_PER_CLASS:
+            locs = stored
+        else:
+            locs = foreground_locations(label, self.max_per_class, case_seed(cid))
         if cid is not None:
             self._cache[key] = locs
             if self.cache_size is not None:

@@ -30,8 +30,11 @@ class StoreError(VolfmError):
     pass
 
 
-def write_case_dir(cases_dir: Path, case_id: str, arrays: dict[str, np.ndarray], meta: dict) -> Path:
-    """Write arrays + meta.json to cases/<id> atomically (build in a temp folder, then rename)."""
+def write_case_dir(cases_dir: Path, case_id: str, arrays: dict[str, np.ndarray], meta: dict,
+                   extras: dict | None = None) -> Path:
+    """Write arrays + meta.json to cases/<id> atomically (build in a temp folder, then rename).
+
+    extras: {file name: writer(path)} for side files built with the case (e.g. label_fg.npz)."""
     final = cases_dir / case_id
     tmp = cases_dir / f".{case_id}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -39,6 +42,8 @@ def write_case_dir(cases_dir: Path, case_id: str, arrays: dict[str, np.ndarray],
     tmp.mkdir(parents=True)
     for name, arr in arrays.items():
         save_npy_atomic(tmp / f"{name}.npy", arr)
+    for fname, writer in (extras or {}).items():
+        writer(tmp / fname)
     write_json_atomic(tmp / "meta.json", meta)
     if final.exists():
         old = cases_dir / f".{case_id}.old-{os.getpid()}"

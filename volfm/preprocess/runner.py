@@ -83,7 +83,7 @@ def process_case(spec: dict, row: dict, store: str, write_qc: bool = True) -> di
         meta["written_at"] = time.time()
         meta["table"] = {k: v for k, v in row.items() if k not in spec["inputs"]}
         root = Path(store)
-        write_case_dir(root / "cases", case_id, case.arrays, meta)
+        write_case_dir(root / "cases", case_id, case.arrays, meta, extras=_foreground_files(spec, case, case_id))
         if write_qc:
             _write_qc(root, case_id, case, spec)
         result.update(status="ok", shape="x".join(map(str, case.shape)),
@@ -99,6 +99,19 @@ def process_case(spec: dict, row: dict, store: str, write_qc: bool = True) -> di
                            f"(at {Path(last.filename).name}:{last.lineno}); please report it").replace("\n", " ")
     result["elapsed_s"] = f"{time.perf_counter() - t0:.2f}"
     return result
+
+
+def _foreground_files(spec: dict, case, case_id: str) -> dict:
+    """Per-class foreground voxel locations of each label, so label-weighted patch sampling never scans
+    the label at training time (nnU-Net keeps the same in its preprocessed data)."""
+    from volfm.data.samplers import FG_MAX_PER_CLASS, case_seed, foreground_locations, save_foreground_locations
+
+    out = {}
+    for name, cfg in spec["inputs"].items():
+        if cfg["kind"] == "label" and name in case.arrays and case.arrays[name].shape[0] == 1:
+            locs = foreground_locations(case.arrays[name], FG_MAX_PER_CLASS, case_seed(case_id))
+            out[f"{name}_fg.npz"] = lambda path, locs=locs: save_foreground_locations(path, locs)
+    return out
 
 
 def _write_qc(root: Path, case_id: str, case, spec: dict):
