@@ -12,7 +12,8 @@ from pathlib import Path
 
 from volfm import VolfmError, __version__
 
-BENCHMARKS = {"preprocess": "volfm.bench.preprocess", "sliding-window": "volfm.bench.sliding_window"}
+BENCHMARKS = {"preprocess": "volfm.bench.preprocess", "loader": "volfm.bench.loader",
+              "sliding-window": "volfm.bench.sliding_window"}
 
 
 def _triple(text: str):
