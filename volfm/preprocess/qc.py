@@ -64,3 +64,37 @@ def render_case_png(path, image: np.ndarray, affine: np.ndarray, label: np.ndarr
         fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
     return path
+
+
+def render_patch_batch_png(path, images, labels=None, titles=None, cols: int = 4) -> Path:
+    """A grid of training patches: the middle axial slice of each (C, I, J, K) patch, label overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    rows = max(1, (n + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    cmap = matplotlib.colormaps["tab10"]
+    for i, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if i >= n:
+            continue
+        img = np.asarray(images[i])[0]
+        k = img.shape[2] // 2
+        ax.imshow(img[:, :, k].T, cmap="gray", origin="lower", interpolation="nearest")
+        if labels is not None:
+            lab = np.asarray(labels[i])[0][:, :, k].T
+            if lab.any():
+                ax.imshow(np.ma.masked_where(lab == 0, lab % 10), cmap=cmap, vmin=0, vmax=9, alpha=0.35,
+                          origin="lower", interpolation="nearest")
+        ax.invert_xaxis()
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,13 @@
+"""`volfm demo` runs end to end on a small cohort and leaves the promised outputs."""
+from volfm.demo import run_demo
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    assert run_demo(tmp_path / "demo", cases=3, workers=0) == 0
+    out = capsys.readouterr().out
+    for needle in ("findings (ICD-10-CM)", "manifest:", "QC images:", "patches/s", "3 ok, 0 failed"):
+        assert needle in out
+    store = tmp_path / "demo" / "store_ct_merlin"
+    assert (store / "manifest.csv").is_file() and len(list((store / "qc").glob("*.png"))) == 3
+    assert (tmp_path / "demo" / "patches_ct.png").stat().st_size > 1000
+    assert (tmp_path / "demo" / "store_mri_brain" / "manifest.csv").is_file()
