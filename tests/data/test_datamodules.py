@@ -115,7 +115,9 @@ def test_case_shards_are_disjoint_and_cover_every_case(world):
         shards = []
         for s in per_rank:
             s.set_epoch(epoch)
-            items = list(iter(s))
+            pairs = list(iter(s))
+            assert all(e == epoch for e, _ in pairs)
+            items = [i for _, i in pairs]
             assert len(items) == len(s)
             cases = {i // spv for i in items}
             assert all(sum(1 for i in items if i // spv == c) % spv == 0 for c in cases)  # whole cases only
@@ -184,3 +186,18 @@ def test_datamodule_from_recipe_yaml(ct_store, tmp_path):
     assert cli.datamodule.hparams.patch_size == [8, 8, 8]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.model.seen and cli.model.seen[0]["image"] == (2, 1, 8, 8, 8)
+
+
+def test_persistent_workers_draw_new_patches_every_epoch(ct_store):
+    dm = SegmentationDataModule(str(ct_store), patch_size=(8, 8, 8), batch_size=2, num_workers=2,
+                                persistent_workers=True, samples_per_volume=1, sampler="uniform", augmentation=AUG)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    starts = []
+    for epoch in (0, 1, 0):
+        loader.sampler.set_epoch(epoch)
+        batches = list(loader)
+        assert all(int(e) == epoch for b in batches for e in b["epoch"])
+        starts.append(sorted((c, tuple(s.tolist())) for b in batches for c, s in zip(b["case_id"], b["patch_start"])))
+    assert starts[0] != starts[1]  # epoch 1 differs although the workers persisted
+    assert starts[0] == starts[2]  # and epoch 0 again reproduces epoch 0 exactly

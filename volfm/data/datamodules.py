@@ -49,11 +49,12 @@ class CaseShardSampler(Sampler[int]):
         return [int(c) for c in order[self.rank::self.num_replicas]]
 
     def __iter__(self):
+        """Yields (epoch, item index): the epoch travels with each index to the worker processes."""
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, 1])
         items = [c * self.spv + s for c in self.cases() for s in range(self.spv)]
         if self.shuffle:
             items = [items[i] for i in rng.permutation(len(items))]
-        return iter(items)
+        return iter([(self.epoch, i) for i in items])
 
     def __len__(self) -> int:
         return self.cases_per_rank * self.spv
@@ -130,7 +131,12 @@ class StoreDataModule(pl.LightningDataModule):
         label_keys = [h.label] if h.label else []
 
         def transform(case):
-            return aug(case, image_keys=image_keys, label_keys=label_keys) if aug is not None else case
+            if aug is None:
+                return case
+            # seeded by (seed, epoch, item): the same augmentation whichever worker draws the item
+            seed = int(np.random.SeedSequence([h.seed, int(case.get("epoch", 0)), int(case["index"])])
+                       .generate_state(1)[0])
+            return aug(case, image_keys=image_keys, label_keys=label_keys, rng_seed=seed)
 
         if stage in (None, "fit"):
             train = self._store_dataset(h.train_split)
@@ -154,6 +160,10 @@ class StoreDataModule(pl.LightningDataModule):
         h = self.hparams
         ds = self.datasets[name]
         world, rank = self._world()
+        connector = getattr(getattr(self, "trainer", None), "_accelerator_connector", None)
+        if world > 1 and getattr(connector, "use_distributed_sampler", False):
+            raise VolfmError("volfm DataModules shard cases across ranks themselves; set trainer "
+                             "use_distributed_sampler: false in the recipe (else Lightning shards a second time)")
         sampler = CaseShardSampler(ds.num_cases, ds.samples_per_volume, num_replicas=world, rank=rank,
                                    shuffle=shuffle, seed=h.seed)
         workers = int(h.num_workers)
@@ -163,11 +173,9 @@ class StoreDataModule(pl.LightningDataModule):
                           worker_init_fn=_worker_init, collate_fn=collate_cases, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader("train", self.hparams.batch_size, shuffle=True)
-        epoch = self.trainer.current_epoch if getattr(self, "trainer", None) is not None else 0
-        loader.sampler.set_epoch(epoch)
-        self.datasets["train"].set_epoch(epoch)
-        return loader
+        # Lightning calls sampler.set_epoch(epoch) at every epoch start; the sampler hands the epoch to
+        # the dataset with each index, so persistent workers draw new patches every epoch
+        return self._loader("train", self.hparams.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.hparams.val_batch_size, shuffle=False)

@@ -371,10 +371,15 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset) * self.samples_per_volume
 
-    def rng_for(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, int(index)])
+    def rng_for(self, index: int, epoch: int | None = None) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch if epoch is None else int(epoch), int(index)])
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index) -> dict:
+        """``index`` or ``(epoch, index)``: a sampler that yields pairs carries the epoch to DataLoader
+        workers, which keep their own copy of this dataset (persistent workers never see set_epoch)."""
+        epoch = None
+        if isinstance(index, tuple):
+            epoch, index = index
         n = len(self)
         index = int(index)
         if index < 0:
@@ -382,9 +387,10 @@ class PatchDataset(Dataset):
         if not 0 <= index < n:
             raise IndexError(f"PatchDataset index {index} out of range for {n} items")
         case = self.dataset[index // self.samples_per_volume]
-        patch = self.sampler.sample(case, self.rng_for(index))
+        patch = self.sampler.sample(case, self.rng_for(index, epoch))
         if self.to_tensor:
             patch = self._tensors(patch, index)
+            patch["epoch"] = self.epoch if epoch is None else int(epoch)
         if self.transform is not None:
             patch = self.transform(patch)
         return patch
