@@ -274,3 +274,16 @@ def test_predictions_land_on_source_labels(tmp_path):
     assert np.array_equal(again.array, back.array)
     with pytest.raises(ValueError, match="does not match the stored grid"):
         predict_to_source(probs[:, :-1], case.meta)
+
+
+def test_channels_last_gives_the_same_numbers_and_restores_the_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv3d(4, 2, 3, padding=1)).eval()
+    vol = torch.rand(1, 30, 26, 22)
+    plain = SlidingWindowInferer((16, 16, 16), memory_format="preserve")(vol, model)
+    inf = SlidingWindowInferer((16, 16, 16))  # auto: channels-last for Conv3d models on the CPU
+    fast = inf(vol, model)
+    assert inf.last_info["memory_format"] == "channels_last_3d"
+    assert torch.allclose(plain, fast, atol=1e-5)
+    assert all(p.is_contiguous() for p in model.parameters())  # the caller's model is left as it was

@@ -154,7 +154,8 @@ class SlidingWindowInferer:
 
     def __init__(self, patch_size, overlap=0.5, mode: str = "gaussian", sigma_scale=0.125, batch_size: int = 4,
                  pad_value: float = 0.0, device=None, accumulate_on: str = "auto", max_device_bytes=None,
-                 progress: bool = False, amp=False, output_device="cpu", short_axis: str = "center"):
+                 progress: bool = False, amp=False, output_device="cpu", short_axis: str = "center",
+                 memory_format: str = "auto"):
         self.patch_size = _triple(patch_size, "patch_size")
         self.overlap = overlap
         scan_interval(self.patch_size, overlap)  # validates overlap
@@ -177,6 +178,9 @@ class SlidingWindowInferer:
         if short_axis not in ("center", "start"):
             raise ValueError(f"short_axis must be 'center' or 'start', got {short_axis!r}")
         self.short_axis = short_axis
+        if memory_format not in ("auto", "preserve", "channels_last_3d"):
+            raise ValueError(f"memory_format must be 'auto', 'preserve' or 'channels_last_3d', got {memory_format!r}")
+        self.memory_format = memory_format
         self.last_info: dict = {}
         self._weights: dict = {}
 
@@ -205,9 +209,35 @@ class SlidingWindowInferer:
             limit = 0.5 * _free_device_bytes(device)
         return ("device" if nbytes <= limit else "cpu"), nbytes
 
+    def _channels_last(self, model, device: torch.device) -> bool:
+        """Run 3D convolutions channels-last? 'auto': for torch modules with Conv3d layers on the CPU,
+        where oneDNN's channels-last 3D convolutions are about twice as fast (same numbers)."""
+        if self.memory_format == "preserve" or not isinstance(model, torch.nn.Module):
+            return False
+        if self.memory_format == "channels_last_3d":
+            return True
+        return device.type == "cpu" and any(isinstance(m, torch.nn.Conv3d) for m in model.modules())
+
     # -- main -----------------------------------------------------------------------------------
-    @torch.no_grad()
     def __call__(self, volume, model: Callable) -> torch.Tensor:
+        """Blend the model's outputs over all windows. With channels-last on, the model's 5D weights are
+        converted for the call and put back in their own memory format afterwards."""
+        device = self.device if self.device is not None else _model_device_dtype(model)[0]
+        if not self._channels_last(model, device):
+            return self._infer(volume, model, None)
+        formats = {id(p): p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
+                   for p in model.parameters() if p.ndim == 5}
+        model.to(memory_format=torch.channels_last_3d)
+        try:
+            return self._infer(volume, model, torch.channels_last_3d)
+        finally:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.ndim == 5 and not formats.get(id(p), False):
+                        p.data = p.data.contiguous()
+
+    @torch.no_grad()
+    def _infer(self, volume, model: Callable, memory_format) -> torch.Tensor:
         if isinstance(volume, torch.Tensor):
             src_t, src_np = volume.detach(), None
         else:
@@ -276,6 +306,8 @@ class SlidingWindowInferer:
                 if pin:
                     events[k] = torch.cuda.Event()
                     events[k].record()
+            if memory_format is not None:
+                x = x.contiguous(memory_format=memory_format)
             with self._autocast(device):
                 y = model(x)
             if not isinstance(y, torch.Tensor):
@@ -328,7 +360,8 @@ class SlidingWindowInferer:
             acc = acc.contiguous()
         self.last_info = {"windows": n_win, "batches": math.ceil(n_win / self.batch_size), "device": str(device),
                           "accumulate_on": where, "accumulator_bytes": nbytes, "padded_shape": list(padded),
-                          "starts_per_axis": [len(np.unique(starts[:, a])) for a in range(3)]}
+                          "starts_per_axis": [len(np.unique(starts[:, a])) for a in range(3)],
+                          "memory_format": "channels_last_3d" if memory_format is not None else "as given"}
         return acc
 
     def _add(self, acc: torch.Tensor, yw: torch.Tensor, win, off):
