@@ -32,20 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from volfm.bench.preprocess import _ints
+
 METHODS = ("volfm", "MONAI", "MONAI-cl")  # MONAI-cl: MONAI with the model converted to channels_last_3d
 MATCH_TOL = 1e-4
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        v = [int(x) for x in str(text).split(",")]
-    except ValueError:
-        v = []
-    if len(v) == 1:
-        v = v * 3
-    if len(v) != 3 or min(v) < 1:
-        raise argparse.ArgumentTypeError(f"expected 3 positive sizes like 300,300,300 (or one), got {text!r}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
