@@ -59,7 +59,8 @@ def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2) -> int:
     print(f"CT store:       {ct_store}\n  manifest:     {ct_store / 'manifest.csv'}\n  QC images:    {ct_store / 'qc'}"
           f"{'  (e.g. ' + str(qc[0]) + ')' if qc else ''}")
     print(f"MRI/PET store:  {mp_store}\n  manifest:     {mp_store / 'manifest.csv'}\n  QC images:    {mp_store / 'qc'}")
-    print("Next: volfm inspect " + str(ct_store) + "   |   volfm bench preprocess")
+    print(f"Training patches: {out / 'patches_ct.png'}")
+    print("Next: volfm inspect " + str(ct_store) + "   |   volfm bench preprocess | loader | sliding-window")
     return 0 if not (s1["failed"] or s2["failed"]) else 1
 
 
