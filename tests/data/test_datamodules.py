@@ -201,3 +201,31 @@ def test_persistent_workers_draw_new_patches_every_epoch(ct_store):
         starts.append(sorted((c, tuple(s.tolist())) for b in batches for c, s in zip(b["case_id"], b["patch_start"])))
     assert starts[0] != starts[1]  # epoch 1 differs although the workers persisted
     assert starts[0] == starts[2]  # and epoch 0 again reproduces epoch 0 exactly
+
+
+def test_validation_patches_stay_fixed_across_epochs(ct_store):
+    dm = SegmentationDataModule(str(ct_store), patch_size=(8, 8, 8), num_workers=0)
+    dm.setup("fit")
+    loader = dm.val_dataloader()
+    seen = []
+    for epoch in (0, 3):
+        loader.sampler.set_epoch(epoch)
+        seen.append([tuple(b["patch_start"][0].tolist()) for b in loader])
+    assert seen[0] == seen[1]
+
+
+def test_whole_volumes_of_different_shapes_do_not_batch_silently(ct_store):
+    from volfm import VolfmError
+
+    dm = PretrainDataModule(str(ct_store), batch_size=3, num_workers=0)  # no patch_size: whole stored volumes
+    dm.setup("fit")
+    with pytest.raises(VolfmError, match="different shapes"):
+        for _ in dm.train_dataloader():
+            pass
+
+
+def test_training_patches_carry_the_voxel_spacing_for_augmentation(ct_store):
+    dm = SegmentationDataModule(str(ct_store), patch_size=(8, 8, 8), batch_size=2, num_workers=0)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["spacing"][0] == [6.0, 6.0, 6.0]

@@ -287,3 +287,10 @@ def test_channels_last_gives_the_same_numbers_and_restores_the_model():
     assert inf.last_info["memory_format"] == "channels_last_3d"
     assert torch.allclose(plain, fast, atol=1e-5)
     assert all(p.is_contiguous() for p in model.parameters())  # the caller's model is left as it was
+
+
+def test_channels_last_restores_5d_buffers():
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 1)).eval()
+    model.register_buffer("mask", torch.ones(1, 2, 3, 4, 5))
+    SlidingWindowInferer((8, 8, 8))(torch.rand(1, 10, 10, 10), model)
+    assert model.mask.is_contiguous() and all(p.is_contiguous() for p in model.parameters())

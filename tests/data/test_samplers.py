@@ -348,7 +348,7 @@ def test_precomputed_foreground_locations_equal_the_computed_ones(tmp_path):
     import yaml
 
     from volfm.data.dataset import StoreDataset
-    from volfm.data.samplers import FG_MAX_PER_CLASS, case_seed, foreground_locations
+    from volfm.data.samplers import FG_MAX_PER_CLASS, case_seed, foreground_locations, load_foreground_locations
     from volfm.data.synth_ct import make_ct_cohort
     from volfm.preprocess.runner import run_cohort
     from volfm.preprocess.spec import load_spec
@@ -364,7 +364,8 @@ def test_precomputed_foreground_locations_equal_the_computed_ones(tmp_path):
         case = ds[i]
         assert (tmp_path / "store" / "cases" / case["case_id"] / "label_fg.npz").is_file()
         want = foreground_locations(case["label"], FG_MAX_PER_CLASS, case_seed(case["case_id"]))
-        got = case["label_fg"]
+        fg_path = case["label_fg_path"]
+        got = load_foreground_locations(fg_path, case["label"], tmp_path / "store" / "cases" / case["case_id"] / "label.npy")
         assert sorted(got) == sorted(want) and len(got) >= 5
         for c in want:
             np.testing.assert_array_equal(got[c], want[c])
@@ -373,3 +374,14 @@ def test_precomputed_foreground_locations_equal_the_computed_ones(tmp_path):
         patch = sampler.sample(case, np.random.default_rng(0))
         centre = np.asarray(patch["patch_start"]) + 4
         assert case["label"][(0, *centre)] > 0
+    # a label replaced after the store was built: the stored locations are refused and recomputed
+    case = ds[0]
+    lpath = tmp_path / "store" / "cases" / case["case_id"] / "label.npy"
+    new = np.zeros_like(np.load(lpath))
+    new[0, 3, 4, 5] = 7
+    np.save(lpath, new)
+    case = ds[0]
+    with pytest.warns(UserWarning, match="do not match"):
+        patch = LabelWeightedPatchSampler((8, 8, 8), foreground_fraction=1.0).sample(case, np.random.default_rng(1))
+    assert tuple(np.asarray(patch["patch_start"]) + 4) == (3, 4, 5)
+

@@ -28,7 +28,7 @@ class CaseShardSampler(Sampler[int]):
     Ranks get equal counts (a few cases repeat when the count does not divide)."""
 
     def __init__(self, num_cases: int, samples_per_volume: int = 1, num_replicas: int = 1, rank: int = 0,
-                 shuffle: bool = True, seed: int = 0):
+                 shuffle: bool = True, seed: int = 0, follow_epoch: bool = True):
         if num_cases < 1:
             raise VolfmError("CaseShardSampler: no cases to sample from")
         if not 0 <= rank < num_replicas:
@@ -36,10 +36,12 @@ class CaseShardSampler(Sampler[int]):
         self.num_cases, self.spv = int(num_cases), int(samples_per_volume)
         self.num_replicas, self.rank, self.shuffle, self.seed = int(num_replicas), int(rank), shuffle, int(seed)
         self.epoch = 0
+        self.follow_epoch = follow_epoch  # False for validation/test: the same patches every epoch
         self.cases_per_rank = math.ceil(self.num_cases / self.num_replicas)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        if self.follow_epoch:
+            self.epoch = int(epoch)
 
     def cases(self) -> list[int]:
         order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.num_cases) if self.shuffle
@@ -71,6 +73,11 @@ def collate_cases(items: list[dict]) -> dict:
     out: dict = {}
     for key in items[0]:
         vals = [it[key] for it in items]
+        if isinstance(vals[0], torch.Tensor) and vals[0].ndim == 4 and any(v.shape != vals[0].shape for v in vals):
+            ids = [it.get("case_id", "?") for it in items]
+            shapes = ", ".join(f"{c} {tuple(v.shape)}" for c, v in zip(ids, vals))
+            raise VolfmError(f"batch '{key}' holds volumes of different shapes ({shapes}); give a patch_size "
+                             "(e.g. the Merlin 224x224x160) or use batch_size 1")
         if isinstance(vals[0], torch.Tensor) and all(v.shape == vals[0].shape for v in vals):
             out[key] = torch.stack(vals)
         elif isinstance(vals[0], np.ndarray) and vals[0].dtype != object and all(v.shape == vals[0].shape for v in vals):
@@ -165,7 +172,7 @@ class StoreDataModule(pl.LightningDataModule):
             raise VolfmError("volfm DataModules shard cases across ranks themselves; set trainer "
                              "use_distributed_sampler: false in the recipe (else Lightning shards a second time)")
         sampler = CaseShardSampler(ds.num_cases, ds.samples_per_volume, num_replicas=world, rank=rank,
-                                   shuffle=shuffle, seed=h.seed)
+                                   shuffle=shuffle, seed=h.seed, follow_epoch=name == "train")
         workers = int(h.num_workers)
         return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
                           pin_memory=bool(h.pin_memory) and torch.cuda.is_available(),

@@ -222,10 +222,8 @@ class StoreDataset(Dataset):
             item[col] = parse_icd_codes(v) if col == "icd_codes" else ("" if v is None else str(v))
         if self.label is not None:
             fg = self.root / "cases" / cid / f"{self.label}_fg.npz"
-            if fg.is_file():  # foreground locations precomputed by the cohort runner
-                from volfm.data.samplers import load_foreground_locations
-
-                item[f"{self.label}_fg"] = load_foreground_locations(fg)
+            if fg.is_file():  # foreground locations precomputed by the cohort runner, read when needed
+                item[f"{self.label}_fg_path"] = str(fg)
         item["meta"] = self.meta(cid)
         item["row"] = dict(row)
         item["pad_values"] = dict(self._pad)

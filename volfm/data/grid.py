@@ -225,16 +225,17 @@ class SlidingWindowInferer:
         device = self.device if self.device is not None else _model_device_dtype(model)[0]
         if not self._channels_last(model, device):
             return self._infer(volume, model, None)
-        formats = {id(p): p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
-                   for p in model.parameters() if p.ndim == 5}
+        tensors = [t for t in (*model.parameters(), *model.buffers()) if t.ndim == 5]
+        was_cl = {id(t): t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
+                  for t in tensors}
         model.to(memory_format=torch.channels_last_3d)
         try:
             return self._infer(volume, model, torch.channels_last_3d)
         finally:
-            with torch.no_grad():
-                for p in model.parameters():
-                    if p.ndim == 5 and not formats.get(id(p), False):
-                        p.data = p.data.contiguous()
+            with torch.no_grad():  # parameters and buffers back in their own memory format
+                for t in (*model.parameters(), *model.buffers()):
+                    if t.ndim == 5 and not was_cl.get(id(t), False):
+                        t.data = t.data.contiguous()
 
     @torch.no_grad()
     def _infer(self, volume, model: Callable, memory_format) -> torch.Tensor:

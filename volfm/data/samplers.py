@@ -19,6 +19,7 @@ the middle), the voxel that label-weighted sampling puts on the chosen foregroun
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 from collections import OrderedDict
 from typing import Callable, Sequence
 
@@ -147,15 +148,47 @@ def case_seed(case_id) -> int:
     return zlib.crc32(str(case_id).encode()) if case_id is not None else 0
 
 
-def save_foreground_locations(path, locs: dict[int, np.ndarray]) -> None:
-    """Write {class: flat indices} as an .npz (keys 'c<class>'; no pickle)."""
+def _label_stamp(label_path) -> np.ndarray:
+    st = Path(label_path).stat()
+    return np.array([st.st_size, st.st_mtime_ns], dtype=np.int64)
+
+
+def save_foreground_locations(path, locs: dict[int, np.ndarray], label_shape, label_path) -> None:
+    """Write {class: flat indices} as an .npz (keys 'c<class>'; no pickle) with a fingerprint of the
+    label it was computed from (shape, max_per_class, the label file's size and mtime)."""
+    meta = {"shape": np.asarray(label_shape, dtype=np.int64), "max_per_class": np.int64(FG_MAX_PER_CLASS),
+            "label_stamp": _label_stamp(label_path)}
     with open(path, "wb") as f:
-        np.savez(f, **{f"c{int(c)}": np.asarray(v, dtype=np.int64) for c, v in locs.items()})
+        np.savez(f, **meta, **{f"c{int(c)}": np.asarray(v, dtype=np.int64) for c, v in locs.items()})
 
 
-def load_foreground_locations(path) -> dict[int, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {int(k[1:]): z[k] for k in z.files}
+def load_foreground_locations(path, label: np.ndarray, label_path) -> dict[int, np.ndarray] | None:
+    """The stored locations if they still describe ``label`` (same shape, same label file, indices in
+    range, a few spot checks), else None (with a warning) so the caller recomputes them."""
+    import warnings
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            files = set(z.files)
+            shape, cap, stamp = z["shape"], int(z["max_per_class"]), z["label_stamp"]
+            locs = {int(k[1:]): z[k] for k in files if k.startswith("c")}
+        ok = (tuple(shape) == tuple(label.shape[-3:]) and cap == FG_MAX_PER_CLASS
+              and np.array_equal(stamp, _label_stamp(label_path)))
+        n = int(np.prod(label.shape[-3:]))
+        flat = np.asarray(label).reshape(-1) if label.ndim == 3 or label.shape[0] == 1 else None
+        for c, idx in locs.items():
+            if not ok or flat is None:
+                break
+            ok = idx.size > 0 and int(idx.max()) < n and int(idx.min()) >= 0 and bool(np.all(flat[idx[:8]] == c))
+    except Exception as exc:  # noqa: BLE001 - a bad side file must never stop training; recompute instead
+        warnings.warn(f"{path}: unreadable foreground locations ({type(exc).__name__}: {exc}); recomputing them "
+                      "from the label", UserWarning, stacklevel=2)
+        return None
+    if not ok:
+        warnings.warn(f"{path}: foreground locations do not match {Path(label_path).name} (changed since the "
+                      "store was built); recomputing them from the label", UserWarning, stacklevel=2)
+        return None
+    return locs
 
 
 def foreground_locations(label: np.ndarray, max_per_class: int = FG_MAX_PER_CLASS, seed: int = 0) -> dict[int, np.ndarray]:
@@ -255,10 +288,11 @@ class LabelWeightedPatchSampler(UniformPatchSampler):
         if cid is not None and key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        stored = case.get(f"{self.label_key}_fg")  # precomputed by the cohort runner: same subset, no label scan
-        if stored is not None and self.max_per_class == FG_MAX_PER_CLASS:
-            locs = stored
-        else:
+        locs = None
+        fg_path = case.get(f"{self.label_key}_fg_path")  # precomputed by the cohort runner: no label scan
+        if fg_path is not None and self.max_per_class == FG_MAX_PER_CLASS:
+            locs = load_foreground_locations(fg_path, label, Path(fg_path).with_name(f"{self.label_key}.npy"))
+        if locs is None:
             locs = foreground_locations(label, self.max_per_class, case_seed(cid))
         if cid is not None:
             self._cache[key] = locs
@@ -407,6 +441,9 @@ class PatchDataset(Dataset):
         if label is not None:
             out[label] = torch.from_numpy(np.ascontiguousarray(patch[label])).to(self.label_dtype)
         out["patch_start"] = torch.as_tensor(np.asarray(patch["patch_start"], dtype=np.int64))
+        spacing = (patch.get("meta") or {}).get("spacing")
+        if spacing is not None:  # lets augmentation work in millimetres (volfm.data.augment reads it)
+            out["spacing"] = [float(v) for v in spacing]
         for col in getattr(ds, "columns", ()):
             out[col] = patch.get(col)
         return out

@@ -110,7 +110,9 @@ def _foreground_files(spec: dict, case, case_id: str) -> dict:
     for name, cfg in spec["inputs"].items():
         if cfg["kind"] == "label" and name in case.arrays and case.arrays[name].shape[0] == 1:
             locs = foreground_locations(case.arrays[name], FG_MAX_PER_CLASS, case_seed(case_id))
-            out[f"{name}_fg.npz"] = lambda path, locs=locs: save_foreground_locations(path, locs)
+            shape = case.arrays[name].shape[1:]
+            out[f"{name}_fg.npz"] = lambda path, locs=locs, shape=shape, name=name: save_foreground_locations(
+                path, locs, shape, path.with_name(f"{name}.npy"))
     return out
 
 
