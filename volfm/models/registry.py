@@ -1,0 +1,166 @@
+"""Encoder registry (timm-style): build encoders by name, save/load their weights as safetensors.
+
+    @register_encoder("resnet50_3d")
+    def resnet50_3d(**kwargs): ...
+
+    model = create_encoder("resnet50_3d", in_chans=1)
+    save_encoder(model, "enc.safetensors")        # name + kwargs go into the file's metadata
+    model = load_encoder("enc.safetensors")        # rebuilt from the metadata
+    load_encoder(model, "enc.safetensors")         # or into an existing model
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from volfm import VolfmError
+
+_ENCODERS: dict[str, Callable[..., nn.Module]] = {}
+
+# Keys of the safetensors metadata written by save_encoder.
+META_NAME = "volfm.encoder"
+META_KWARGS = "volfm.encoder_kwargs"
+
+
+def register_encoder(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a factory ``fn(**kwargs) -> nn.Module`` under ``name``."""
+
+    def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _ENCODERS and _ENCODERS[name] is not fn:
+            raise VolfmError(f"encoder {name!r} is registered twice; give the new one another name")
+        _ENCODERS[name] = fn
+        return fn
+
+    return decorator
+
+
+def list_encoders() -> list[str]:
+    """Names of all registered encoders, sorted."""
+    return sorted(_ENCODERS)
+
+
+def _unknown_name_error(name: str) -> VolfmError:
+    close = difflib.get_close_matches(name, list_encoders(), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return VolfmError(f"unknown encoder {name!r}.{hint} Registered encoders: {', '.join(list_encoders())}")
+
+
+def create_encoder(name: str, **kwargs) -> nn.Module:
+    """Build the encoder registered as ``name``; ``kwargs`` go to its factory (e.g. ``in_chans=1``).
+
+    The name and kwargs are remembered on the model (``encoder_name``, ``encoder_kwargs``) so that
+    :func:`save_encoder` can write them next to the weights.
+    """
+    if name not in _ENCODERS:
+        raise _unknown_name_error(name)
+    model = _ENCODERS[name](**kwargs)
+    model.encoder_name = name
+    model.encoder_kwargs = dict(kwargs)
+    return model
+
+
+def save_encoder(model: nn.Module, path: str | Path) -> Path:
+    """Write ``model``'s state dict to ``path`` (safetensors) with its registry name and kwargs."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    metadata = {"format": "pt"}
+    name = getattr(model, "encoder_name", None)
+    if name is not None:
+        kwargs = getattr(model, "encoder_kwargs", {})
+        try:
+            metadata[META_NAME] = name
+            metadata[META_KWARGS] = json.dumps(kwargs, sort_keys=True)
+        except TypeError as exc:
+            raise VolfmError(
+                f"cannot save encoder {name!r} to {path}: its kwargs {kwargs!r} are not JSON-serialisable "
+                f"({exc}); build it with plain (str/int/float/bool/list/dict) kwargs"
+            ) from exc
+    # contiguous() also turns channels_last_3d weights into the standard layout safetensors needs.
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def read_encoder_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors metadata of an encoder checkpoint (empty dict when there is none)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise VolfmError(f"encoder checkpoint {path} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _list_keys(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict_checked(
+    model: nn.Module, state: dict[str, torch.Tensor], *, source: str, strict: bool = True
+) -> nn.Module:
+    """Load ``state`` into ``model``; on any key/shape disagreement raise a VolfmError that lists
+    the missing, unexpected and shape-mismatched keys. With ``strict=False`` only the keys present
+    on both sides with equal shapes are loaded."""
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    mismatched = sorted(
+        f"{k} (checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)})"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    )
+    if strict and (missing or unexpected or mismatched):
+        lines = [f"checkpoint {source} does not fit the model {getattr(model, 'encoder_name', type(model).__name__)!r}:"]
+        if mismatched:
+            lines.append(f"  {len(mismatched)} shape-mismatched keys: {_list_keys(mismatched)}")
+        if missing:
+            lines.append(f"  {len(missing)} missing keys: {_list_keys(missing)}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected keys: {_list_keys(unexpected)}")
+        lines.append("Build the encoder the checkpoint was saved from (load_encoder(path) does this), or pass strict=False.")
+        raise VolfmError("\n".join(lines))
+    usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    model.load_state_dict(usable, strict=False)
+    return model
+
+
+def load_encoder(path_or_model: str | Path | nn.Module, path: str | Path | None = None, *, strict: bool = True) -> nn.Module:
+    """Load an encoder checkpoint written by :func:`save_encoder`.
+
+    ``load_encoder(path)`` rebuilds the encoder from the name and kwargs in the file's metadata;
+    ``load_encoder(model, path)`` loads the weights into an existing model.
+    """
+    from safetensors.torch import load_file
+
+    if isinstance(path_or_model, nn.Module):
+        model = path_or_model
+        if path is None:
+            raise VolfmError("load_encoder(model, path): give the checkpoint path to load into the model")
+        path = Path(path)
+        meta = read_encoder_metadata(path)
+    else:
+        if path is not None:
+            raise VolfmError("load_encoder(path) takes one path; to load into a model call load_encoder(model, path)")
+        path = Path(path_or_model)
+        meta = read_encoder_metadata(path)
+        if META_NAME not in meta:
+            raise VolfmError(
+                f"checkpoint {path} has no volfm encoder name in its metadata (not written by save_encoder); "
+                f"build the model with create_encoder(...) and call load_encoder(model, {str(path)!r})"
+            )
+        model = create_encoder(meta[META_NAME], **json.loads(meta.get(META_KWARGS, "{}")))
+    saved_as = meta.get(META_NAME)
+    source = f"{path}" + (f" (saved from {saved_as!r})" if saved_as else "")
+    state = load_file(str(path))
+    return load_state_dict_checked(model, state, source=source, strict=strict)
