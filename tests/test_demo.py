@@ -3,9 +3,10 @@ from volfm.demo import run_demo
 
 
 def test_demo_end_to_end(tmp_path, capsys):
-    assert run_demo(tmp_path / "demo", cases=3, workers=0) == 0
+    assert run_demo(tmp_path / "demo", cases=3, workers=0, encoders=["resnet18_3d"]) == 0
     out = capsys.readouterr().out
-    for needle in ("findings (ICD-10-CM)", "manifest:", "QC images:", "patches/s", "3 ok, 0 failed"):
+    for needle in ("findings (ICD-10-CM)", "manifest:", "QC images:", "patches/s", "3 ok, 0 failed",
+                   "resnet18_3d", "features (1, 512, 7, 7, 10)"):
         assert needle in out
     store = tmp_path / "demo" / "store_ct_merlin"
     assert (store / "manifest.csv").is_file() and len(list((store / "qc").glob("*.png"))) == 3

@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from volfm.preprocess.spec import load_spec
 
 
@@ -16,7 +18,7 @@ def _step(title: str):
     print(f"\n== {title} ==", flush=True)
 
 
-def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2) -> int:
+def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2, encoders=None) -> int:
     from volfm.cli import print_summary
     from volfm.data.synth_ct import make_ct_cohort
     from volfm.data.synth_mripet import make_mripet_cohort
@@ -39,14 +41,17 @@ def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2) -> int:
     _step("3. training patches from the store: 96^3, nnU-Net style foreground oversampling (1/3), memory-mapped")
     _show_patches(ct_store, out / "patches_ct.png", workers=workers)
 
+    _step("4. encoders from the registry on a preprocessed demo volume (Merlin input 1 x 224 x 224 x 160)")
+    _show_encoders(ct_store, encoders)
+
     n_mr = max(2, cases // 2)
-    _step(f"4. simulated paired brain MRI/PET cohort ({n_mr} cases) -> {out / 'synth_mripet'}")
+    _step(f"5. simulated paired brain MRI/PET cohort ({n_mr} cases) -> {out / 'synth_mripet'}")
     mp_table = make_mripet_cohort(out / "synth_mripet", n_mr, seed=0, spacing=2.0)
     print(f"cohort table: {mp_table}")
     spec = load_spec("mri_brain")
     spec["spacing"] = [2.0, 2.0, 2.0]  # the demo keeps the 2 mm grid; the shipped spec resamples to 1 mm
     mp_store = out / "store_mri_brain"
-    _step("5. preprocess with mri_brain.yaml at 2 mm (z-scored MRI, PET carried along on the same grid)")
+    _step("6. preprocess with mri_brain.yaml at 2 mm (z-scored MRI, PET carried along on the same grid)")
     spec_path = out / "mri_brain_2mm.yaml"
     import yaml
 
@@ -106,4 +111,26 @@ def _show_patches(store, png, workers: int = 2, n_batches: int = 8, batch_size: 
     print(f"batch: image {tuple(first['image'].shape)}, label {tuple(first['label'].shape)}; QC picture: {png}")
     print(f"loader: {rate:.0f} patches/s with {workers} worker(s) after start-up "
           f"(first batch {t_first - t0:.1f} s); volfm bench loader compares TorchIO and MONAI")
+
+
+def _show_encoders(store, names=None) -> None:
+    """Build every registered encoder and run it on one stored Merlin volume: parameters and shapes."""
+    import torch
+
+    from volfm.data.dataset import StoreDataset
+    from volfm.models import create_encoder, list_encoders
+
+    case = StoreDataset(store, label=None, columns=())[0]
+    x = torch.from_numpy(np.array(case["image"], dtype=np.float32))[None]
+    print(f"input {case['case_id']}: {tuple(x.shape)}")
+    torch.manual_seed(0)
+    for name in names or list_encoders():
+        model = create_encoder(name, in_chans=1).eval()
+        n = sum(p.numel() for p in model.parameters())
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            feats = model.forward_features(x)
+        print(f"  {name:<16} {n / 1e6:7.1f} M params  features {tuple(feats.shape)}  pooled ({x.shape[0]}, "
+              f"{model.num_features})  ({time.perf_counter() - t0:.1f} s on CPU)")
+        del model
 
