@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from volfm.bench.preprocess import _ints, _quiet_import, timed
+from volfm.bench.preprocess import _ints, _quiet_import, timed, write_results
 
 LOADERS = ("raw memmap", "volfm", "TorchIO Queue", "MONAI CacheDataset")
 GOAL_VS_TORCHIO = 10.0
@@ -508,9 +508,7 @@ def _run(args, root: Path, skip: set) -> int:
                                                                "grid_min": shapes.min(0).tolist(),
                                                                "grid_max": shapes.max(0).tolist()},
                "loaders": results, "goals": goals}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(doc, indent=2, default=float))
-        print(f"results: {args.json}")
+        write_results(args.json, doc)
     return 0
 
 

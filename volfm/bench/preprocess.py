@@ -411,6 +411,13 @@ def _floats(text):
     return v
 
 
+def write_results(path, doc: dict) -> None:
+    """A benchmark's results as JSON (numpy scalars as floats), and where they went."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=2, default=float))
+    print(f"results: {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="volfm bench preprocess",
                                 description="volfm CT preprocessing vs SimpleITK, MONAI and TorchIO")
@@ -576,9 +583,7 @@ def _run(args, root, skip, torch, sitk, Pipeline) -> int:
                "threads": threads, "grid": {"affine": grid_affine.tolist(), "shape": list(grid_shape)},
                "pipelines": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
                "volfm_stages": breakdown, "cohort": cohort, "goals": goals}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(doc, indent=2, default=float))
-        print(f"results: {args.json}")
+        write_results(args.json, doc)
     return 0
 
 

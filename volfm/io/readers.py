@@ -10,7 +10,6 @@ and the difference; ``prefer="qform"`` makes the qform win instead (ITK's choice
 """
 from __future__ import annotations
 
-import datetime as _dt
 import io
 import math
 import warnings
@@ -461,7 +460,3 @@ def describe_nifti_header(path) -> dict:
             "scl_slope": None if slope is None else float(slope),
             "scl_inter": None if inter is None else float(inter),
             "datatype": str(h.get_data_dtype()), "byteorder": h.endianness}
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -3,22 +3,7 @@
 Note: whether Triton kernels run under the interpreter (TRITON_INTERPRET=1, CPU) is decided when
 this package is first imported, as ``triton.jit`` does; set the variable before importing.
 """
-from volfm.kernels.patch_embed import (
-    HAS_TRITON,
-    PatchEmbedFunction,
-    normalize_patch_size,
-    patch_embed_torch,
-    patch_embed_triton,
-    triton_interpret_enabled,
-    triton_usable,
-)
+from volfm.kernels import patch_embed as _patch_embed
+from volfm.kernels.patch_embed import *  # noqa: F401,F403 - the public names listed in its __all__
 
-__all__ = [
-    "HAS_TRITON",
-    "PatchEmbedFunction",
-    "normalize_patch_size",
-    "patch_embed_torch",
-    "patch_embed_triton",
-    "triton_interpret_enabled",
-    "triton_usable",
-]
+__all__ = list(_patch_embed.__all__)

@@ -14,12 +14,11 @@ from volfm.io.volume import Volume
 
 
 def _ornt_transform(affine: np.ndarray, orientation: str):
-    import nibabel as nib
     from nibabel import orientations as nor
 
     if sorted(orientation.upper()) not in (sorted(c) for c in _valid_codes()):
         raise ValueError(f"orientation must be a 3-letter code such as RAS or LPS, got {orientation!r}")
-    return nor.ornt_transform(nor.io_orientation(affine), nor.axcodes2ornt(tuple(orientation.upper()))), nib
+    return nor.ornt_transform(nor.io_orientation(affine), nor.axcodes2ornt(tuple(orientation.upper())))
 
 
 def _valid_codes():
@@ -33,7 +32,7 @@ def reoriented_grid(affine: np.ndarray, shape, orientation: str = "RAS") -> tupl
     """Affine and shape after permuting/flipping array axes to the closest ``orientation``."""
     from nibabel import orientations as nor
 
-    t, _ = _ornt_transform(affine, orientation)
+    t = _ornt_transform(affine, orientation)
     new_affine = np.asarray(affine, np.float64) @ nor.inv_ornt_aff(t, tuple(shape[:3]))
     new_shape = [0, 0, 0]
     for src_ax, (dst_ax, _flip) in enumerate(t):
@@ -45,7 +44,7 @@ def reorient(volume: Volume, orientation: str = "RAS") -> Volume:
     """Permute/flip array axes so they run closest to ``orientation`` (exact; no interpolation)."""
     from nibabel import orientations as nor
 
-    t, _ = _ornt_transform(volume.affine, orientation)
+    t = _ornt_transform(volume.affine, orientation)
     arr = nor.apply_orientation(np.moveaxis(volume.array, 0, -1), t)
     arr = np.ascontiguousarray(np.moveaxis(arr, -1, 0))
     new_affine, _ = reoriented_grid(volume.affine, volume.shape, orientation)
