@@ -128,3 +128,31 @@ def test_backward_finite_and_grad_checkpointing_gives_the_same_gradients(name):
     assert all(g is not None and torch.isfinite(g).all() for g in grads[0])
     for g_plain, g_ckpt in zip(*grads):
         torch.testing.assert_close(g_ckpt, g_plain, atol=1e-5 * max(g_plain.abs().max().item(), 1e-3), rtol=1e-4)
+
+
+def _smallest_of_each_family():
+    """One encoder per model class (the one with the fewest parameters): compile tests cost seconds each."""
+    best = {}
+    for name in ENCODERS:
+        model = _build(name)
+        n = sum(p.numel() for p in model.parameters())
+        if type(model) not in best or n < best[type(model)][0]:
+            best[type(model)] = (n, name)
+    return sorted(name for _, name in best.values())
+
+
+@pytest.mark.parametrize("name", _smallest_of_each_family())
+def test_torch_compile_fullgraph_matches_eager(name):
+    """The forward and backward trace into one graph (no graph breaks) and give the eager numbers."""
+    model = _build(name).train()
+    x = _input(2)
+    eager = model.forward_pooled(x)
+    eager.square().mean().backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model.forward_pooled, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    for p, g in zip(model.parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-5 * max(g.abs().max().item(), 1e-3), rtol=1e-4)

@@ -205,3 +205,41 @@ def test_bad_input_shape_is_explained():
         model.forward_features(torch.randn(1, 2, 32, 32, 8))
     with pytest.raises(VolfmError, match="depth"):
         ResNet3d(depth=20)
+
+
+def test_grad_checkpointing_updates_batchnorm_statistics_once():
+    """The recomputation in the backward pass must not update running statistics a second time."""
+    import copy
+
+    torch.manual_seed(0)
+    plain = create_encoder("resnet18_3d").train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing(True)
+    x = torch.randn(2, 1, 32, 32, 16)
+    for model in (plain, ckpt):
+        model.forward_pooled(x).sum().backward()
+    for (name, a), (_, b) in zip(plain.named_buffers(), ckpt.named_buffers()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)
+    assert int(ckpt.layer4[1].bn2.num_batches_tracked) == 1
+    assert ckpt.layer1[0].bn1.momentum == plain.layer1[0].bn1.momentum == 0.1  # restored after the recomputation
+
+
+def test_pool_time_stride_one_keeps_twice_the_slices():
+    model = create_encoder("resnet18_3d", pool_time_stride=1).eval()
+    assert [f["reduction"] for f in model.feature_info][-1] == (32, 32, 8)
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(1, 1, 64, 64, 32))
+    assert feats.shape == (1, 512, 2, 2, 4)
+    with pytest.raises(VolfmError, match="pool_time_stride"):
+        ResNet3d(depth=18, pool_time_stride=3)
+
+
+def test_base_channels_scales_every_stage():
+    model = create_encoder("resnet18_3d", base_channels=16).eval()
+    assert model.num_features == 128 and [f["num_chs"] for f in model.feature_info] == [16, 16, 32, 64, 128]
+    with torch.no_grad():
+        inter = model.forward_intermediates(torch.randn(1, 1, 32, 32, 16))
+    assert [f.shape[1] for f in inter] == [16, 16, 32, 64, 128]
+    # a quarter of the width: about 1/16 of the parameters of the full network
+    full = sum(p.numel() for p in create_encoder("resnet18_3d").parameters())
+    assert 1 / 20 < sum(p.numel() for p in model.parameters()) / full < 1 / 12

@@ -8,13 +8,15 @@ network and K is "time". Everything below is written in (I, J, K) order, so Merl
 "3x7x7 stem, stride (1, 2, 2)" in (T, H, W) order is ``kernel (7, 7, 3), stride (2, 2, 1)`` here.
 
 Layout (hassony2's I3ResNet, which Merlin's encoder uses): stem conv (7,7,T) stride (2,2,1),
-max-pool (3,3,3) stride 2 on all axes, then the torchvision stages; a 3x3 conv becomes
-(3,3,T) with the block's stride on all three axes, 1x1 convs stay (1,1,1). The output stride is
-therefore (32, 32, 16): 224x224x160 -> 7x7x10. Module names match torchvision's ResNet
+max-pool (3,3,3) stride 2 on all axes (``pool_time_stride=2``, hassony2's default), then the
+torchvision stages; a 3x3 conv becomes (3,3,T) with the block's stride on all three axes, 1x1 convs
+stay (1,1,1). The output stride is therefore (32, 32, 16): 224x224x160 -> 7x7x10
+(``pool_time_stride=1`` keeps twice the slices: (32, 32, 8), 7x7x20). Module names match torchvision's ResNet
 (conv1, bn1, layer1..4, downsample.0/1), so 2D checkpoints inflate key by key.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -82,6 +84,24 @@ class Bottleneck3d(nn.Module):
         return self.relu(out + identity)
 
 
+@contextlib.contextmanager
+def _frozen_bn_stats(module: nn.Module):
+    """While active, BatchNorm layers of ``module`` normalise with batch statistics as usual but leave
+    their running statistics alone (momentum 0, ``num_batches_tracked`` restored): used for the
+    recomputation of a checkpointed block, whose forward already updated them once."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(bns, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
 # depth -> (block, blocks per stage), as torchvision.
 RESNET_DEPTHS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
     18: (BasicBlock3d, (2, 2, 2, 2)),
@@ -100,41 +120,54 @@ class ResNet3d(nn.Module):
         in_chans: input channels (1 for CT).
         time_kernel: taps along K of the stem and of every 3x3 conv (3 as I3D/Merlin; 1 gives a
             slice-wise 2D network).
+        pool_time_stride: stride of the stem max-pool along K (2 as hassony2's I3ResNet; 1 halves
+            the K reduction of every later stage).
+        base_channels: width of the stem and the first stage (64 as torchvision; stages double it).
+            Smaller widths give the fast CPU encoders of the demo recipes; 2D inflation needs 64.
         grad_checkpointing: recompute each residual block in the backward pass (saves activation
-            memory on big volumes; only active in training mode with grad enabled).
+            memory on big volumes; only active in training mode with grad enabled). BatchNorm running
+            statistics are updated once per step, not again during the recomputation.
     """
 
-    def __init__(self, depth: int = 50, in_chans: int = 1, time_kernel: int = 3, grad_checkpointing: bool = False):
+    def __init__(self, depth: int = 50, in_chans: int = 1, time_kernel: int = 3, grad_checkpointing: bool = False,
+                 pool_time_stride: int = 2, base_channels: int = 64):
         super().__init__()
         if depth not in RESNET_DEPTHS:
             raise VolfmError(f"ResNet3d depth {depth} is not supported; choose one of {sorted(RESNET_DEPTHS)}")
         if time_kernel < 1 or time_kernel % 2 == 0:
             raise VolfmError(f"time_kernel must be a positive odd number (got {time_kernel})")
+        if base_channels < 1:
+            raise VolfmError(f"base_channels must be positive (got {base_channels})")
+        if pool_time_stride not in (1, 2):
+            raise VolfmError(f"pool_time_stride must be 1 or 2 (got {pool_time_stride})")
         block, layers = RESNET_DEPTHS[depth]
         self.depth = depth
         self.in_chans = in_chans
         self.time_kernel = time_kernel
         self.grad_checkpointing = grad_checkpointing
 
+        w = self.base_channels = int(base_channels)
         self.conv1 = nn.Conv3d(
-            in_chans, 64, kernel_size=(7, 7, time_kernel), stride=(2, 2, 1), padding=(3, 3, time_kernel // 2), bias=False
+            in_chans, w, kernel_size=(7, 7, time_kernel), stride=(2, 2, 1), padding=(3, 3, time_kernel // 2), bias=False
         )
-        self.bn1 = nn.BatchNorm3d(64)
+        self.bn1 = nn.BatchNorm3d(w)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
-        self.inplanes = 64
-        self.layer1 = self._make_layer(block, 64, layers[0], 1)
-        self.layer2 = self._make_layer(block, 128, layers[1], 2)
-        self.layer3 = self._make_layer(block, 256, layers[2], 2)
-        self.layer4 = self._make_layer(block, 512, layers[3], 2)
-        self.num_features = 512 * block.expansion
+        self.pool_time_stride = pool_time_stride
+        self.maxpool = nn.MaxPool3d(kernel_size=3, stride=(2, 2, pool_time_stride), padding=1)
+        self.inplanes = w
+        self.layer1 = self._make_layer(block, w, layers[0], 1)
+        self.layer2 = self._make_layer(block, 2 * w, layers[1], 2)
+        self.layer3 = self._make_layer(block, 4 * w, layers[2], 2)
+        self.layer4 = self._make_layer(block, 8 * w, layers[3], 2)
+        self.num_features = 8 * w * block.expansion
         # timm-style description of forward_intermediates' outputs; reduction is per (I, J, K) axis.
+        pk = pool_time_stride
         self.feature_info = [
-            {"module": "act1", "num_chs": 64, "reduction": (2, 2, 1)},
-            {"module": "layer1", "num_chs": 64 * block.expansion, "reduction": (4, 4, 2)},
-            {"module": "layer2", "num_chs": 128 * block.expansion, "reduction": (8, 8, 4)},
-            {"module": "layer3", "num_chs": 256 * block.expansion, "reduction": (16, 16, 8)},
-            {"module": "layer4", "num_chs": 512 * block.expansion, "reduction": (32, 32, 16)},
+            {"module": "act1", "num_chs": w, "reduction": (2, 2, 1)},
+            {"module": "layer1", "num_chs": w * block.expansion, "reduction": (4, 4, pk)},
+            {"module": "layer2", "num_chs": 2 * w * block.expansion, "reduction": (8, 8, 2 * pk)},
+            {"module": "layer3", "num_chs": 4 * w * block.expansion, "reduction": (16, 16, 4 * pk)},
+            {"module": "layer4", "num_chs": 8 * w * block.expansion, "reduction": (32, 32, 8 * pk)},
         ]
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
@@ -161,7 +194,8 @@ class ResNet3d(nn.Module):
     def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             for blk in stage:
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint(blk, x, use_reentrant=False,
+                               context_fn=lambda blk=blk: (contextlib.nullcontext(), _frozen_bn_stats(blk)))
             return x
         return stage(x)
 

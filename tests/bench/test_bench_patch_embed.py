@@ -1,0 +1,258 @@
+"""`volfm bench patch-embed` on CPU: a tiny run with triton under the interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), the FLOP formula, the --shapes parser, the peak table; the real run needs CUDA."""
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+import volfm.kernels.patch_embed as pe
+from volfm.bench import patch_embed as bpe
+
+# B=2, C=1, volume 16x16x8, patch 8x8x4 -> grid 2x2x2 = 8 tokens per volume, Kp = 256, E = 16
+TINY = "2x1x16x16x8:8x8x4:16"
+TINY_FWD_FLOPS = 2 * (2 * 8) * 256 * 16  # 2 * M * Kp * E = 131072
+
+needs_interpreter = pytest.mark.skipif(not pe.triton_usable("cpu"),
+                                       reason="triton not installed / TRITON_INTERPRET not set before import")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _run(argv):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = bpe.main(argv)
+    return rc, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    if not pe.triton_usable("cpu"):
+        pytest.skip("triton cannot run under the interpreter here")
+    out_json = tmp_path_factory.mktemp("bench_pe") / "results.json"
+    rc, text = _run(["--shapes", TINY, "--device", "cpu", "--include-interpreted", "--repeats", "1",
+                     "--warmup", "1", "--json", str(out_json)])
+    return rc, text, json.loads(out_json.read_text()), out_json
+
+
+@needs_interpreter
+def test_tiny_run_prints_tables_and_skipped_goals(tiny_run):
+    rc, text, _, out_json = tiny_run
+    assert rc == 0
+    assert "shape (B,C,I,J,K)" in text and "median ms" in text and "TFLOP/s" in text and "time/triton" in text
+    assert "say nothing about the GPU goals" in text
+    assert "fwd+bwd = forward + grads wrt weight, bias and input" in text
+    rows = [ln.split() for ln in text.splitlines() if ln.startswith("2x1x16x16x8 ")]
+    speed = [r for r in rows if r[5] in ("fwd", "fwd+bwd")]
+    assert sorted((r[5], r[-5]) for r in speed) == sorted(
+        (mode, m) for mode in ("fwd", "fwd+bwd") for m in ("triton", "linear", "cudnn"))
+    for r in speed:  # E, tokens per volume, Kp columns
+        assert r[1:5] == ["8x8x4", "16", "8", "256"]
+        assert float(r[-4]) > 0 and float(r[-3]) > 0 and r[-2] == "n/a"  # ms, TFLOP/s, % peak (CPU: n/a)
+        if r[-5] == "triton":
+            assert r[-1] == "1.00"
+    assert sum("fwd+bwd dW,db,dx" in ln for ln in text.splitlines()) == 3
+    goal_lines = [ln for ln in text.splitlines() if ln.startswith("goal: ")]
+    assert len(goal_lines) == 3 and all(ln.endswith(": skipped (no GPU)") for ln in goal_lines)
+    assert any("1.3x the F.linear path" in ln for ln in goal_lines)
+    assert any("faster than cuDNN" in ln for ln in goal_lines)
+    assert any("60% of the dense bf16 peak (fwd, largest shape)" in ln for ln in goal_lines)
+    assert "check: triton and cudnn match the linear path" in text and "x max |ref|: PASS" in text
+    assert f"results: {out_json}" in text
+
+
+@needs_interpreter
+def test_tiny_run_json_values(tiny_run):
+    _, _, doc, _ = tiny_run
+    assert doc["device"] == "cpu" and doc["dtype"] == "fp32" and doc["tolerance"] == 1e-4
+    assert doc["methods_run"] == ["triton", "linear", "cudnn"] and doc["failed"] == {}
+    assert doc["peak_tflops"] is None
+    assert [e["mode"] for e in doc["results"]] == ["fwd", "fwd+bwd"]
+    for e in doc["results"]:
+        assert e["shape"] == [2, 1, 16, 16, 8] and e["patch"] == [8, 8, 4] and e["embed_dim"] == 16
+        assert e["tokens"] == 8 and e["k"] == 256
+        assert e["flops"] == TINY_FWD_FLOPS * (1 if e["mode"] == "fwd" else 3)
+        ms = {m: r["median_ms"] for m, r in e["methods"].items()}
+        assert set(ms) == {"triton", "linear", "cudnn"} and all(v > 0 for v in ms.values())
+        for m, r in e["methods"].items():
+            assert len(r["times_ms"]) == 1 and r["inner"] >= 1 and r["pct_peak"] is None
+            assert r["tflops"] == pytest.approx(e["flops"] / (r["median_ms"] * 1e-3) / 1e12)
+        assert e["linear_over_triton"] == pytest.approx(ms["linear"] / ms["triton"])
+        assert e["cudnn_over_triton"] == pytest.approx(ms["cudnn"] / ms["triton"])
+    checks = {c["method"]: c for c in doc["correctness"]}
+    assert set(checks) == {"triton", "linear", "cudnn"}
+    for m in ("triton", "cudnn"):
+        c = checks[m]
+        for key in ("out_vs_linear", "out_vs_fp32", "dW_vs_linear", "db_vs_linear", "dx_vs_linear"):
+            assert 0 <= c[key] <= 1e-4, (m, key, c[key])
+        assert c["ok"] is True
+    assert checks["linear"]["out_vs_linear"] == 0.0
+    assert all(doc["goals"][k]["pass"] is None for k in ("vs_linear", "vs_cudnn", "peak"))
+    assert doc["goals"]["match"]["pass"] is True and doc["goals"]["match"]["worst_rel_diff"] <= 1e-4
+
+
+def test_without_triton_no_input_grad_and_peak_override(tmp_path):
+    out_json = tmp_path / "r.json"
+    rc, text = _run(["--shapes", TINY, "--device", "cpu", "--mode", "fwd+bwd", "--no-input-grad", "--repeats",
+                     "2", "--warmup", "0", "--inner", "2", "--peak-tflops", "0.001", "--json", str(out_json)])
+    doc = json.loads(out_json.read_text())
+    assert rc == 0
+    assert doc["methods_run"] == ["linear", "cudnn"]  # no --include-interpreted: triton is not run on CPU
+    assert "triton not run" in text and "--include-interpreted" in text
+    assert "grads wrt weight and bias (--no-input-grad)" in text and "fwd+bwd dW,db " in text
+    (e,) = doc["results"]
+    assert e["mode"] == "fwd+bwd" and e["input_grad"] is False
+    assert e["flops"] == 2 * TINY_FWD_FLOPS
+    assert e["linear_over_triton"] is None and e["cudnn_over_triton"] is None
+    for r in e["methods"].values():
+        assert r["inner"] == 2 and len(r["times_ms"]) == 2
+        assert r["pct_peak"] == pytest.approx(100 * r["tflops"] / 0.001)
+    cud = next(c for c in doc["correctness"] if c["method"] == "cudnn")
+    assert "dx_vs_linear" not in cud and cud["dW_vs_linear"] <= 1e-4 and cud["ok"] is True
+    assert doc["peak_source"] == "--peak-tflops"
+    assert all(ln.endswith("skipped (no GPU)") for ln in text.splitlines() if ln.startswith("goal: "))
+
+
+def test_flops_formula_by_hand():
+    # 4 x 1 x 224x224x160, patch 16: grid 14*14*10 = 1960 tokens, M = 7840, Kp = 4096, E = 768
+    assert bpe.patch_embed_flops((4, 1, 224, 224, 160), (16, 16, 16), 768) == 49_325_015_040
+    assert bpe.patch_embed_flops((4, 1, 224, 224, 160), (16, 16, 16), 768, "fwd+bwd") == 147_975_045_120
+    assert bpe.patch_embed_flops((4, 1, 224, 224, 160), (16, 16, 16), 768, "fwd+bwd", input_grad=False) \
+        == 98_650_030_080
+    # 4 channels: Kp = 16384
+    assert bpe.patch_embed_flops((4, 4, 224, 224, 160), (16, 16, 16), 768) == 197_300_060_160
+    # anisotropic 16x16x8 on 2 x 1 x 224x224x160: grid 14*14*20 = 3920, M = 7840, Kp = 2048
+    case = bpe.parse_shape("2x1x224x224x160:16x16x8:768")
+    assert (case.grid, case.tokens, case.k) == ((14, 14, 20), 3920, 2048)
+    assert case.flops() == 2 * 7840 * 2048 * 768 == 24_662_507_520
+    with pytest.raises(ValueError):
+        bpe.patch_embed_flops((1, 1, 16, 16, 16), (16, 16, 16), 8, "bwd")
+
+
+@pytest.mark.parametrize("text, shape, patch, emb", [
+    ("4x1x224x224x160:16:768", (4, 1, 224, 224, 160), (16, 16, 16), 768),
+    ("2,1,224,224,160:16,16,8:768", (2, 1, 224, 224, 160), (16, 16, 8), 768),
+    (" 2x1x96x96x96 : 16x16x16 : 384 ", (2, 1, 96, 96, 96), (16, 16, 16), 384),
+])
+def test_parse_shape_good(text, shape, patch, emb):
+    c = bpe.parse_shape(text)
+    assert (c.shape, c.patch, c.embed_dim) == (shape, patch, emb)
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("4x1x224x224:16:768", "needs 5 sizes"),
+    ("4x1x225x224x160:16:768", "not divisible"),
+    ("4x1x224x224x160:16", "expected BxCxIxJxK:P:E"),
+    ("4x1x224x224x160:16x16:768", "patch needs 1 or 3"),
+    ("4x1x224x224x160:16:abc", "not a list of integers"),
+    ("0x1x224x224x160:16:768", "must be positive"),
+    ("4x1x224x224x160:0:768", "must be positive"),
+    ("4x1x224x224x160:16:768:1", "expected BxCxIxJxK:P:E"),
+])
+def test_bad_shapes_exit_2_one_line(bad, words, capsys):
+    assert bpe.main(["--shapes", "2x1x16x16x16:16:8", bad, "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err and captured.out == ""
+    assert err.startswith("volfm bench patch-embed: --shapes ") and words in err and repr(bad) in err
+
+
+def test_other_bad_arguments(capsys):
+    assert bpe.main(["--repeats", "0"]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err
+    assert bpe.main(["--peak-tflops", "0", "--device", "cpu"]) == 2
+    assert bpe.main(["--device", "nonsense"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 2
+    with pytest.raises(SystemExit) as exc:
+        bpe.main(["--dtype", "fp8"])
+    assert exc.value.code == 2
+    if not torch.cuda.is_available():
+        assert bpe.main(["--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_peak_table():
+    assert bpe.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert bpe.peak_bf16_tflops("NVIDIA H100 SXM5 80GB") == 989.4
+    assert bpe.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bpe.peak_bf16_tflops("NVIDIA H200") == 989.4
+    assert bpe.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bpe.peak_bf16_tflops("NVIDIA A100 80GB PCIe") == 312.0
+    assert bpe.peak_bf16_tflops("NVIDIA L40S") == 362.0
+    assert bpe.peak_bf16_tflops("NVIDIA GeForce RTX 4090") == 165.0
+    for unknown in ("NVIDIA L40", "NVIDIA H100 NVL", "NVIDIA H200 NVL", "Tesla T4", "cpu"):
+        assert bpe.peak_bf16_tflops(unknown) is None, unknown
+
+
+def test_tolerances():
+    assert bpe.tolerance("fp32") == 1e-4
+    assert bpe.tolerance("bf16") == pytest.approx(2 * 2 ** -7)
+    assert bpe.tolerance("fp16") == pytest.approx(2 * 2 ** -10)
+
+
+@needs_cuda
+def test_cuda_run(tmp_path):  # pragma: no cover - needs a GPU
+    out_json = tmp_path / "gpu.json"
+    rc, text = _run(["--shapes", "2x1x64x64x32:16:96", "2x1x64x64x32:16x16x8:128", "--repeats", "3",
+                     "--json", str(out_json)])
+    doc = json.loads(out_json.read_text())
+    assert doc["dtype"] == "bf16" and doc["device"].startswith("cuda")
+    assert doc["methods_run"] == ["triton", "linear", "cudnn"] and doc["failed"] == {}
+    assert rc == 0 and doc["goals"]["match"]["pass"] is True
+    for c in doc["correctness"]:
+        assert c["ok"] is True and c["out_vs_fp32"] <= doc["tolerance"]
+    for e in doc["results"]:
+        assert e["linear_over_triton"] > 0 and e["cudnn_over_triton"] > 0
+    goal_lines = [ln for ln in text.splitlines() if ln.startswith("goal: ")]
+    assert len(goal_lines) == 3 and not any("no GPU" in ln for ln in goal_lines)
+    assert all(("PASS" in ln) or ("FAIL" in ln) or ("skipped" in ln) for ln in goal_lines)
+
+
+def _entry(shape, patch, mode, ms, flops):
+    e = {"shape": list(shape), "patch": list(patch), "mode": mode, "flops": flops,
+         "methods": {m: {"median_ms": t, "tflops": flops / (t * 1e-3) / 1e12} for m, t in ms.items()}}
+    for m in ("linear", "cudnn"):
+        e[f"{m}_over_triton"] = ms[m] / ms["triton"]
+    return e
+
+
+def test_goal_logic_on_cuda_results():
+    """The GPU goal lines from synthetic CUDA results (the decision logic, without a GPU)."""
+    from types import SimpleNamespace
+
+    big = bpe.patch_embed_flops((4, 1, 224, 224, 160), (16, 16, 16), 768)  # 49.3 GFLOP
+    small = bpe.patch_embed_flops((2, 1, 96, 96, 96), (16, 16, 16), 768)
+    checks = [{"method": "triton", "out_vs_linear": 3e-3, "out_vs_fp32": 2e-3, "ok": True}]
+    # big fwd: triton 0.08 ms -> 616.6 TFLOP/s = 62.3% of 989.4; linear 1.5x, cudnn 1.1x slower
+    results = [_entry((4, 1, 224, 224, 160), (16, 16, 16), "fwd", {"triton": 0.08, "linear": 0.12, "cudnn": 0.088},
+                      big),
+               _entry((2, 1, 96, 96, 96), (16, 16, 16), "fwd", {"triton": 0.01, "linear": 0.0125, "cudnn": 0.02},
+                      small)]
+    args = SimpleNamespace(dtype="bf16")
+    g = bpe._goals(args, True, results, ["triton", "linear", "cudnn"], {}, 989.4, checks, 0.0156)
+    # the small shape is only 1.25x faster than linear: the every-shape goal fails there
+    assert g["vs_linear"]["pass"] is False and g["vs_linear"]["worst_ratio"] == pytest.approx(1.25)
+    assert g["vs_linear"]["worst_at"]["shape"] == [2, 1, 96, 96, 96] and "FAIL" in g["vs_linear"]["line"]
+    assert g["vs_cudnn"]["pass"] is True and g["vs_cudnn"]["worst_ratio"] == pytest.approx(1.1)
+    assert g["peak"]["pass"] is True and g["peak"]["shape"] == [4, 1, 224, 224, 160]
+    assert g["peak"]["fraction"] == pytest.approx(big / 0.08e-3 / 1e12 / 989.4)
+    assert "PASS (62.3%" in g["peak"]["line"]
+    assert g["match"]["pass"] is True
+    # slower triton on the big shape: peak goal fails; cudnn faster than triton: fails
+    results[0]["methods"]["triton"]["tflops"] = big / 0.1e-3 / 1e12  # 493 TFLOP/s = 49.9%
+    results[0]["cudnn_over_triton"] = 0.9
+    g = bpe._goals(args, True, results, ["triton", "linear", "cudnn"], {}, 989.4, checks, 0.0156)
+    assert g["peak"]["pass"] is False and g["vs_cudnn"]["pass"] is False
+    # unknown peak / other dtype / triton failure / bad numbers
+    g = bpe._goals(args, True, results, ["triton", "linear", "cudnn"], {}, None, checks, 0.0156)
+    assert g["peak"]["pass"] is None and "--peak-tflops" in g["peak"]["line"]
+    g = bpe._goals(SimpleNamespace(dtype="fp16"), True, results, ["triton", "linear", "cudnn"], {}, 989.4, checks,
+                   0.0156)
+    assert g["peak"]["pass"] is None and "skipped (dtype fp16" in g["peak"]["line"]
+    g = bpe._goals(args, True, results, ["triton", "linear", "cudnn"], {"triton": "boom"}, 989.4, checks, 0.0156)
+    assert all(g[k]["pass"] is False and g[k]["line"].endswith("FAIL (triton failed)")
+               for k in ("vs_linear", "vs_cudnn", "peak"))
+    bad = [{"method": "triton", "out_vs_linear": 0.05, "out_vs_fp32": 2e-3, "ok": False}]
+    g = bpe._goals(args, True, results, ["triton", "linear", "cudnn"], {}, 989.4, bad, 0.0156)
+    assert g["match"]["pass"] is False and g["match"]["worst_rel_diff"] == 0.05 and "FAIL" in g["match"]["line"]
