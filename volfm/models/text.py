@@ -1,0 +1,236 @@
+"""Report text encoder: a tokenizer + a Hugging Face model, pooled to one vector per text.
+
+    enc = build_text_encoder(texts=train_reports)            # offline default: small BERT, WordPiece
+    enc = build_text_encoder("/models/Clinical-Longformer")  # a model folder on disk (no downloads)
+    z = enc(["liver and biliary: hepatomegaly.", ...])       # (B, enc.hidden_size)
+    enc.save_pretrained("out/text"); enc = TextEncoder.from_pretrained("out/text")
+
+Hugging Face models and tokenizers are only ever read from local folders (``local_files_only=True``);
+a folder can be made on a machine with network with ``AutoModel.from_pretrained(hub_id).save_pretrained(dir)``
+and ``AutoTokenizer.from_pretrained(hub_id).save_pretrained(dir)``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from volfm import VolfmError
+
+POOLINGS = ("cls", "mean")
+SETTINGS_FILE = "volfm_text_encoder.json"
+# Models whose position ids start after the padding index (RoBERTa-style): usable length = max_pos - pad - 1.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "longformer", "camembert", "data2vec-text", "roberta-prelayernorm",
+                     "xmod", "mpnet", "ibert"}
+
+
+def max_text_length(config) -> int | None:
+    """Longest token sequence the model's position embeddings allow (None if it has no such limit)."""
+    n = getattr(config, "max_position_embeddings", None)
+    if n is None:
+        return None
+    if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+        n -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+    return int(n)
+
+
+class TextEncoder(nn.Module):
+    """``forward(texts) -> (B, hidden_size)``: tokenize (pad, truncate to ``max_length``) and pool
+    the model's last hidden state: ``"cls"`` = first token, ``"mean"`` = attention-mask-weighted mean."""
+
+    def __init__(self, model: nn.Module, tokenizer, max_length: int = 512, pooling: str = "cls"):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise VolfmError(f"unknown text pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        max_length = int(max_length)
+        if max_length < 2:
+            raise VolfmError(f"max_length must be at least 2 tokens ([CLS] ... [SEP]), got {max_length}")
+        limit = max_text_length(model.config)
+        if limit is not None and max_length > limit:
+            raise VolfmError(f"max_length={max_length} is longer than the text model allows ({limit} tokens: "
+                             f"max_position_embeddings={model.config.max_position_embeddings}); "
+                             f"use max_length <= {limit} or a long-document model (e.g. a Longformer)")
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if emb is not None and len(tokenizer) > emb.num_embeddings:
+            raise VolfmError(f"the tokenizer has {len(tokenizer)} tokens but the text model's embedding table only "
+                             f"{emb.num_embeddings}; use the tokenizer the model was trained with")
+        if tokenizer.pad_token_id is None:
+            raise VolfmError("the tokenizer has no padding token; set tokenizer.pad_token before building the encoder")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pooling = pooling
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokenize(self, texts: str | Sequence[str | None], device: torch.device | str | None = None) -> dict:
+        """``{"input_ids", "attention_mask"}`` (B, L) long tensors, L <= max_length (e.g. in a data loader)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = ["" if t is None else str(t) for t in texts]
+        if not texts:
+            raise VolfmError("TextEncoder got an empty list of texts")
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return out if device is None else {k: v.to(device) for k, v in out.items()}
+
+    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled embedding (B, hidden_size) of already tokenized texts."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kwargs = {}
+        if getattr(self.model.config, "model_type", None) == "longformer":
+            glob = torch.zeros_like(attention_mask)
+            glob[:, 0] = 1  # global attention on the first token, as Longformer classifiers do
+            kwargs["global_attention_mask"] = glob
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        w = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+    def forward(self, texts: str | Sequence[str | None]) -> torch.Tensor:
+        return self.encode_tokens(**self.tokenize(texts, device=self.device))
+
+    # ------------------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write model (safetensors + config.json), tokenizer and the encoder settings to ``directory``;
+        the model and tokenizer also load with ``AutoModel``/``AutoTokenizer.from_pretrained(dir)``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(directory))
+        self.tokenizer.save_pretrained(str(directory))
+        settings = {"max_length": self.max_length, "pooling": self.pooling}
+        if _has_no_pooler(self.model):
+            settings["model_kwargs"] = {"add_pooling_layer": False}
+        (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **overrides) -> "TextEncoder":
+        """Load what :meth:`save_pretrained` wrote (settings can be overridden: ``max_length``, ``pooling``)."""
+        settings_path = Path(directory).expanduser() / SETTINGS_FILE
+        settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+        settings.update(overrides)
+        return build_text_encoder(str(directory), **settings)
+
+    def to_spec(self) -> dict:
+        """JSON-able description (model config, tokenizer JSON, settings) to rebuild the encoder without
+        files, e.g. in a Lightning checkpoint; the weights travel in the state dict."""
+        from volfm.data.reports import tokenizer_to_json
+
+        return {"config": self.model.config.to_dict(), "tokenizer": tokenizer_to_json(self.tokenizer),
+                "max_length": self.max_length, "pooling": self.pooling, "pooler": not _has_no_pooler(self.model)}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "TextEncoder":
+        """Rebuild (randomly initialised) from :meth:`to_spec`; then load the state dict."""
+        from transformers import AutoConfig, AutoModel
+
+        from volfm.data.reports import tokenizer_from_json
+
+        cfg = dict(spec["config"])
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        model = AutoModel.from_config(config)
+        if not spec.get("pooler", True) and getattr(model, "pooler", None) is not None:
+            model.pooler = None
+        return cls(model, tokenizer_from_json(spec["tokenizer"]), max_length=spec["max_length"],
+                   pooling=spec["pooling"])
+
+
+def _has_no_pooler(model: nn.Module) -> bool:
+    """A BERT-like model built without (or stripped of) its pooler layer, which TextEncoder never uses."""
+    return hasattr(model, "pooler") and model.pooler is None
+
+
+# Files of which a saved tokenizer has at least one (transformers 5 would otherwise build an empty-vocabulary
+# tokenizer from config.json alone, silently).
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json")
+
+
+def _missing_model_error(path: str, why: str) -> VolfmError:
+    return VolfmError(
+        f"text model path {path!r} {why}. It must be a local folder with config.json, the weights and the "
+        f"tokenizer files: volfm never downloads models. On a machine with network, run "
+        f"AutoModel.from_pretrained(ID).save_pretrained(DIR) and AutoTokenizer.from_pretrained(ID)"
+        f".save_pretrained(DIR), copy DIR here and pass its path (or leave model_path unset to train a small "
+        f"BERT with a WordPiece tokenizer on the cohort's reports)")
+
+
+def _load_local(model_path: str, tokenizer, model_kwargs: dict | None = None):
+    from transformers import AutoModel, AutoTokenizer
+
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        raise _missing_model_error(model_path, "does not exist")
+    if not path.is_dir():
+        raise _missing_model_error(model_path, "is not a folder")
+    if not (path / "config.json").is_file():
+        raise _missing_model_error(model_path, "has no config.json")
+    try:
+        model, info = AutoModel.from_pretrained(str(path), local_files_only=True, output_loading_info=True,
+                                                **(model_kwargs or {}))
+    except (OSError, ValueError, KeyError) as e:
+        raise VolfmError(f"could not load the text model from {model_path!r}: {e}") from e
+    missing = set(info.get("missing_keys", ()))
+    if missing and all(k.startswith("pooler.") for k in missing) and getattr(model, "pooler", None) is not None:
+        model.pooler = None  # saved without a pooler: drop the randomly initialised one (unused, DDP-unfriendly)
+    if tokenizer is None:
+        if not any((path / name).is_file() for name in _TOKENIZER_FILES) and not any(path.glob("*.model")):
+            raise VolfmError(f"{model_path!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the "
+                             f"model's tokenizer there with tokenizer.save_pretrained(DIR) or pass tokenizer=")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise VolfmError(f"could not load a tokenizer from {model_path!r} ({e}); save the model's tokenizer "
+                             f"there with tokenizer.save_pretrained(DIR) or pass tokenizer=") from e
+    return model, tokenizer
+
+
+def build_text_encoder(model_path: str | Path | None = None, *, texts: Sequence[str | None] | None = None,
+                       max_length: int = 512, pooling: str = "cls", vocab_size: int = 8000,
+                       hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4,
+                       intermediate_size: int = 1024, tokenizer=None, dropout: float = 0.1,
+                       model_kwargs: dict | None = None) -> TextEncoder:
+    """Text encoder from a local model folder, or (``model_path=None``) the offline default.
+
+    model_path: a folder written by ``save_pretrained`` (e.g. a clinical BERT or Longformer); loaded
+        with ``local_files_only=True``, never downloaded; its tokenizer is loaded from the same folder
+        unless ``tokenizer`` is given; ``model_kwargs`` go to ``AutoModel.from_pretrained``. The size
+        arguments are ignored.
+    Default: a randomly initialised ``BertModel`` (``hidden_size``, ``num_layers``, ``num_heads``,
+        ``intermediate_size``, no pooler layer, ``max_position_embeddings = max(512, max_length)``)
+        with ``tokenizer``, or a WordPiece tokenizer of ``vocab_size`` trained on ``texts`` (the cohort's
+        training reports). Seed with ``torch.manual_seed`` for a reproducible initialisation.
+    """
+    if model_path is not None:
+        model, tokenizer = _load_local(str(model_path), tokenizer, model_kwargs)
+        return TextEncoder(model, tokenizer, max_length=max_length, pooling=pooling)
+
+    from transformers import BertConfig, BertModel
+
+    from volfm.data.reports import train_wordpiece_tokenizer
+
+    if tokenizer is None:
+        if texts is None:
+            raise VolfmError("build_text_encoder needs model_path (a local model folder), texts (training "
+                             "reports to train a tokenizer on) or tokenizer")
+        tokenizer = train_wordpiece_tokenizer(texts, vocab_size=vocab_size, model_max_length=max_length)
+    if hidden_size % num_heads:
+        raise VolfmError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                        num_attention_heads=num_heads, intermediate_size=intermediate_size,
+                        max_position_embeddings=max(512, int(max_length)), pad_token_id=tokenizer.pad_token_id,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    return TextEncoder(BertModel(config, add_pooling_layer=False), tokenizer, max_length=max_length,
+                       pooling=pooling)
