@@ -1,4 +1,5 @@
-"""`volfm` command line: synth, preprocess, inspect, demo, bench.
+"""`volfm` command line: synth, preprocess, inspect, demo, bench, and the training subcommands
+fit / validate / test (LightningCLI over recipe YAMLs).
 
 Errors a user can fix (VolfmError) print one line and exit 2; anything else is a bug and shows
 its traceback.
@@ -13,7 +14,7 @@ from pathlib import Path
 from volfm import VolfmError, __version__
 
 BENCHMARKS = {"preprocess": "volfm.bench.preprocess", "loader": "volfm.bench.loader",
-              "sliding-window": "volfm.bench.sliding_window"}
+              "sliding-window": "volfm.bench.sliding_window", "patch-embed": "volfm.bench.patch_embed"}
 
 
 def _triple(text: str):
@@ -85,6 +86,12 @@ def _cmd_demo(args) -> int:
     return run_demo(args.out, cases=args.cases, workers=args.workers)
 
 
+def _cmd_evaluate(args) -> int:
+    from volfm.eval.pretrain import main as evaluate_main
+
+    return evaluate_main(args)
+
+
 def _cmd_bench(args) -> int:
     import importlib
 
@@ -98,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="volfm", description="3D CT/MRI/PET foundation-model toolkit")
     p.add_argument("--version", action="version", version=f"volfm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    for name in LIGHTNING_COMMANDS:  # listed in --help; handled by LightningCLI in main()
+        sub.add_parser(name, help=f"{name} a recipe: volfm {name} --config recipes/....yaml (LightningCLI)")
 
     s = sub.add_parser("synth", help="write a synthetic cohort (NIfTI + cohort.csv)")
     s.add_argument("kind", choices=["ct", "mripet"])
@@ -133,6 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2)
     s.set_defaults(fn=_cmd_demo)
 
+    s = sub.add_parser("evaluate", help="evaluate a pretraining checkpoint: ICD AUROC, linear probe, retrieval R@k, "
+                                        "zero-shot findings, subgroups")
+    s.add_argument("--ckpt", required=True, help="a .ckpt written by volfm fit (ICD pretext or report contrastive)")
+    s.add_argument("--store", help="store to evaluate on (default: the store the checkpoint was trained on)")
+    s.add_argument("--split", default="test", help="split to evaluate (default test)")
+    s.add_argument("--train-split", default="train", help="split the linear probe is fitted on (default train)")
+    s.add_argument("--subgroups", nargs="*", help="manifest columns to break metrics down by, e.g. sex age:0,50,65,200")
+    s.add_argument("--prompts", help="zero-shot prompt set: built-in name (ct_findings) or a YAML path")
+    s.add_argument("--out", help="folder for eval.json, eval.png and the subgroup CSVs")
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_evaluate)
+
     s = sub.add_parser("bench", help="benchmarks against named peers")
     s.add_argument("name", help=", ".join(BENCHMARKS))
     s.add_argument("rest", nargs=argparse.REMAINDER)
@@ -140,7 +164,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
+def run_lightning(argv: list[str] | None) -> int:
+    """``volfm fit|validate|test --config recipe.yaml [--trainer.max_epochs 3 ...]``: LightningCLI, so
+    ``--print_config``, class_path/init_args and dotted overrides work as in Lightning; an unknown key is
+    a LightningCLI (jsonargparse) error that names it."""
+    from lightning.pytorch.cli import LightningCLI
+
+    # args=None: LightningCLI reads sys.argv itself; given args (volfm.cli.main([...]) from Python or the
+    # demo) take precedence, which is what its warning about sys.argv would question
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    LightningCLI(None, None, subclass_mode_model=True, subclass_mode_data=True, args=argv,
+                 save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "volfm"},
+                 auto_configure_optimizers=False)
+    return 0
+
+
 def main(argv=None) -> int:
+    from_sys = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                return run_lightning(None if from_sys else argv)
+        except VolfmError as exc:
+            print(f"volfm {argv[0]}: error: {' '.join(str(exc).split(chr(10)))}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():

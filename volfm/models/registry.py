@@ -164,3 +164,33 @@ def load_encoder(path_or_model: str | Path | nn.Module, path: str | Path | None 
     source = f"{path}" + (f" (saved from {saved_as!r})" if saved_as else "")
     state = load_file(str(path))
     return load_state_dict_checked(model, state, source=source, strict=strict)
+
+
+def load_encoder_weights(model: nn.Module, path: str | Path, *, strict: bool = True, prefix: str = "encoder.") -> nn.Module:
+    """Load encoder weights into ``model`` from any volfm checkpoint: an encoder ``.safetensors``
+    (:func:`save_encoder`) or a Lightning ``.ckpt`` of a volfm task (ICD pretext, report contrastive,
+    segmentation, synthesis), whose encoder lives under ``prefix`` in the state dict. Read with
+    ``torch.load(weights_only=True)``; a checkpoint of another encoder fails listing the mismatched keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise VolfmError(f"encoder checkpoint {path} does not exist; give the path of a volfm .ckpt or an encoder "
+                         ".safetensors file")
+    if path.suffix == ".safetensors":
+        return load_encoder(model, path, strict=strict)
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+        raise VolfmError(f"cannot read checkpoint {path} with torch.load(weights_only=True): "
+                         f"{' '.join(str(exc).split())[:300]}") from exc
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise VolfmError(f"{path} does not hold a state dict (got {type(ckpt).__name__})")
+    enc = {k[len(prefix):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
+    if not enc:
+        raise VolfmError(f"{path} holds no encoder weights (no '{prefix}*' keys; first keys: "
+                         f"{_list_keys(sorted(map(str, state)), 5)}); give a volfm task checkpoint or an encoder "
+                         ".safetensors file")
+    info = (ckpt.get("volfm") or {}) if isinstance(ckpt, dict) else {}
+    saved_as = (info.get("encoder") or {}).get("name") if isinstance(info.get("encoder"), dict) else None
+    source = f"{path}" + (f" (saved from {saved_as!r})" if saved_as else "")
+    return load_state_dict_checked(model, enc, source=source, strict=strict)
