@@ -83,7 +83,8 @@ def _cmd_inspect(args) -> int:
 def _cmd_demo(args) -> int:
     from volfm.demo import run_demo
 
-    return run_demo(args.out, cases=args.cases, workers=args.workers)
+    return run_demo(args.out, cases=args.cases, workers=args.workers, pretrain_cases=args.pretrain_cases,
+                    pretrain_epochs=args.pretrain_epochs)
 
 
 def _cmd_evaluate(args) -> int:
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="volfm_demo")
     s.add_argument("--cases", type=int, default=8)
     s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--pretrain-cases", type=int, default=240,
+                   help="synthetic CT cases for the pretraining steps (0 skips pretraining)")
+    s.add_argument("--pretrain-epochs", type=int, default=12, help="epochs of each pretraining run")
     s.set_defaults(fn=_cmd_demo)
 
     s = sub.add_parser("evaluate", help="evaluate a pretraining checkpoint: ICD AUROC, linear probe, retrieval R@k, "

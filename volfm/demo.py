@@ -18,7 +18,8 @@ def _step(title: str):
     print(f"\n== {title} ==", flush=True)
 
 
-def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2, encoders=None) -> int:
+def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2, encoders=None, pretrain_cases: int = 240,
+             pretrain_epochs: int = 12) -> int:
     from volfm.cli import print_summary
     from volfm.data.synth_ct import make_ct_cohort
     from volfm.data.synth_mripet import make_mripet_cohort
@@ -59,14 +60,88 @@ def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2, encoders=None) 
     s2 = run_cohort(spec_path, mp_store, cohort=mp_table, workers=workers)
     print_summary(s2)
 
+    pre = None
+    if pretrain_cases:
+        pre = _pretrain(out, pretrain_cases, pretrain_epochs, workers)
+
     _step(f"done in {time.perf_counter() - t0:.0f} s")
     qc = sorted((ct_store / "qc").glob("*.png"))
     print(f"CT store:       {ct_store}\n  manifest:     {ct_store / 'manifest.csv'}\n  QC images:    {ct_store / 'qc'}"
           f"{'  (e.g. ' + str(qc[0]) + ')' if qc else ''}")
     print(f"MRI/PET store:  {mp_store}\n  manifest:     {mp_store / 'manifest.csv'}\n  QC images:    {mp_store / 'qc'}")
     print(f"Training patches: {out / 'patches_ct.png'}")
-    print("Next: volfm inspect " + str(ct_store) + "   |   volfm bench preprocess | loader | sliding-window")
+    if pre:
+        print(f"Pretraining:    ICD run {pre['icd_dir']}\n  contrastive:  {pre['clip_dir']}\n  evaluation:   "
+              f"{pre['eval_dir']} (eval.json, eval.png)")
+    print("Next: volfm inspect " + str(ct_store) + "   |   volfm bench preprocess | loader | sliding-window | patch-embed")
     return 0 if not (s1["failed"] or s2["failed"]) else 1
+
+
+def _fit(recipe: str, store, run_dir, *overrides) -> Path:
+    """``volfm fit --config recipes/demo/<recipe>`` into ``run_dir``; returns the run's log folder."""
+    from volfm.cli import main as cli_main
+
+    recipe_path = Path(__file__).resolve().parent / "recipes" / "demo" / recipe
+    run_dir = Path(run_dir)
+    rc = cli_main(["fit", "--config", str(recipe_path), "--data.init_args.store", str(store),
+                   "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
+                   "--trainer.enable_progress_bar", "false", *overrides])
+    if rc != 0:
+        raise RuntimeError(f"volfm fit --config {recipe_path} failed (exit {rc})")
+    return max(run_dir.glob("csv/version_*"), key=lambda p: p.stat().st_mtime)
+
+
+def _val_history(log_dir: Path, key: str) -> list[float]:
+    import csv
+
+    with open(log_dir / "metrics.csv", newline="") as f:
+        return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
+
+
+def _pretrain(out: Path, n_cases: int, epochs: int, workers: int) -> dict:
+    """Merlin-style pretraining on a larger synthetic cohort at demo resolution: ICD pretext, a random-label
+    control, then report contrastive learning staged from the ICD encoder; metrics on the test split."""
+    from volfm.cli import print_summary
+    from volfm.data.synth_ct import make_ct_cohort
+    from volfm.eval.pretrain import evaluate_checkpoint
+    from volfm.preprocess.runner import run_cohort
+
+    _step(f"7. Merlin-style pretraining cohort: {n_cases} synthetic CT cases, preprocessed with ct_merlin_demo "
+          "(the Merlin field of view at 7 x 7 x 10 mm, 48^3)")
+    table = make_ct_cohort(out / "synth_ct_pretrain", n_cases, seed=1, shape=(64, 64, 40), workers=max(1, workers))
+    store = out / "store_ct_merlin_demo"
+    summary = run_cohort("ct_merlin_demo", store, cohort=table, workers=workers, qc=False)
+    print_summary(summary)
+    common = ["--trainer.max_epochs", str(epochs), "--data.init_args.num_workers", str(workers)]
+
+    _step(f"8. ICD-code pretext (recipes/demo/icd_pretrain.yaml, {epochs} epochs, quarter-width ResNet-18 I3D)")
+    t = time.perf_counter()
+    icd_dir = _fit("icd_pretrain.yaml", store, out / "runs" / "icd", *common)
+    icd = _val_history(icd_dir, "val/icd_macro_auroc")
+    print(f"ICD macro AUROC on the validation split, per epoch: {' '.join(f'{v:.2f}' for v in icd)} "
+          f"({time.perf_counter() - t:.0f} s)")
+
+    _step("9. control: the same run with each training case's ICD codes swapped with another case's (random labels)")
+    ctl_dir = _fit("icd_pretrain.yaml", store, out / "runs" / "icd_random_labels", *common,
+                   "--model.init_args.random_labels", "true")
+    ctl = _val_history(ctl_dir, "val/icd_macro_auroc")
+    print(f"random-label control, ICD macro AUROC per epoch: {' '.join(f'{v:.2f}' for v in ctl)}")
+
+    _step("10. CT-report contrastive learning, staged from the ICD encoder (recipes/demo/report_contrastive.yaml)")
+    clip_dir = _fit("report_contrastive.yaml", store, out / "runs" / "contrastive", *common,
+                    "--model.init_args.pretrained", str(icd_dir / "encoder.safetensors"))
+    zs = _val_history(clip_dir, "val/zeroshot_macro_auroc")
+    print(f"zero-shot findings macro AUROC on the validation split, per epoch: {' '.join(f'{v:.2f}' for v in zs)}")
+
+    _step("11. evaluation on the test split (volfm evaluate): ICD head, linear probe, retrieval, zero-shot, subgroups")
+    eval_dir = out / "eval_pretrain"
+    print("ICD pretext checkpoint:")
+    evaluate_checkpoint(icd_dir / "checkpoints" / "last.ckpt", store=store, out=out / "eval_icd",
+                        num_workers=workers, progress=False)
+    print("\ncontrastive checkpoint:")
+    evaluate_checkpoint(clip_dir / "checkpoints" / "last.ckpt", store=store, out=eval_dir, subgroups=["sex"],
+                        num_workers=workers, progress=False)
+    return {"icd_dir": icd_dir, "clip_dir": clip_dir, "eval_dir": eval_dir, "icd_auroc": icd, "control_auroc": ctl}
 
 
 def _describe_ct_cohort(table) -> None:

@@ -224,3 +224,15 @@ def test_evaluate_rejects_a_non_volfm_checkpoint(tmp_path, capsys):
     torch.save({"state_dict": {}}, bad)
     assert main(["evaluate", "--ckpt", str(bad), "--store", str(tmp_path)]) == 2
     assert "not a volfm pretraining checkpoint" in capsys.readouterr().err
+
+
+def test_multitask_fit_under_ddp_on_two_cpu_processes(store, tmp_path):
+    """Lightning's DDP strategy (gloo on CPU): heads built per rank in setup(), embeddings gathered across
+    ranks, validation metrics over both ranks' cases, a checkpoint that loads."""
+    _fit("demo/multitask_pretrain.yaml", store, tmp_path, *TEXT, "--trainer.strategy", "ddp_spawn",
+         "--trainer.devices", "2", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+         "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "true", "--model.init_args.icd_min_count", "1",
+         "--data.init_args.batch_size", "2")
+    ckpt = sorted(tmp_path.rglob("*.ckpt"))[-1]
+    task = ReportContrastiveTask.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
+    assert task.icd_head is not None and task.text is not None

@@ -219,8 +219,9 @@ class PretrainTask(pl.LightningModule):
         """Also write the encoder alone as safetensors next to the logs (what fine-tuning loads)."""
         from volfm.models import save_encoder
 
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            path = save_encoder(self.encoder, Path(self.trainer.log_dir) / "encoder.safetensors")
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+        if self.trainer.is_global_zero and log_dir:
+            path = save_encoder(self.encoder, Path(log_dir) / "encoder.safetensors")
             print(f"encoder weights: {path}", flush=True)
 
     # ------------------------------------------------------------------------------------ forward
@@ -389,8 +390,8 @@ class PretrainTask(pl.LightningModule):
         metrics = self._epoch_metrics(prefix)
         self._eval = {}
         if not self.trainer.sanity_checking:
-            self.log_dict({k: (v if math.isfinite(v) else float("nan")) for k, v in metrics.items()}, sync_dist=False,
-                          rank_zero_only=False)
+            # the same numbers on every rank (computed from gathered arrays); sync_dist keeps them so
+            self.log_dict({k: (v if math.isfinite(v) else float("nan")) for k, v in metrics.items()}, sync_dist=True)
             self.last_metrics = metrics
 
     def on_validation_epoch_start(self) -> None:
