@@ -216,9 +216,12 @@ class PretrainTask(pl.LightningModule):
             self._build_text(TextEncoder.from_spec(info["text"]))
 
     def on_fit_end(self) -> None:
-        """Also write the encoder alone as safetensors next to the logs (what fine-tuning loads)."""
+        """Also write the encoder alone as safetensors next to the logs (what fine-tuning loads); without a
+        logger there is no run folder, and the checkpoint itself serves (load_encoder_weights reads both)."""
         from volfm.models import save_encoder
 
+        if not self.trainer.loggers:
+            return
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if self.trainer.is_global_zero and log_dir:
             path = save_encoder(self.encoder, Path(log_dir) / "encoder.safetensors")
