@@ -229,3 +229,23 @@ def test_training_patches_carry_the_voxel_spacing_for_augmentation(ct_store):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["spacing"][0] == [6.0, 6.0, 6.0]
+
+
+def test_few_label_subsets_are_nested_and_leave_validation_alone(ct_store):
+    from volfm import VolfmError
+
+    def train_ids(**kw):
+        dm = SegmentationDataModule(str(ct_store), patch_size=(16, 16, 16), num_workers=0, **kw)
+        dm.setup("fit")
+        return dm.datasets["train"].dataset.case_ids, dm.datasets["val"].dataset.case_ids
+
+    full, val = train_ids()
+    one, val1 = train_ids(num_train_cases=1)
+    two, _ = train_ids(num_train_cases=2)
+    half, _ = train_ids(train_fraction=0.5)
+    assert len(one) == 1 and len(two) == 2 and len(half) == max(1, round(0.5 * len(full)))
+    assert set(one) <= set(two) <= set(full) and val1 == val
+    with pytest.raises(VolfmError, match="only"):
+        train_ids(num_train_cases=len(full) + 1)
+    with pytest.raises(VolfmError, match="not both"):
+        SegmentationDataModule(str(ct_store), num_train_cases=1, train_fraction=0.5)

@@ -93,6 +93,9 @@ class StoreDataModule(pl.LightningDataModule):
     arrays: image-like arrays to read (e.g. ["image"] or ["mri", "pet"]); label: label array or None.
     sampler: "label_weighted" (nnU-Net foreground oversampling), "uniform" or "whole".
     augmentation: TorchIO transform list (see volfm.data.augment), applied to training patches.
+    num_train_cases / train_fraction: few-label runs: train on the first n (or the fraction, at least 1)
+    of the training cases in a fixed seeded order, so smaller subsets are nested in larger ones
+    (1 case within 2 within 5); validation and test splits are unchanged.
     """
 
     def __init__(self, store: str, arrays: Sequence[str] = ("image",), label: str | None = "label",
@@ -101,9 +104,16 @@ class StoreDataModule(pl.LightningDataModule):
                  samples_per_volume: int = 2, batch_size: int = 2, val_batch_size: int = 1,
                  num_workers: int = 2, pin_memory: bool = True, persistent_workers: bool = True,
                  augmentation: list | dict | None = None, train_split: str = "train", val_split: str = "val",
-                 test_split: str = "test", columns: Sequence[str] = ("icd_codes", "report"), seed: int = 0):
+                 test_split: str = "test", columns: Sequence[str] = ("icd_codes", "report"), seed: int = 0,
+                 num_train_cases: int | None = None, train_fraction: float | None = None):
         super().__init__()
         self.save_hyperparameters()
+        if num_train_cases is not None and train_fraction is not None:
+            raise VolfmError("give num_train_cases or train_fraction, not both")
+        if num_train_cases is not None and int(num_train_cases) < 1:
+            raise VolfmError(f"num_train_cases must be at least 1, got {num_train_cases}")
+        if train_fraction is not None and not 0 < float(train_fraction) <= 1:
+            raise VolfmError(f"train_fraction must be in (0, 1], got {train_fraction}")
         if sampler not in ("label_weighted", "uniform", "whole"):
             raise VolfmError(f"sampler must be label_weighted, uniform or whole, got {sampler!r}")
         if sampler == "label_weighted" and label is None:
@@ -115,7 +125,15 @@ class StoreDataModule(pl.LightningDataModule):
         from volfm.data.dataset import StoreDataset
 
         h = self.hparams
-        return StoreDataset(h.store, split=split, arrays=tuple(h.arrays), label=h.label, columns=tuple(h.columns))
+        ds = StoreDataset(h.store, split=split, arrays=tuple(h.arrays), label=h.label, columns=tuple(h.columns))
+        if split == h.train_split and (h.num_train_cases is not None or h.train_fraction is not None):
+            n = len(ds)
+            k = int(h.num_train_cases) if h.num_train_cases is not None else max(1, round(float(h.train_fraction) * n))
+            if k > n:
+                raise VolfmError(f"num_train_cases={k} but {h.store} has only {n} ok cases in split '{split}'")
+            order = np.random.default_rng([int(h.seed), 0x5E1EC7]).permutation(n)
+            ds = ds.select(sorted(order[:k]))
+        return ds
 
     def _sampler(self, train: bool):
         from volfm.data import samplers

@@ -128,6 +128,18 @@ class StoreDataset(Dataset):
                 f"{failed}); choose one of the splits present, or fix the failed cases (volfm inspect "
                 f"{self.root}) and rerun volfm preprocess")
 
+    def select(self, indices) -> "StoreDataset":
+        """A view of this dataset restricted to the cases at ``indices`` (in that order)."""
+        import copy
+
+        idx = [int(i) for i in indices]
+        if not idx:
+            raise StoreError(f"{self.root}: selecting no case leaves nothing to train on; keep at least one case")
+        view = copy.copy(self)
+        view.rows = [self.rows[i] for i in idx]
+        view._ids = [self._ids[i] for i in idx]
+        return view
+
     @property
     def case_ids(self) -> list[str]:
         return list(self._ids)

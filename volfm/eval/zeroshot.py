@@ -28,6 +28,7 @@ import yaml
 from scipy.special import expit
 
 from volfm import VolfmError
+from volfm.io.yamlfile import UniqueKeyLoader
 from volfm.eval.classification import best_threshold_f1, binary_f1, multilabel_metrics
 
 __all__ = [
@@ -60,21 +61,6 @@ def normalise_code(code) -> str:
     return str(code).strip().upper().replace(".", "")
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key repeated in one mapping (plain YAML silently keeps the last one)."""
-
-
-def _construct_mapping(loader, node, deep=False):
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def _resolve_prompts_path(name_or_path) -> Path:
@@ -162,7 +148,7 @@ def load_prompts(name_or_path="ct_findings") -> dict:
     """
     path = _resolve_prompts_path(name_or_path)
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except (UnicodeDecodeError, IsADirectoryError) as exc:
         raise VolfmError(f"{path}: not a YAML text file ({type(exc).__name__}); give the path of a prompts .yaml") \
             from exc
