@@ -93,6 +93,12 @@ def _cmd_evaluate(args) -> int:
     return evaluate_main(args)
 
 
+def _cmd_predict(args) -> int:
+    from volfm.predict import main as predict_main
+
+    return predict_main(args)
+
+
 def _cmd_bench(args) -> int:
     import importlib
 
@@ -160,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_evaluate)
+
+    s = sub.add_parser("predict", help="run a trained segmentation model on raw images; outputs in each image's own grid")
+    s.add_argument("--config", help="the recipe YAML the model was trained with (its data store and patch size)")
+    s.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", required=True, help="checkpoint written by volfm fit")
+    s.add_argument("--input", required=True, help="an image file (NIfTI/NRRD/MHA), a DICOM folder, or a folder of them")
+    s.add_argument("--out", required=True, help="output folder (<name>_seg.nii.gz, <name>_qc.png, predictions.json)")
+    s.add_argument("--store", help="the training store (default: from --config or the checkpoint)")
+    s.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    s.add_argument("--no-qc", action="store_true", help="skip the QC PNGs")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_predict)
 
     s = sub.add_parser("bench", help="benchmarks against named peers")
     s.add_argument("name", help=", ".join(BENCHMARKS))

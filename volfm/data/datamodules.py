@@ -210,7 +210,19 @@ class StoreDataModule(pl.LightningDataModule):
 
 
 class SegmentationDataModule(StoreDataModule):
-    """Image + label patches, nnU-Net style foreground oversampling by default."""
+    """Image + label patches, nnU-Net style foreground oversampling by default. Validation and test give
+    whole stored volumes (``whole_volume_eval``) for sliding-window evaluation, one case per batch."""
+
+    def __init__(self, store: str, whole_volume_eval: bool = True, **kwargs):
+        super().__init__(store, **kwargs)
+        self.whole_volume_eval = bool(whole_volume_eval)
+
+    def _sampler(self, train: bool):
+        if not train and self.whole_volume_eval:
+            from volfm.data.samplers import WholeVolumeSampler
+
+            return WholeVolumeSampler(size=None)
+        return super()._sampler(train)
 
 
 class PretrainDataModule(StoreDataModule):

@@ -1,4 +1,5 @@
 """volfm.tasks: one LightningModule per training objective (recipes name them by class_path)."""
 from volfm.tasks.pretrain import IcdPretrainTask, PretrainTask, ReportContrastiveTask
+from volfm.tasks.segmentation import SegmentationTask
 
-__all__ = ["IcdPretrainTask", "PretrainTask", "ReportContrastiveTask"]
+__all__ = ["IcdPretrainTask", "PretrainTask", "ReportContrastiveTask", "SegmentationTask"]

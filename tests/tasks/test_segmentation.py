@@ -1,0 +1,214 @@
+"""Segmentation fine-tuning: recipes run, fine-tuning modes freeze/train what they say, predictions land
+in the source image's own grid, bad input gets clear errors."""
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import lightning.pytorch as pl
+
+from volfm import VolfmError
+from volfm.cli import main
+from volfm.data.datamodules import SegmentationDataModule
+from volfm.data.synth_ct import LABEL_IDS, make_ct_case, make_ct_cohort
+from volfm.io import write_nifti
+from volfm.preprocess.pipeline import Pipeline
+from volfm.preprocess.runner import run_cohort
+from volfm.preprocess.spec import load_spec
+from volfm.tasks import SegmentationTask
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+TINY_ENC = {"in_chans": 1, "base_channels": 8}
+TINY = ["--model.init_args.encoder", "resnet18_3d", "--model.init_args.encoder_kwargs", '{"in_chans": 1, "base_channels": 8}',
+        "--data.init_args.patch_size", "[16, 16, 16]", "--data.init_args.num_workers", "0",
+        "--data.init_args.batch_size", "2", "--data.init_args.samples_per_volume", "1",
+        "--trainer.precision", "32-true", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--trainer.callbacks", "[]"]
+
+
+def _spec(root: Path, spacing=(10.5, 10.5, 15.0), size=(32, 32, 32)) -> Path:
+    spec = load_spec("ct_merlin_demo")
+    spec.update(spacing=list(spacing), crop={"size": list(size), "mode": "center"})
+    path = root / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg")
+    table = make_ct_cohort(root / "ct", 8, seed=11, shape=(40, 40, 24), progress=False)
+    assert run_cohort(_spec(root), root / "store", cohort=table, progress=False, qc=False)["failed"] == 0
+    return root / "store"
+
+
+def _task(**kw) -> SegmentationTask:
+    return SegmentationTask(encoder="resnet18_3d", encoder_kwargs=TINY_ENC, labels=["spleen"], **kw)
+
+
+def _setup(task, store, **dm_kw):
+    dm = SegmentationDataModule(str(store), patch_size=(16, 16, 16), num_workers=0, batch_size=2, **dm_kw)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                         num_sanity_val_steps=0)
+    trainer.fit(task, datamodule=dm)
+    return dm
+
+
+@pytest.mark.parametrize("recipe", ["seg_finetune.yaml", "demo/seg_finetune.yaml"])
+def test_recipes_fast_dev_run(recipe, store, tmp_path):
+    assert main(["fit", "--config", str(RECIPES / recipe), "--data.init_args.store", str(store),
+                 "--trainer.default_root_dir", str(tmp_path), *TINY, "--trainer.fast_dev_run", "true",
+                 "--data.init_args.num_train_cases", "2"]) == 0
+
+
+def _one_step(task, store):
+    """Parameters before and after one real optimiser step (Dice+CE on a batch of patches)."""
+    dm = _setup(task, store)
+    before = {n: p.detach().clone() for n, p in task.named_parameters()}
+    opt = task.configure_optimizers()["optimizer"]
+    task.train()
+    batch = next(iter(dm.train_dataloader()))
+    loss = task._loss(task.model(batch["image"]), task._target(batch))  # what training_step optimises
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in task.named_parameters() if not torch.equal(p.detach(), before[n])}
+    return changed
+
+
+@pytest.mark.parametrize("mode", ["full", "frozen", "partial", "lora"])
+def test_finetune_modes_train_what_they_say(mode, store):
+    task = _task(finetune=mode, unfreeze_stages=1)
+    changed = _one_step(task, store)
+    enc = {n for n, _ in task.named_parameters() if n.startswith("encoder.")}
+    dec = {n for n, _ in task.named_parameters() if n.startswith("decoder.")}
+    trainable = {n for n, p in task.named_parameters() if p.requires_grad}
+    assert dec <= trainable and dec & changed  # the decoder always trains
+    if mode == "full":
+        assert enc <= trainable and len(enc & changed) > 0.8 * len(enc)
+    elif mode == "frozen":
+        assert not (enc & trainable) and not (enc & changed)
+        assert not task.encoder.training  # BatchNorm statistics of a frozen encoder stay put
+    elif mode == "partial":
+        assert enc & trainable == {n for n in enc if n.startswith("encoder.layer4.")}
+        assert enc & changed and all(n.startswith("encoder.layer4.") for n in enc & changed)
+    else:
+        lora = {n for n in enc if "lora_" in n}
+        assert lora and enc & trainable == lora
+        assert {n for n in enc & changed} <= lora and any("lora_B" in n for n in enc & changed)
+    n_enc = sum(p.numel() for n, p in task.named_parameters() if n.startswith("encoder.") and p.requires_grad)
+    assert f"encoder {n_enc / 1e6:.2f} M of" in task.trainable_summary()
+
+
+def test_labels_from_a_yaml_label_map_merge_kidneys(store, tmp_path):
+    lm = tmp_path / "map.yaml"
+    lm.write_text(yaml.safe_dump({"source": LABEL_IDS, "classes": {"kidney": ["kidney_left", "kidney_right"],
+                                                                  "spleen": "spleen"}}))
+    task = SegmentationTask(encoder="resnet18_3d", encoder_kwargs=TINY_ENC, labels=str(lm))
+    _setup(task, store)
+    assert task.class_names == ["background", "kidney", "spleen"]
+    lab = torch.tensor([[[[[0, 3, 4, 2, 1]]]]], dtype=torch.uint8)
+    target = task._target({"label": lab, "case_id": ["x"]})
+    assert target.flatten().tolist() == [0, 1, 1, 2, 0]
+
+
+def test_label_values_missing_from_the_label_map_fail_clearly(store, tmp_path, capsys):
+    import json
+
+    partial = tmp_path / "labels.json"  # a source map that lacks the kidneys, lungs, aorta, ...
+    partial.write_text(json.dumps({"background": 0, "liver": 1, "spleen": 2}))
+    rc = main(["fit", "--config", str(RECIPES / "demo/seg_finetune.yaml"), "--data.init_args.store", str(store),
+               "--trainer.default_root_dir", str(tmp_path), *TINY, "--trainer.fast_dev_run", "true",
+               "--model.init_args.source_labels", str(partial), "--data.init_args.foreground_fraction", "1.0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "missing from the label map" in err and len(err.strip().splitlines()) == 1
+
+
+def test_checkpoint_of_a_different_encoder_lists_mismatched_keys(store, tmp_path):
+    from volfm.models import create_encoder, save_encoder
+
+    path = save_encoder(create_encoder("resnet18_3d", base_channels=16), tmp_path / "enc16.safetensors")
+    task = _task(pretrained=str(path))
+    with pytest.raises(VolfmError, match=r"shape-mismatched keys: .*conv1.weight"):
+        _setup(task, store)
+
+
+def test_label_on_another_grid_than_the_image_is_refused(tmp_path):
+    case = make_ct_case(3, shape=(40, 40, 24))
+    img, lab = case["image"], case["label"]
+    write_nifti(img, tmp_path / "img.nii.gz")
+    shifted = lab.affine.copy()
+    shifted[:3, 3] += 7.5
+    write_nifti(type(lab)(lab.array, shifted, lab.meta), tmp_path / "lab.nii.gz")
+    (tmp_path / "cohort.csv").write_text("case_id,image,label\nc0,img.nii.gz,lab.nii.gz\n")
+    summary = run_cohort(_spec(tmp_path), tmp_path / "store", cohort=tmp_path / "cohort.csv", progress=False, qc=False)
+    assert summary["failed"] == 1 and "is not on the grid of image" in summary["failures"][0][1]
+
+
+class _OracleTask(SegmentationTask):
+    """Predicts the stored-grid label of the case it was given (a perfect model on the stored grid)."""
+    oracle: np.ndarray = None
+
+    def predict_volume(self, image, patch_size=None):
+        assert image.shape[1:] == self.oracle.shape
+        return self.oracle
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_prediction_is_written_in_the_oblique_anisotropic_source_grid(tmp_path, monkeypatch, flip):
+    """An oblique (10 deg), anisotropic source: the written label has the input's exact shape and affine and,
+    from an oracle on the stored grid, overlaps the source labels; a flipped prediction does not."""
+    import volfm.predict as vp
+
+    case = make_ct_case(7, shape=(72, 64, 28), orientation="LPS", oblique_deg=10.0)
+    src = tmp_path / "scan.nii.gz"
+    write_nifti(case["image"], src)
+    write_nifti(case["label"], tmp_path / "scan_label.nii.gz")
+    store = tmp_path / "store"
+    spec_path = _spec(tmp_path, spacing=(3.0, 3.0, 3.0), size=(112, 112, 160))
+    (tmp_path / "cohort.csv").write_text("case_id,image,label\nc0,scan.nii.gz,scan_label.nii.gz\n")
+    assert run_cohort(spec_path, store, cohort=tmp_path / "cohort.csv", progress=False, qc=False)["failed"] == 0
+    spec = yaml.safe_load((store / "spec.yaml").read_text())["spec"]
+    stored = Pipeline(spec)({"image": str(src), "label": str(tmp_path / "scan_label.nii.gz")}, "c0").arrays["label"][0]
+    liver = (stored == LABEL_IDS["liver"]).astype(np.uint8)
+    task = _task()
+    task._build(__import__("volfm.data.labelmap", fromlist=["LabelMap"]).LabelMap.from_names(["liver"], LABEL_IDS))
+    oracle = _OracleTask.__new__(_OracleTask)
+    oracle.__dict__ = task.__dict__
+    oracle.oracle = liver[::-1].copy() if flip else liver
+    monkeypatch.setattr(vp, "load_task", lambda ckpt: (oracle, {"datamodule_hyper_parameters": {"store": str(store)}}))
+    summary = vp.predict_files("unused.ckpt", src, tmp_path / "out", progress=False)
+    assert not summary["failures"]
+    written, source = nib.load(summary["outputs"][0]["output"]), nib.load(str(src))
+    assert written.shape == source.shape
+    np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
+    pred = np.asarray(written.dataobj) == 1
+    truth = np.asarray(nib.load(str(tmp_path / "scan_label.nii.gz")).dataobj) == LABEL_IDS["liver"]
+    dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+    if flip:
+        assert dice < 0.5
+    else:
+        assert dice > 0.9
+        assert Path(summary["outputs"][0]["qc"]).stat().st_size > 1000
+
+
+def test_predict_cli_reports_bad_inputs_and_goes_on(store, tmp_path, capsys):
+    ck = tmp_path / "run"
+    assert main(["fit", "--config", str(RECIPES / "demo/seg_finetune.yaml"), "--data.init_args.store", str(store),
+                 "--trainer.default_root_dir", str(ck), *TINY[:-2], "--trainer.max_epochs", "1",
+                 "--trainer.limit_train_batches", "1",
+                 "--trainer.enable_checkpointing", "true", "--trainer.limit_val_batches", "0"]) == 0
+    ckpt = sorted(ck.rglob("*.ckpt"))[-1]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_nifti(make_ct_case(1, shape=(40, 40, 24))["image"], inputs / "good.nii.gz")
+    (inputs / "broken.nii.gz").write_bytes(b"not a nifti file")
+    rc = main(["predict", "--config", str(RECIPES / "demo/seg_finetune.yaml"), "--ckpt_path", str(ckpt),
+               "--store", str(store), "--input", str(inputs), "--out", str(tmp_path / "pred"), "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "1 written, 1 failed" in out and "FAILED" in out and "broken.nii.gz" in out
+    good = nib.load(str(tmp_path / "pred" / "good_seg.nii.gz"))
+    assert good.shape == (40, 40, 24)

@@ -1,0 +1,155 @@
+"""`volfm predict`: run a trained volfm model on raw images and write results in each image's own grid.
+
+    volfm predict --config recipes/seg_finetune.yaml --ckpt_path runs/.../last.ckpt \
+                  --input scan.nii.gz|folder/ --out predictions/
+
+For every input file: preprocess it with the spec of the store the model was trained on (the
+store's spec.yaml: same orientation, spacing, intensity, crop), run sliding-window inference with the
+training patch size, map the prediction back onto the source grid through meta (the inverse of
+preprocessing, nearest for labels), and write ``<name>_seg.nii.gz`` with exactly the input's shape
+and affine, plus ``<name>_qc.png`` (source slices with the prediction overlaid). One file failing
+(unreadable, 4D, sheared, ...) is reported and the others go on; the exit status is 1 then.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from volfm import VolfmError
+
+__all__ = ["predict_files", "main"]
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _inputs(path) -> list[Path]:
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES))
+        if files:
+            return files
+        dicom = sorted(d for d in p.iterdir() if d.is_dir())
+        if dicom:
+            return dicom  # DICOM series folders
+        raise VolfmError(f"{p}: no image files ({', '.join(IMAGE_SUFFIXES)}) or DICOM folders inside")
+    raise VolfmError(f"--input {p} does not exist")
+
+
+def _stem(p: Path) -> str:
+    name = p.name
+    for suf in IMAGE_SUFFIXES:
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def _config_data(config) -> dict:
+    """The data init_args of a recipe (store, patch_size), or {} without a config."""
+    if not config:
+        return {}
+    try:
+        doc = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise VolfmError(f"--config {config} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise VolfmError(f"--config {config} is not valid YAML: {' '.join(str(exc).split())}") from None
+    return ((doc.get("data") or {}).get("init_args") or {}) if isinstance(doc, dict) else {}
+
+
+def load_task(ckpt):
+    """The volfm task stored in a checkpoint (class from its ``volfm`` record), eval mode, CPU."""
+    import importlib
+
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise VolfmError(f"--ckpt_path {ckpt} does not exist; give the .ckpt written by volfm fit")
+    try:
+        raw = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+        raise VolfmError(f"cannot read checkpoint {ckpt} (torch.load weights_only=True): "
+                         f"{' '.join(str(exc).split())[:300]}") from exc
+    info = raw.get("volfm") if isinstance(raw, dict) else None
+    if not info or "task" not in info:
+        raise VolfmError(f"{ckpt} is not a volfm checkpoint (no 'volfm' record); give a .ckpt written by volfm fit")
+    module, _, name = info["task"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    if not hasattr(cls, "predict_volume"):
+        raise VolfmError(f"{ckpt} holds a {name}, which does not predict images; volfm predict takes segmentation "
+                         "(or synthesis) checkpoints")
+    task = cls.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
+    return task.eval(), raw
+
+
+def predict_files(ckpt, inputs, out, config=None, store=None, device: str | None = None, qc: bool = True,
+                  progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from volfm.io import write_nifti
+    from volfm.preprocess.pipeline import Pipeline, to_source_grid
+    from volfm.preprocess.qc import render_case_png
+
+    task, raw = load_task(ckpt)
+    data = {**(raw.get("datamodule_hyper_parameters") or {}), **_config_data(config)}
+    store = Path(store or data.get("store") or "")
+    spec_file = store / "spec.yaml"
+    if not spec_file.is_file():
+        raise VolfmError(f"the training store's spec {spec_file} is missing: predict preprocesses inputs with the "
+                         "spec the model was trained on; pass --store STORE (or a --config naming it)")
+    spec = (yaml.safe_load(spec_file.read_text()) or {}).get("spec")
+    if not spec:
+        raise VolfmError(f"{spec_file} holds no resolved spec; rerun volfm preprocess --overwrite on {store}")
+    image_inputs = [n for n, c in spec["inputs"].items() if c.get("kind") != "label"]
+    spec = {**spec, "inputs": {n: c for n, c in spec["inputs"].items() if n in image_inputs[:1]}}
+    spec["reference"] = image_inputs[0]
+    pipe = Pipeline(spec, source=str(spec_file))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    task = task.to(device)
+    patch = data.get("patch_size")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = _inputs(inputs)
+    results, failures = [], []
+    for f in tqdm(files, desc="predict", unit="image", disable=not progress):
+        t0 = time.perf_counter()
+        case = re.sub(r"[^A-Za-z0-9._-]", "_", _stem(f))
+        try:
+            proc = pipe({image_inputs[0]: str(f)}, case_id=case, hash_sources=False)
+            pred = task.predict_volume(proc.arrays[image_inputs[0]], patch_size=patch)
+            meta = {**proc.meta, "affine": proc.affine.tolist(), "case_id": case}
+            vol = to_source_grid(pred[None].astype(np.float32), meta, order="nearest")
+            vol = type(vol)(np.rint(vol.array).astype(np.uint8), vol.affine, {"path": f"prediction for {f}"})
+            seg = write_nifti(vol, out / f"{case}_seg.nii.gz")
+            row = {"input": str(f), "output": str(seg), "shape": list(vol.array.shape[1:]),
+                   "voxels_per_class": {n: int((vol.array == i).sum()) for i, n in enumerate(task.class_names)},
+                   "seconds": round(time.perf_counter() - t0, 2)}
+            if qc:
+                from volfm.io import read_volume
+
+                src = read_volume(str(f))
+                row["qc"] = str(render_case_png(out / f"{case}_qc.png", src.array[0], src.affine, vol.array[0],
+                                                title=f"{f.name}: {', '.join(task.class_names[1:])}"))
+            results.append(row)
+        except VolfmError as exc:
+            failures.append({"input": str(f), "error": " ".join(str(exc).split())})
+    summary = {"checkpoint": str(ckpt), "store": str(store), "outputs": results, "failures": failures}
+    (out / "predictions.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(args) -> int:
+    s = predict_files(args.ckpt_path, args.input, args.out, config=args.config, store=args.store, device=args.device,
+                      qc=not args.no_qc, progress=not args.quiet)
+    for r in s["outputs"]:
+        print(f"{r['input']} -> {r['output']} {tuple(r['shape'])} ({r['seconds']} s)")
+    for r in s["failures"]:
+        print(f"FAILED {r['input']}: {r['error']}")
+    print(f"{len(s['outputs'])} written, {len(s['failures'])} failed; summary: {Path(args.out) / 'predictions.json'}")
+    return 1 if s["failures"] else 0

@@ -1,0 +1,350 @@
+"""Segmentation fine-tuning: a pretrained volfm encoder + a U-Net/UNETR decoder on a new organ.
+
+The researcher's workflow: a pretrained encoder (any volfm checkpoint: ICD pretext, report
+contrastive, segmentation, or an encoder .safetensors), a handful of labelled scans, and a label map
+that says which source labels make up the new classes (e.g. pick ``pancreas`` out of a multi-organ
+map, or merge left and right kidney). Training uses patches with nnU-Net-style foreground
+oversampling (the DataModule), Dice + cross-entropy (MONAI's DiceCELoss, deep supervision optional);
+validation runs sliding-window inference over each whole stored volume and reports Dice and HD95 in
+millimetres per class (MONAI's metrics with the store's voxel spacing).
+
+Fine-tuning modes (``finetune``):
+    full     every parameter trains; the encoder at ``lr * encoder_lr_scale``
+    frozen   the encoder is frozen (and kept in eval mode, so BatchNorm statistics stay); decoder only
+    partial  only the last ``unfreeze_stages`` encoder stages (resnet3d layers / ViT blocks) train
+    lora     LoRA adapters (peft) on the encoder's conv/linear layers named by ``lora_targets``; the
+             encoder's own weights stay frozen, decoder trains fully
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # pragma: no cover
+    import pytorch_lightning as pl
+
+from volfm import VolfmError
+
+__all__ = ["SegmentationTask", "FINETUNE_MODES"]
+
+FINETUNE_MODES = ("full", "frozen", "partial", "lora")
+
+
+def _stages(encoder: nn.Module) -> list[nn.Module]:
+    """The encoder's sequential stages, shallow to deep (resnet3d: layer1..4; ViT: its blocks)."""
+    if all(hasattr(encoder, f"layer{i}") for i in range(1, 5)):
+        return [getattr(encoder, f"layer{i}") for i in range(1, 5)]
+    if hasattr(encoder, "blocks"):
+        return list(encoder.blocks)
+    raise VolfmError(f"partial fine-tuning does not know the stages of {type(encoder).__name__}; use full or lora")
+
+
+class SegmentationTask(pl.LightningModule):
+    """Dice+CE segmentation fine-tuning of a volfm encoder (see the module docstring).
+
+    labels: the label map: a YAML path (volfm.data.labelmap format), a list of source organ names to
+        keep (each becomes a class, the rest background), a dict in the YAML format, or None (every
+        source label is its own class). source_labels: the source dataset's name -> value map (a
+        labels.json, a cohort folder or a store; default: found from the store).
+    """
+
+    def __init__(self, encoder: str = "resnet18_3d", encoder_kwargs: dict | None = None,
+                 pretrained: str | None = None, decoder: str = "auto", decoder_kwargs: dict | None = None,
+                 deep_supervision: bool = False, labels: Any = None, source_labels: str | None = None,
+                 finetune: str = "full", encoder_lr_scale: float = 0.1, unfreeze_stages: int = 1,
+                 lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
+                 lora_targets: Sequence[str] | None = None, lr: float = 1e-3, weight_decay: float = 1e-5,
+                 warmup_fraction: float = 0.0, sw_overlap: float = 0.5, sw_batch_size: int = 2,
+                 hd_percentile: float = 95.0, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        if finetune not in FINETUNE_MODES:
+            raise VolfmError(f"finetune must be one of {', '.join(FINETUNE_MODES)}, got {finetune!r}")
+        from volfm.models import create_encoder
+
+        self.encoder_name = encoder
+        # state-dict keys encoder.* / decoder.*: load_encoder_weights reads any volfm checkpoint's encoder.*
+        self.encoder = create_encoder(encoder, **(encoder_kwargs or {}))
+        self.decoder: nn.Module | None = None  # built in setup(), once the label map gives the class count
+        self.labelmap = None
+        self.register_buffer("lut", torch.zeros(256, dtype=torch.long), persistent=False)
+        self.register_buffer("known", torch.zeros(256, dtype=torch.bool), persistent=False)
+        self._val: list[dict] = []
+        self.last_metrics: dict = {}
+
+    # ------------------------------------------------------------------------------------ building
+    @property
+    def model(self) -> nn.Module | None:
+        """The SegmentationModel over ``self.encoder`` and ``self.decoder`` (kept unregistered: the two
+        are registered on the task itself)."""
+        return self.__dict__.get("_net")
+
+    def _resolve_labelmap(self):
+        from volfm.data.labelmap import LabelMap, load_source_labels
+
+        h = self.hparams
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        store = getattr(dm, "hparams", {}).get("store") if dm is not None else None
+        source = None
+        if h.source_labels:
+            source = load_source_labels(h.source_labels)
+        elif store is not None:
+            try:
+                source = load_source_labels(store)
+            except VolfmError:
+                source = None
+        if h.labels is None:
+            if source is None:
+                raise VolfmError(f"no label names found for {store}: give model.init_args.labels (a label map YAML or "
+                                 "organ names) and source_labels (the dataset's labels.json)")
+            names = [n for n, v in sorted(source.items(), key=lambda kv: kv[1]) if v != 0]
+            return LabelMap.from_names(names, source)
+        if isinstance(h.labels, (list, tuple)):
+            if source is None:
+                raise VolfmError("labels given as organ names need source_labels (the dataset's labels.json: name -> "
+                                 "value) or a store whose cohort has one")
+            return LabelMap.from_names(list(h.labels), source)
+        return LabelMap.from_yaml(h.labels, source_labels=source)
+
+    def _build(self, labelmap) -> None:
+        from volfm.models.decoders import SegmentationModel
+
+        h = self.hparams
+        self.labelmap = labelmap
+        lut = torch.as_tensor(labelmap.lut.astype(np.int64))
+        known = torch.zeros(256, dtype=torch.bool)
+        known[list(labelmap.known_values)] = True
+        self.lut, self.known = lut.to(self.device), known.to(self.device)
+        if self.decoder is None:
+            net = SegmentationModel(self.encoder, labelmap.num_classes, decoder=h.decoder,
+                                    deep_supervision=h.deep_supervision, **(h.decoder_kwargs or {}))
+            self.decoder = net.decoder.to(self.device)
+            self.__dict__["_net"] = net
+        self._apply_finetune_mode()
+
+    def _apply_finetune_mode(self) -> None:
+        h = self.hparams
+        enc = self.encoder
+        if h.finetune == "full":
+            return
+        if h.finetune == "lora":
+            if not getattr(self, "_lora_applied", False):
+                self._lora_wrap(enc)  # peft injects the adapters in place
+                self._lora_applied = True
+            return
+        enc.requires_grad_(False)
+        if h.finetune == "partial":
+            stages = _stages(enc)
+            n = int(h.unfreeze_stages)
+            if not 1 <= n <= len(stages):
+                raise VolfmError(f"unfreeze_stages must be between 1 and {len(stages)} for {self.encoder_name}, got {n}")
+            for st in stages[-n:]:
+                st.requires_grad_(True)
+            if hasattr(enc, "norm") and isinstance(enc.norm, nn.Module):
+                enc.norm.requires_grad_(True)
+
+    def _lora_wrap(self, enc: nn.Module) -> nn.Module:
+        """Frozen encoder with trainable LoRA adapters (peft) on the matching Conv3d/Linear layers."""
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError as exc:  # pragma: no cover - peft is a dependency
+            raise VolfmError("finetune: lora needs the peft package (pip install peft)") from exc
+        h = self.hparams
+        targets = list(h.lora_targets) if h.lora_targets else self._default_lora_targets(enc)
+        if not targets:
+            raise VolfmError(f"no layer of {self.encoder_name} matches lora_targets {h.lora_targets}")
+        cfg = LoraConfig(r=int(h.lora_r), lora_alpha=int(h.lora_alpha), lora_dropout=float(h.lora_dropout),
+                         target_modules=targets)
+        enc = inject_adapter_in_model(cfg, enc)
+        for name, p in enc.named_parameters():
+            p.requires_grad_("lora_" in name)
+        return enc
+
+    @staticmethod
+    def _default_lora_targets(enc: nn.Module) -> list[str]:
+        """ViT: the attention qkv/proj and MLP linears; ResNet3d: the 3x3x3 convs of the residual blocks."""
+        names = []
+        for name, m in enc.named_modules():
+            if isinstance(m, nn.Linear) and re.search(r"(qkv|proj|fc1|fc2)$", name):
+                names.append(name)
+            elif isinstance(m, nn.Conv3d) and re.search(r"layer\d+\.\d+\.conv2$", name):
+                names.append(name)
+        return names
+
+    def setup(self, stage: str) -> None:
+        h = self.hparams
+        if h.pretrained and not getattr(self, "_pretrained_loaded", False) and stage == "fit":
+            from volfm.models import load_encoder_weights
+
+            load_encoder_weights(self.encoder, h.pretrained)
+            self._pretrained_loaded = True
+            if self._trainer is None or self.trainer.is_global_zero:
+                print(f"encoder weights loaded from {h.pretrained}", flush=True)
+        if self.labelmap is None:
+            self._build(self._resolve_labelmap())
+            if self._trainer is None or self.trainer.is_global_zero:
+                print(f"label map: {self.labelmap.num_classes} classes {self.labelmap.class_names}", flush=True)
+                print(self.trainable_summary(), flush=True)
+
+    def trainable_summary(self) -> str:
+        enc = sum(p.numel() for p in self.encoder.parameters())
+        enc_t = sum(p.numel() for p in self.encoder.parameters() if p.requires_grad)
+        dec = sum(p.numel() for p in self.decoder.parameters())
+        return (f"fine-tuning mode {self.hparams.finetune}: encoder {enc_t / 1e6:.2f} M of {enc / 1e6:.2f} M parameters "
+                f"trainable, decoder {dec / 1e6:.2f} M")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["volfm"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}",
+                               "encoder": {"name": self.encoder_name, "kwargs": dict(self.hparams.encoder_kwargs or {})},
+                               "labelmap": self.labelmap.to_dict() if self.labelmap is not None else None}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        info = checkpoint.get("volfm") or {}
+        if self.labelmap is None and info.get("labelmap") is not None:
+            from volfm.data.labelmap import LabelMap
+
+            self._build(LabelMap.from_yaml(info["labelmap"]))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.hparams.finetune == "frozen":
+            self.encoder.eval()  # a frozen encoder keeps its BatchNorm running statistics
+        return self
+
+    # ------------------------------------------------------------------------------------ steps
+    def forward(self, x: torch.Tensor):
+        return self.model(x)
+
+    def _target(self, batch: dict) -> torch.Tensor:
+        lab = batch["label"].long()
+        bad = ~self.known[lab.clamp(0, 255)] | (lab > 255)
+        if bool(bad.any()):
+            vals = sorted(int(v) for v in torch.unique(lab[bad]).tolist())
+            where = sorted({cid for i, cid in enumerate(batch["case_id"]) if bool(bad[i].any())})
+            raise VolfmError(f"case(s) {', '.join(where)}: label values {vals} are missing from the label map "
+                             f"(it knows {sorted(self.labelmap.known_values)}); add them to the map's source/classes "
+                             "(or ignore), or check that the map belongs to this dataset")
+        return self.lut[lab]
+
+    def _loss(self, out, target: torch.Tensor) -> torch.Tensor:
+        from monai.losses import DiceCELoss
+
+        if not hasattr(self, "_dice_ce"):
+            self._dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+        if isinstance(out, (list, tuple)):  # deep supervision: weights 1, 1/2, 1/4, ... normalised (nnU-Net)
+            w = torch.tensor([0.5 ** i for i in range(len(out))])
+            w = w / w.sum()
+            loss = 0.0
+            for wi, o in zip(w, out):
+                t = target if o.shape[2:] == target.shape[2:] else nn.functional.interpolate(
+                    target.float(), size=o.shape[2:], mode="nearest").long()
+                loss = loss + wi * self._dice_ce(o.float(), t)
+            return loss
+        return self._dice_ce(out.float(), target)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        target = self._target(batch)
+        loss = self._loss(self.model(batch["image"]), target)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["case_id"]))
+        return loss
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.labelmap.class_names)
+
+    @torch.no_grad()
+    def predict_volume(self, image, patch_size=None) -> np.ndarray:
+        """Class indices (I, J, K) uint8 for one stored-grid image (C, I, J, K), by sliding-window
+        inference with ``patch_size`` (default: the training patch size)."""
+        from volfm.data.grid import SlidingWindowInferer
+
+        dm_patch = None
+        if self._trainer is not None and getattr(self.trainer, "datamodule", None) is not None:
+            dm_patch = self.trainer.datamodule.hparams.get("patch_size")
+        patch = tuple(patch_size or dm_patch or np.asarray(image).shape[-3:])
+        inferer = SlidingWindowInferer(patch, overlap=self.hparams.sw_overlap, batch_size=self.hparams.sw_batch_size,
+                                       device=self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            logits = inferer(np.asarray(image, dtype=np.float32), self.model)
+        finally:
+            self.train(was_training)
+        return logits.argmax(0).to(torch.uint8).cpu().numpy()
+
+    def _eval_step(self, batch: dict, prefix: str) -> None:
+        from volfm.eval.segmentation import segmentation_metrics
+
+        target = self._target(batch)
+        for i, cid in enumerate(batch["case_id"]):
+            pred = self.predict_volume(batch["image"][i].cpu().numpy())
+            spacing = (batch.get("spacing") or [None] * len(batch["case_id"]))[i] or (1.0, 1.0, 1.0)
+            m = segmentation_metrics(pred, target[i, 0].cpu().numpy(), self.labelmap.num_classes,
+                                     spacing, class_names=self.labelmap.class_names,
+                                     percentile=self.hparams.hd_percentile, case_id=cid)
+            self._val.append(m)
+
+    def _epoch_end(self, prefix: str) -> None:
+        from volfm.eval.segmentation import aggregate_segmentation_metrics, hd_key
+
+        cases = self._val
+        self._val = []
+        if not cases or self.trainer.sanity_checking:
+            return
+        agg = aggregate_segmentation_metrics(cases)
+        hk = hd_key(self.hparams.hd_percentile)
+        out = {}
+        for name, c in agg["classes"].items():
+            out[f"{prefix}/dice_{name}"] = c["dice"]["mean"]
+            out[f"{prefix}/{hk}_{name}"] = c[hk]["mean"]
+        dice = [v for k, v in out.items() if "/dice_" in k and math.isfinite(v)]
+        hd = [v for k, v in out.items() if f"/{hk}_" in k and math.isfinite(v)]
+        out[f"{prefix}/mean_dice"] = float(np.mean(dice)) if dice else float("nan")
+        out[f"{prefix}/mean_{hk}"] = float(np.mean(hd)) if hd else float("nan")
+        self.last_metrics = out
+        self.log_dict(out, sync_dist=True)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
+
+    # --------------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self):
+        h = self.hparams
+        enc_ids = {id(p) for p in self.encoder.parameters()}
+        groups: dict[tuple[float, bool], list] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_enc = id(p) in enc_ids
+            lr = h.lr * (h.encoder_lr_scale if is_enc and h.finetune in ("full", "partial") else 1.0)
+            groups.setdefault((lr, p.ndim <= 1), []).append(p)
+        params = [{"params": ps, "lr": lr, "weight_decay": 0.0 if nd else h.weight_decay}
+                  for (lr, nd), ps in groups.items()]
+        opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = int(round(h.warmup_fraction * total))
+
+        def schedule(step: int) -> float:  # optional warm-up, then polynomial decay (nnU-Net's 0.9)
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            return max(0.0, 1.0 - (step - warm) / max(1, total - warm)) ** 0.9
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
