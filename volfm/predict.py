@@ -65,27 +65,14 @@ def _config_data(config) -> dict:
 
 
 def load_task(ckpt):
-    """The volfm task stored in a checkpoint (class from its ``volfm`` record), eval mode, CPU."""
-    import importlib
+    """The volfm task stored in a checkpoint (eval mode, CPU) and the raw checkpoint; it must predict images."""
+    from volfm.tasks.checkpoint import load_task as _load
 
-    ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        raise VolfmError(f"--ckpt_path {ckpt} does not exist; give the .ckpt written by volfm fit")
-    try:
-        raw = torch.load(str(ckpt), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise VolfmError(f"cannot read checkpoint {ckpt} (torch.load weights_only=True): "
-                         f"{' '.join(str(exc).split())[:300]}") from exc
-    info = raw.get("volfm") if isinstance(raw, dict) else None
-    if not info or "task" not in info:
-        raise VolfmError(f"{ckpt} is not a volfm checkpoint (no 'volfm' record); give a .ckpt written by volfm fit")
-    module, _, name = info["task"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    if not hasattr(cls, "predict_volume"):
-        raise VolfmError(f"{ckpt} holds a {name}, which does not predict images; volfm predict takes segmentation "
-                         "(or synthesis) checkpoints")
-    task = cls.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
-    return task.eval(), raw
+    task, raw = _load(ckpt, "a segmentation .ckpt written by volfm fit")
+    if not hasattr(task, "predict_volume"):
+        raise VolfmError(f"{ckpt} holds a {type(task).__name__}, which does not predict images; volfm predict takes "
+                         "segmentation (or synthesis) checkpoints")
+    return task, raw
 
 
 def predict_files(ckpt, inputs, out, config=None, store=None, device: str | None = None, qc: bool = True,

@@ -223,7 +223,7 @@ def test_evaluate_rejects_a_non_volfm_checkpoint(tmp_path, capsys):
     bad = tmp_path / "x.ckpt"
     torch.save({"state_dict": {}}, bad)
     assert main(["evaluate", "--ckpt", str(bad), "--store", str(tmp_path)]) == 2
-    assert "not a volfm pretraining checkpoint" in capsys.readouterr().err
+    assert "is not a volfm checkpoint" in capsys.readouterr().err
 
 
 def test_multitask_fit_under_ddp_on_two_cpu_processes(store, tmp_path):

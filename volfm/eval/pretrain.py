@@ -33,25 +33,14 @@ __all__ = ["load_pretrain_task", "extract", "evaluate_checkpoint", "main"]
 
 
 def load_pretrain_task(ckpt: str | Path):
-    """The task saved in a volfm pretraining checkpoint (class from its ``volfm`` record), on CPU, eval mode."""
-    import importlib
+    """The pretraining task saved in a checkpoint, on CPU, eval mode, and the raw checkpoint."""
+    from volfm.tasks.checkpoint import load_task
+    from volfm.tasks.pretrain import PretrainTask
 
-    ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        raise VolfmError(f"checkpoint {ckpt} does not exist; give the .ckpt written by volfm fit")
-    try:
-        raw = torch.load(str(ckpt), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise VolfmError(f"cannot read checkpoint {ckpt} (torch.load weights_only=True): "
-                         f"{' '.join(str(exc).split())[:300]}") from exc
-    info = raw.get("volfm") if isinstance(raw, dict) else None
-    if not info or "task" not in info:
-        raise VolfmError(f"{ckpt} is not a volfm pretraining checkpoint (no 'volfm' record); give a .ckpt written "
-                         "by volfm fit with IcdPretrainTask or ReportContrastiveTask")
-    module, _, name = info["task"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    task = cls.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
-    task.eval()
+    task, raw = load_task(ckpt, "a .ckpt written by volfm fit with IcdPretrainTask or ReportContrastiveTask")
+    if not isinstance(task, PretrainTask):
+        raise VolfmError(f"{ckpt} holds a {type(task).__name__}, not a pretraining task; volfm evaluate takes "
+                         "IcdPretrainTask or ReportContrastiveTask checkpoints")
     return task, raw
 
 
