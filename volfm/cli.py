@@ -14,7 +14,8 @@ from pathlib import Path
 from volfm import VolfmError, __version__
 
 BENCHMARKS = {"preprocess": "volfm.bench.preprocess", "loader": "volfm.bench.loader",
-              "sliding-window": "volfm.bench.sliding_window", "patch-embed": "volfm.bench.patch_embed"}
+              "sliding-window": "volfm.bench.sliding_window", "patch-embed": "volfm.bench.patch_embed",
+              "label-efficiency": "volfm.bench.label_efficiency"}
 
 
 def _triple(text: str):
