@@ -106,8 +106,12 @@ class StoreDataModule(pl.LightningDataModule):
                  augmentation: list | dict | None = None, train_split: str = "train", val_split: str = "val",
                  test_split: str = "test", columns: Sequence[str] = ("icd_codes", "report"), seed: int = 0,
                  num_train_cases: int | None = None, train_fraction: float | None = None):
+        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         self.save_hyperparameters()
+        # under LightningCLI the saved hyperparameters are the subclass's config, which lacks what a subclass
+        # fixes itself (e.g. PairedModalityDataModule's arrays): the values this class got are the ones it uses
+        self.hparams.update(args)
         if num_train_cases is not None and train_fraction is not None:
             raise VolfmError("give num_train_cases or train_fraction, not both")
         if num_train_cases is not None and int(num_train_cases) < 1:
@@ -209,13 +213,10 @@ class StoreDataModule(pl.LightningDataModule):
         return self._loader("test", self.hparams.val_batch_size, shuffle=False)
 
 
-class SegmentationDataModule(StoreDataModule):
-    """Image + label patches, nnU-Net style foreground oversampling by default. Validation and test give
-    whole stored volumes (``whole_volume_eval``) for sliding-window evaluation, one case per batch."""
+class _WholeVolumeEval:
+    """Validation and test give whole stored volumes (``whole_volume_eval``), for sliding-window evaluation."""
 
-    def __init__(self, store: str, whole_volume_eval: bool = True, **kwargs):
-        super().__init__(store, **kwargs)
-        self.whole_volume_eval = bool(whole_volume_eval)
+    whole_volume_eval = True
 
     def _sampler(self, train: bool):
         if not train and self.whole_volume_eval:
@@ -223,6 +224,15 @@ class SegmentationDataModule(StoreDataModule):
 
             return WholeVolumeSampler(size=None)
         return super()._sampler(train)
+
+
+class SegmentationDataModule(_WholeVolumeEval, StoreDataModule):
+    """Image + label patches, nnU-Net style foreground oversampling by default. Validation and test give
+    whole stored volumes (``whole_volume_eval``) for sliding-window evaluation, one case per batch."""
+
+    def __init__(self, store: str, whole_volume_eval: bool = True, **kwargs):
+        super().__init__(store, **kwargs)
+        self.whole_volume_eval = bool(whole_volume_eval)
 
 
 class PretrainDataModule(StoreDataModule):
@@ -233,10 +243,12 @@ class PretrainDataModule(StoreDataModule):
         super().__init__(store, arrays=arrays, label=label, patch_size=patch_size, sampler=sampler, **kwargs)
 
 
-class PairedModalityDataModule(StoreDataModule):
-    """Co-registered modality pairs (e.g. mri -> pet) cut from the same window."""
+class PairedModalityDataModule(_WholeVolumeEval, StoreDataModule):
+    """Co-registered modality pairs (e.g. mri -> pet) cut from the same window; with
+    ``whole_volume_eval`` validation and test give whole volumes (sliding-window synthesis)."""
 
     def __init__(self, store: str, source: str = "mri", target: str = "pet", label: str | None = None,
-                 sampler: str = "uniform", **kwargs):
+                 sampler: str = "uniform", whole_volume_eval: bool = False, **kwargs):
         super().__init__(store, arrays=(source, target), label=label, sampler=sampler, **kwargs)
         self.source, self.target = source, target
+        self.whole_volume_eval = bool(whole_volume_eval)
