@@ -168,13 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_evaluate)
 
-    s = sub.add_parser("predict", help="run a trained segmentation model on raw images; outputs in each image's own grid")
+    s = sub.add_parser("predict", help="run a trained segmentation or synthesis model on raw images; outputs in each "
+                                       "image's own grid")
     s.add_argument("--config", help="the recipe YAML the model was trained with (its data store and patch size)")
     s.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", required=True, help="checkpoint written by volfm fit")
     s.add_argument("--input", required=True, help="an image file (NIfTI/NRRD/MHA), a DICOM folder, or a folder of them")
     s.add_argument("--out", required=True, help="output folder (<name>_seg.nii.gz, <name>_qc.png, predictions.json)")
     s.add_argument("--store", help="the training store (default: from --config or the checkpoint)")
     s.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    s.add_argument("--target", help="synthesis: the measured target image (file) or a folder of them named like the "
+                                    "inputs, for metrics and the QC picture")
     s.add_argument("--no-qc", action="store_true", help="skip the QC PNGs")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_predict)

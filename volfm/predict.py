@@ -1,5 +1,10 @@
 """`volfm predict`: run a trained volfm model on raw images and write results in each image's own grid.
 
+Segmentation checkpoints write label maps (``<name>_seg.nii.gz``); synthesis checkpoints write the
+synthesised image (``<name>_synth.nii.gz``, float32), and with ``--target`` (a file, or a folder of files
+named like the inputs) also the metrics against it and a QC PNG with source, prediction, target and
+difference.
+
     volfm predict --config recipes/seg_finetune.yaml --ckpt_path runs/.../last.ckpt \
                   --input scan.nii.gz|folder/ --out predictions/
 
@@ -75,16 +80,68 @@ def load_task(ckpt):
     return task, raw
 
 
+def _matching(f: Path, target) -> Path | None:
+    """The target image for input ``f``: ``target`` itself (a file), or the file with f's name in a folder."""
+    if not target:
+        return None
+    t = Path(target)
+    if t.is_file():
+        return t
+    cands = [c for c in (t.iterdir() if t.is_dir() else []) if c.is_file() and _stem(c) == _stem(f)]
+    if not cands:
+        raise VolfmError(f"--target {t}: no file named like {f.name} (same name, any image suffix)")
+    return cands[0]
+
+
+def _target_on_grid(vol, tgt: Path) -> np.ndarray:
+    """The target image on the prediction's (= the input's) grid; resampled when it was stored on another one."""
+    from volfm.io import read_volume
+    from volfm.preprocess.resample import resample_to_grid
+
+    t = read_volume(str(tgt))
+    if tuple(t.shape) != tuple(vol.shape) or not np.allclose(t.affine, vol.affine, atol=1e-3):
+        t = resample_to_grid(t, vol.affine, vol.shape, order="linear")
+    return t.array[0].astype(np.float32)
+
+
+def _compare_target(vol, tgt: Path) -> dict:
+    from volfm.eval.synthesis import synthesis_metrics
+
+    t = _target_on_grid(vol, tgt)
+    mask = t > 0 if (t > 0).any() else None
+    m = synthesis_metrics(vol.array[0], t, mask=mask)
+    return {"target": str(tgt), "metrics": {k: m[k] for k in ("mae", "psnr", "ssim")},
+            "metric_protocol": "inside target > 0, range = the target's range there (volfm.eval.synthesis)"}
+
+
+def _qc_png(path: Path, f: Path, vol, tgt, label_out: bool, task) -> Path:
+    """Labels: source slices with the prediction overlaid. Synthesis: source, prediction, target, difference."""
+    from volfm.io import read_volume
+    from volfm.preprocess.qc import render_case_png
+
+    src = read_volume(str(f))
+    if label_out:
+        return render_case_png(path, src.array[0], src.affine, vol.array[0],
+                               title=f"{f.name}: {', '.join(task.class_names[1:])}")
+    extra = [("prediction", vol.array[0])]
+    if tgt is not None:
+        t = _target_on_grid(vol, tgt)
+        extra += [("target", t), ("difference (prediction - target)", vol.array[0] - t)]
+    return render_case_png(path, src.array[0], src.affine, None, title=f"{f.name}: source", extra=extra)
+
+
 def predict_files(ckpt, inputs, out, config=None, store=None, device: str | None = None, qc: bool = True,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, target=None) -> dict:
     from tqdm import tqdm
 
+    from volfm.data.grid import predict_to_source
     from volfm.io import write_nifti
-    from volfm.preprocess.pipeline import Pipeline, to_source_grid
+    from volfm.preprocess.pipeline import Pipeline
     from volfm.preprocess.qc import render_case_png
 
     task, raw = load_task(ckpt)
-    data = {**(raw.get("datamodule_hyper_parameters") or {}), **_config_data(config)}
+    # what the model was trained with wins over the recipe's defaults: --store, then the checkpoint, then --config
+    data = {**_config_data(config), **(raw.get("datamodule_hyper_parameters") or {})}
     store = Path(store or data.get("store") or "")
     spec_file = store / "spec.yaml"
     if not spec_file.is_file():
@@ -94,8 +151,11 @@ def predict_files(ckpt, inputs, out, config=None, store=None, device: str | None
     if not spec:
         raise VolfmError(f"{spec_file} holds no resolved spec; rerun volfm preprocess --overwrite on {store}")
     image_inputs = [n for n, c in spec["inputs"].items() if c.get("kind") != "label"]
-    spec = {**spec, "inputs": {n: c for n, c in spec["inputs"].items() if n in image_inputs[:1]}}
-    spec["reference"] = image_inputs[0]
+    # the array the model reads: a synthesis task's source, else the DataModule's first image array
+    name = getattr(task, "source_name", None) or (list(data.get("arrays") or []) or image_inputs)[0]
+    if name not in image_inputs:
+        raise VolfmError(f"the model reads '{name}' but the store spec {spec_file} has image inputs {image_inputs}")
+    spec = {**spec, "inputs": {n: c for n, c in spec["inputs"].items() if n == name}, "reference": name}
     pipe = Pipeline(spec, source=str(spec_file))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     task = task.to(device)
@@ -103,26 +163,32 @@ def predict_files(ckpt, inputs, out, config=None, store=None, device: str | None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = _inputs(inputs)
-    results, failures = [], []
+    results, failures, used = [], [], set()
+    label_out = getattr(task, "output_kind", "label") == "label"
+    suffix = "_seg" if label_out else "_synth"
     for f in tqdm(files, desc="predict", unit="image", disable=not progress):
         t0 = time.perf_counter()
         case = re.sub(r"[^A-Za-z0-9._-]", "_", _stem(f))
+        while case in used:  # two inputs with the same stem (a.nii and a.nii.gz) must not overwrite each other
+            case += "_"
+        used.add(case)
         try:
-            proc = pipe({image_inputs[0]: str(f)}, case_id=case, hash_sources=False)
-            pred = task.predict_volume(proc.arrays[image_inputs[0]], patch_size=patch)
+            proc = pipe({name: str(f)}, case_id=case, hash_sources=False)
+            pred = task.predict_volume(proc.arrays[name], patch_size=patch)
             meta = {**proc.meta, "affine": proc.affine.tolist(), "case_id": case}
-            vol = to_source_grid(pred[None].astype(np.float32), meta, order="nearest")
-            vol = type(vol)(np.rint(vol.array).astype(np.uint8), vol.affine, {"path": f"prediction for {f}"})
-            seg = write_nifti(vol, out / f"{case}_seg.nii.gz")
+            vol = predict_to_source(pred.astype(np.float32), meta, order="nearest" if label_out else "linear")
+            arr = np.rint(vol.array).astype(np.uint8) if label_out else vol.array.astype(np.float32)
+            vol = type(vol)(arr, vol.affine, {"path": f"prediction for {f}"})
+            seg = write_nifti(vol, out / f"{case}{suffix}.nii.gz")
             row = {"input": str(f), "output": str(seg), "shape": list(vol.array.shape[1:]),
-                   "voxels_per_class": {n: int((vol.array == i).sum()) for i, n in enumerate(task.class_names)},
                    "seconds": round(time.perf_counter() - t0, 2)}
+            if label_out:
+                row["voxels_per_class"] = {n: int((vol.array == i).sum()) for i, n in enumerate(task.class_names)}
+            tgt = _matching(f, target)
+            if tgt is not None and not label_out:
+                row.update(_compare_target(vol, tgt))
             if qc:
-                from volfm.io import read_volume
-
-                src = read_volume(str(f))
-                row["qc"] = str(render_case_png(out / f"{case}_qc.png", src.array[0], src.affine, vol.array[0],
-                                                title=f"{f.name}: {', '.join(task.class_names[1:])}"))
+                row["qc"] = str(_qc_png(out / f"{case}_qc.png", f, vol, tgt, label_out, task))
             results.append(row)
         except VolfmError as exc:
             failures.append({"input": str(f), "error": " ".join(str(exc).split())})
@@ -133,9 +199,10 @@ def predict_files(ckpt, inputs, out, config=None, store=None, device: str | None
 
 def main(args) -> int:
     s = predict_files(args.ckpt_path, args.input, args.out, config=args.config, store=args.store, device=args.device,
-                      qc=not args.no_qc, progress=not args.quiet)
+                      qc=not args.no_qc, progress=not args.quiet, target=getattr(args, "target", None))
     for r in s["outputs"]:
-        print(f"{r['input']} -> {r['output']} {tuple(r['shape'])} ({r['seconds']} s)")
+        extra = "".join(f", {k} {v:.3f}" for k, v in (r.get("metrics") or {}).items())
+        print(f"{r['input']} -> {r['output']} {tuple(r['shape'])} ({r['seconds']} s{extra})")
     for r in s["failures"]:
         print(f"FAILED {r['input']}: {r['error']}")
     print(f"{len(s['outputs'])} written, {len(s['failures'])} failed; summary: {Path(args.out) / 'predictions.json'}")

@@ -178,9 +178,12 @@ def test_vocabulary_reports_bad_codes_without_crashing(store, capsys):
                                        "R91.1", "J98.11", "I71.40", "I10", "E11.9", "E78.5", "Z87.891"}
 
 
-def test_missing_text_model_path_fails_fast_without_download():
-    with pytest.raises(VolfmError, match="no such local folder"):
-        ReportContrastiveTask(encoder="resnet18_3d", text_model="emilyalsentzer/Bio_ClinicalBERT")
+def test_missing_text_model_path_fails_fast_without_download(store, tmp_path, capsys):
+    rc = main(["fit", "--config", str(RECIPES / "demo/report_contrastive.yaml"), "--data.init_args.store", str(store),
+               "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", *TINY,
+               "--trainer.fast_dev_run", "true", "--model.init_args.text_model", "emilyalsentzer/Bio_ClinicalBERT"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "emilyalsentzer/Bio_ClinicalBERT: no such local folder" in err and "nothing is downloaded" in err
 
 
 def test_random_label_control_permutes_codes_among_training_cases(store):
@@ -236,3 +239,39 @@ def test_multitask_fit_under_ddp_on_two_cpu_processes(store, tmp_path):
     ckpt = sorted(tmp_path.rglob("*.ckpt"))[-1]
     task = ReportContrastiveTask.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
     assert task.icd_head is not None and task.text is not None
+
+
+def test_a_batch_without_reports_still_uses_every_parameter(store):
+    """(Under DDP an unused parameter on one rank breaks the gradient all-reduce.)"""
+    task = ReportContrastiveTask(encoder="resnet18_3d", encoder_kwargs={"in_chans": 1, "base_channels": 8},
+                                 text_config={"vocab_size": 300, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                                              "intermediate_size": 64}, embed_dim=16)
+    from volfm.data.datamodules import PretrainDataModule
+
+    dm = PretrainDataModule(str(store), patch_size=(32, 32, 32), num_workers=0, batch_size=4)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+    trainer.fit(task, datamodule=dm)
+    batch = {"case_id": ["a", "b"], "image": torch.rand(2, 1, 32, 32, 32), "icd_codes": [[], []], "report": ["", " "]}
+    loss, logs, _ = task._step(batch, train=True)
+    assert loss.requires_grad and float(loss) == 0.0
+    loss.backward()
+    unused = [n for n, p in task.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused
+
+
+def test_test_with_ckpt_path_uses_the_checkpoints_tokenizer_and_vocabulary(multitask_ckpt, store, tmp_path):
+    raw = torch.load(str(multitask_ckpt), map_location="cpu", weights_only=True)
+    task = ReportContrastiveTask(encoder="resnet18_3d", encoder_kwargs={"in_chans": 1, "base_channels": 8},
+                                 icd_weight=1.0, icd_level="full", icd_min_count=1,
+                                 text_config={"vocab_size": 500, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                                              "intermediate_size": 64}, embed_dim=16, text_max_length=128)
+    from volfm.data.datamodules import PretrainDataModule
+
+    dm = PretrainDataModule(str(store), patch_size=(32, 32, 32), num_workers=0, batch_size=4)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         use_distributed_sampler=False, default_root_dir=str(tmp_path))
+    trainer.test(task, datamodule=dm, ckpt_path=str(multitask_ckpt))
+    assert task.text.to_spec() == raw["volfm"]["text"]
+    assert list(task.vocab.classes) == list(raw["volfm"]["icd_vocab"]["classes"])
+    assert "test/zeroshot_macro_auroc" in task.last_metrics

@@ -91,7 +91,6 @@ def test_finetune_modes_train_what_they_say(mode, store):
         assert enc <= trainable and len(enc & changed) > 0.8 * len(enc)
     elif mode == "frozen":
         assert not (enc & trainable) and not (enc & changed)
-        assert not task.encoder.training  # BatchNorm statistics of a frozen encoder stay put
     elif mode == "partial":
         assert enc & trainable == {n for n in enc if n.startswith("encoder.layer4.")}
         assert enc & changed and all(n.startswith("encoder.layer4.") for n in enc & changed)
@@ -99,6 +98,16 @@ def test_finetune_modes_train_what_they_say(mode, store):
         lora = {n for n in enc if "lora_" in n}
         assert lora and enc & trainable == lora
         assert {n for n in enc & changed} <= lora and any("lora_B" in n for n in enc & changed)
+    # BatchNorm running statistics move only in layers that train (one more training-mode forward pass)
+    bns = {n: m for n, m in task.encoder.named_modules() if isinstance(m, torch.nn.BatchNorm3d)}
+    before = {n: m.running_mean.clone() for n, m in bns.items()}
+    task.train()
+    with torch.no_grad():
+        task.model(torch.rand(2, 1, 16, 16, 16))
+    moved = {n for n, m in bns.items() if not torch.equal(m.running_mean, before[n])}
+    expect = {"full": set(bns), "frozen": set(), "lora": set(),
+              "partial": {n for n in bns if n.startswith("layer4.")}}[mode]
+    assert moved == expect
     n_enc = sum(p.numel() for n, p in task.named_parameters() if n.startswith("encoder.") and p.requires_grad)
     assert f"encoder {n_enc / 1e6:.2f} M of" in task.trainable_summary()
 
@@ -212,3 +221,21 @@ def test_predict_cli_reports_bad_inputs_and_goes_on(store, tmp_path, capsys):
     assert rc == 1 and "1 written, 1 failed" in out and "FAILED" in out and "broken.nii.gz" in out
     good = nib.load(str(tmp_path / "pred" / "good_seg.nii.gz"))
     assert good.shape == (40, 40, 24)
+
+
+def test_validating_a_checkpoint_with_other_labels_is_refused(store, tmp_path):
+    ck = tmp_path / "run"
+    assert main(["fit", "--config", str(RECIPES / "demo/seg_finetune.yaml"), "--data.init_args.store", str(store),
+                 "--trainer.default_root_dir", str(ck), *TINY[:-2], "--trainer.max_epochs", "1",
+                 "--trainer.limit_train_batches", "1", "--trainer.enable_checkpointing", "true",
+                 "--trainer.limit_val_batches", "0"]) == 0
+    ckpt = sorted(ck.rglob("*.ckpt"))[-1]
+    task = SegmentationTask(encoder="resnet18_3d", encoder_kwargs=TINY_ENC, labels=["liver"])
+    dm = SegmentationDataModule(str(store), patch_size=(16, 16, 16), num_workers=0)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         use_distributed_sampler=False, default_root_dir=str(tmp_path))
+    with pytest.raises(VolfmError, match=r"trained for classes \['background', 'spleen'\] but the recipe asks for "
+                                         r"\['background', 'liver'\]"):
+        trainer.validate(task, datamodule=dm, ckpt_path=str(ckpt))  # the recipe says liver, the checkpoint spleen
+    loaded = SegmentationTask.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
+    assert loaded.class_names == ["background", "spleen"] and loaded._pretrained_loaded

@@ -92,10 +92,6 @@ class PretrainTask(pl.LightningModule):
             raise VolfmError(f"icd_loss must be 'bce' or 'focal', got {icd_loss!r}")
         if report_mode not in ("whole", "findings_impression", "random_section"):
             raise VolfmError(f"report_mode must be whole, findings_impression or random_section, got {report_mode!r}")
-        if text_model is not None and not Path(text_model).expanduser().is_dir():
-            raise VolfmError(f"text_model {text_model}: no such local folder; give a folder written by "
-                             "save_pretrained (nothing is downloaded), or leave text_model unset for the built-in "
-                             "small BERT trained on the cohort's reports")
         self.encoder = create_encoder(encoder, **(encoder_kwargs or {}))
         self.num_features = int(self.encoder.num_features)
         self.vocab = None          # volfm.data.icd.IcdVocabulary, built in setup() or restored from a checkpoint
@@ -108,6 +104,7 @@ class PretrainTask(pl.LightningModule):
         self._shuffled_codes: dict[str, list[str]] = {}
         self._prompts = None
         self._eval: dict[str, list] = {}
+        self._eval_keys = None
 
     # ------------------------------------------------------------------------------------ building
     @property
@@ -156,6 +153,7 @@ class PretrainTask(pl.LightningModule):
             _rank_zero_print(self, f"encoder weights loaded from {h.pretrained}")
         if self.hparams.freeze_encoder:
             self.encoder.requires_grad_(False)
+            self.encoder.eval()
         need_vocab = self.use_icd and self.vocab is None
         need_text = self.use_contrastive and self.text is None
         rows = self._train_rows() if (need_vocab or need_text or (self.use_icd and h.random_labels)) else []
@@ -172,22 +170,39 @@ class PretrainTask(pl.LightningModule):
             from volfm.tasks.losses import pos_weight_from_counts
 
             pos = torch.tensor([self.vocab.counts[c] for c in self.vocab.classes], dtype=torch.float32)
-            self.icd_pos_weight = pos_weight_from_counts(pos, len(rows) or 1).to(self.device)
+            n_cases = int(self.vocab.stats.get("cases") or len(rows) or 1)
+            self.icd_pos_weight = pos_weight_from_counts(pos, n_cases).to(self.device)
         if self.use_icd and h.random_labels and not self._shuffled_codes:
             perm = np.random.default_rng(h.seed).permutation(len(rows))
             self._shuffled_codes = {r["case_id"]: parse_icd_codes(rows[j].get("icd_codes")) for r, j in zip(rows, perm)}
             _rank_zero_print(self, "random_labels: ICD code lists permuted among the training cases (a control run)")
         if need_text:
+            from volfm.data.reports import tokenizer_from_json, tokenizer_to_json, train_wordpiece_tokenizer
             from volfm.models.text import build_text_encoder
 
+            if h.text_model is not None and not Path(h.text_model).expanduser().is_dir():
+                raise VolfmError(f"text_model {h.text_model}: no such local folder; give a folder written by "
+                                 "save_pretrained (nothing is downloaded), or leave text_model unset for the built-in "
+                                 "small BERT trained on the cohort's reports")
             reports = [(r.get("report") or "").strip() for r in rows]
             reports = [r for r in reports if r]
             if h.text_model is None and not reports:
                 raise VolfmError("report contrastive pretraining: no training case has a report (the manifest's "
                                  "'report' column is empty); add reports to the cohort table or use IcdPretrainTask")
             cfg = dict(h.text_config or {})
+            tokenizer = None
+            if h.text_model is None:
+                # WordPiece training is not bit-reproducible across processes: rank 0 trains, the others take its
+                # tokenizer, so every rank maps a word to the same embedding row
+                tok_json = None
+                if self._trainer is None or self.trainer.is_global_zero:
+                    tok_json = tokenizer_to_json(train_wordpiece_tokenizer(
+                        reports, vocab_size=int(cfg.get("vocab_size", 8000)), model_max_length=h.text_max_length))
+                if self._trainer is not None:
+                    tok_json = self.trainer.strategy.broadcast(tok_json, src=0)
+                tokenizer = tokenizer_from_json(tok_json)
             self._build_text(build_text_encoder(h.text_model, texts=reports, max_length=h.text_max_length,
-                                                pooling=h.text_pooling, **cfg))
+                                                pooling=h.text_pooling, tokenizer=tokenizer, **cfg))
             src = h.text_model or f"a small BERT with a WordPiece tokenizer trained on {len(reports)} training reports"
             n = sum(p.numel() for p in self.text.parameters())
             _rank_zero_print(self, f"text encoder: {src} ({n / 1e6:.1f} M parameters, hidden {self.text.hidden_size})")
@@ -203,17 +218,31 @@ class PretrainTask(pl.LightningModule):
         checkpoint["volfm"] = info
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        info = checkpoint.get("volfm") or {}
+        self._restore(checkpoint.get("volfm") or {})
+
+    def _restore(self, info: dict) -> None:
+        """Vocabulary and text encoder from a checkpoint's record (unless the ones built already are equal);
+        the encoder weights then come from the checkpoint, so ``pretrained`` is not loaded again. Lightning
+        restores after setup() and before it wraps the model (DDP) and builds the optimisers, so a module
+        rebuilt here is the one that trains on resume."""
+        self._pretrained_loaded = True
         if self.use_icd and info.get("icd_vocab") is not None:
             from volfm.data.icd import IcdVocabulary
 
             vocab = IcdVocabulary.from_dict(info["icd_vocab"])
             if self.vocab is None or list(self.vocab.classes) != list(vocab.classes):
                 self._build_icd(vocab)
-        if self.use_contrastive and info.get("text") is not None and self.text is None:
+        if self.use_contrastive and info.get("text") is not None:
             from volfm.models.text import TextEncoder
 
-            self._build_text(TextEncoder.from_spec(info["text"]))
+            if self.text is None or self.text.to_spec() != info["text"]:
+                self._build_text(TextEncoder.from_spec(info["text"]))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.hparams.freeze_encoder:
+            self.encoder.eval()  # a frozen encoder keeps its BatchNorm statistics
+        return self
 
     def on_fit_end(self) -> None:
         """Also write the encoder alone as safetensors next to the logs (what fine-tuning loads); without a
@@ -223,6 +252,9 @@ class PretrainTask(pl.LightningModule):
         if not self.trainer.loggers:
             return
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+        if "FSDP" in type(self.trainer.strategy).__name__:  # the full state dict is a collective there
+            _rank_zero_print(self, "FSDP: encoder.safetensors not written; pretrained: takes the checkpoint itself")
+            return
         if self.trainer.is_global_zero and log_dir:
             path = save_encoder(self.encoder, Path(log_dir) / "encoder.safetensors")
             print(f"encoder weights: {path}", flush=True)
@@ -293,17 +325,23 @@ class PretrainTask(pl.LightningModule):
             outs["icd_logits"], outs["icd_target"] = logits.detach(), target
         if self.use_contrastive:
             keep, texts = self._report_texts(batch, train)
-            img_e = self.image_embedding(feats[keep]) if keep else feats.new_zeros((0, h.embed_dim))
-            txt_e = self.text_embedding(texts) if keep else feats.new_zeros((0, h.embed_dim))
+            img_all = self.image_embedding(feats)
             scale = self.logit_scale()  # once per step: in training it also clamps its parameter in place
+            if keep:
+                img_e, txt_e = img_all[keep], self.text_embedding(texts)
+            else:  # no report in this local batch: run the towers on a placeholder so every parameter is used
+                img_e, txt_e = img_all[:0], self.text_embedding([""])[:0]
+                placeholder = (img_all.sum() + self.text_embedding([""]).sum()) * 0.0
             if self._global_count(len(keep)) >= 2:
                 l_con = contrastive_loss(img_e.float(), txt_e.float(), scale, gather=h.gather)
+                if not keep:
+                    l_con = l_con + placeholder
             else:  # e.g. a last batch with one report: no negatives, no InfoNCE; zero keeps the graph whole
-                l_con = (img_e.sum() + txt_e.sum()) * 0.0
+                l_con = (img_all.sum() + (txt_e.sum() if keep else placeholder) + scale) * 0.0
             loss = loss + h.contrastive_weight * l_con
             logs["contrastive_loss"] = l_con.detach()
             logs["temperature"] = 1.0 / scale.detach()
-            outs["keep"], outs["image_emb"], outs["text_emb"] = keep, img_e.detach(), txt_e.detach()
+            outs["keep"], outs["image_emb"], outs["text_emb"] = keep, img_all.detach(), txt_e.detach()
         logs["loss"] = loss.detach()
         return loss, logs, outs
 
@@ -320,16 +358,18 @@ class PretrainTask(pl.LightningModule):
         bs = len(batch["case_id"])
         self.log_dict({f"{prefix}/{k}": v for k, v in logs.items()}, batch_size=bs, sync_dist=True)
         acc = self._eval
+        # DDP pads evaluation shards with repeated cases: the key lets epoch metrics count each case once
+        acc.setdefault("case_key", []).append(torch.tensor([zlib.crc32(str(c).encode()) for c in batch["case_id"]],
+                                                           dtype=torch.int64, device=self.device))
         if self.use_icd:
             acc.setdefault("icd_score", []).append(torch.sigmoid(outs["icd_logits"].float()))
             acc.setdefault("icd_target", []).append(outs["icd_target"])
         if self.use_contrastive:
             n = bs
-            # fixed-size per-batch rows (NaN where a case has no report) so all_gather works across ranks
-            img = outs["features"].new_full((n, self.hparams.embed_dim), float("nan")).float()
-            txt = img.clone()
+            # fixed-size per-batch rows (text NaN where a case has no report) so all_gather works across ranks
+            img = outs["image_emb"].float()
+            txt = img.new_full((n, self.hparams.embed_dim), float("nan"))
             if outs["keep"]:
-                img[outs["keep"]] = outs["image_emb"].float()
                 txt[outs["keep"]] = outs["text_emb"].float()
             acc.setdefault("image_emb", []).append(img)
             acc.setdefault("text_emb", []).append(txt)
@@ -338,7 +378,7 @@ class PretrainTask(pl.LightningModule):
 
                 acc.setdefault("finding_truth", []).append(
                     torch.from_numpy(finding_truth(batch.get("icd_codes") or [[]] * n, self._get_prompts()))
-                    .to(self.device))
+                    .to(torch.uint8).to(self.device))
 
     def _get_prompts(self):
         if self._prompts is None:
@@ -355,13 +395,18 @@ class PretrainTask(pl.LightningModule):
         full = self.all_gather(local)
         if full.ndim == local.ndim + 1:
             full = full.reshape(-1, *local.shape[1:])
-        return full.float().cpu().numpy()
+        full = full.cpu().numpy()
+        keys = self._eval_keys
+        return full if keys is None else full[keys]
 
     def _epoch_metrics(self, prefix: str) -> dict:
         from volfm.eval.classification import multilabel_metrics
 
         h = self.hparams
         out = {}
+        self._eval_keys = None
+        keys = self._gathered("case_key")
+        self._eval_keys = None if keys is None else np.sort(np.unique(keys, return_index=True)[1])
         score, target = self._gathered("icd_score"), self._gathered("icd_target")
         if score is not None:
             m = multilabel_metrics(target, score, class_names=list(self.vocab.classes), min_positives=h.min_positives)
@@ -372,19 +417,19 @@ class PretrainTask(pl.LightningModule):
         if img is not None:
             from volfm.eval.retrieval import retrieval_metrics
 
-            ok = ~np.isnan(img).any(axis=1)
+            ok = ~np.isnan(txt).any(axis=1)  # retrieval: cases with a report; zero-shot: every case
             if ok.sum() >= 2:
                 r = retrieval_metrics(img[ok], txt[ok], ks=tuple(h.retrieval_ks))
                 for direction, short in (("image_to_report", "i2r"), ("report_to_image", "r2i")):
                     for k in h.retrieval_ks:
                         out[f"{prefix}/{short}_R@{k}"] = r[direction][f"R@{k}"]
             truth = self._gathered("finding_truth")
-            if truth is not None and h.prompts and ok.sum() >= 2:
+            if truth is not None and h.prompts and len(img) >= 2:
                 from volfm.eval.zeroshot import zero_shot_metrics, zero_shot_scores
 
                 with torch.no_grad():
-                    scores, names = zero_shot_scores(img[ok], self.text_embedding, self._get_prompts())
-                z = zero_shot_metrics(scores, truth[ok].astype(bool), names)
+                    scores, names = zero_shot_scores(img, self.text_embedding, self._get_prompts())
+                z = zero_shot_metrics(scores, truth.astype(bool), names)
                 out[f"{prefix}/zeroshot_macro_auroc"] = z["macro_auroc"]
                 out[f"{prefix}/zeroshot_macro_f1"] = z["macro_f1"]
         return {k: float(v) for k, v in out.items()}

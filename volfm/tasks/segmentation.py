@@ -207,16 +207,31 @@ class SegmentationTask(pl.LightningModule):
                                "labelmap": self.labelmap.to_dict() if self.labelmap is not None else None}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        info = checkpoint.get("volfm") or {}
-        if self.labelmap is None and info.get("labelmap") is not None:
-            from volfm.data.labelmap import LabelMap
+        self._restore(checkpoint.get("volfm") or {})
 
-            self._build(LabelMap.from_yaml(info["labelmap"]))
+    def _restore(self, info: dict) -> None:
+        """The checkpoint's label map (its weights fit only that one); ``pretrained`` is not loaded again."""
+        self._pretrained_loaded = True
+        if info.get("labelmap") is None:
+            return
+        from volfm.data.labelmap import LabelMap
+
+        saved = LabelMap.from_yaml(info["labelmap"])
+        if self.labelmap is None:
+            self._build(saved)
+        elif self.labelmap.to_dict() != saved.to_dict():
+            raise VolfmError(f"the checkpoint was trained for classes {saved.class_names} but the recipe asks for "
+                             f"{self.labelmap.class_names}; use the checkpoint's labels (or fine-tune a new head "
+                             "with pretrained: this checkpoint)")
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if mode and self.hparams.finetune == "frozen":
-            self.encoder.eval()  # a frozen encoder keeps its BatchNorm running statistics
+        if mode and self.hparams.finetune != "full":
+            # frozen layers keep their BatchNorm running statistics (frozen: all; partial: the frozen stages;
+            # lora: every norm layer, the adapters sit on the convs)
+            for m in self.encoder.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                    m.eval()
         return self
 
     # ------------------------------------------------------------------------------------ steps
@@ -295,9 +310,19 @@ class SegmentationTask(pl.LightningModule):
     def _epoch_end(self, prefix: str) -> None:
         from volfm.eval.segmentation import aggregate_segmentation_metrics, hd_key
 
-        cases = self._val
-        self._val = []
-        if not cases or self.trainer.sanity_checking:
+        from volfm.tasks.checkpoint import gather_objects
+
+        local, self._val = self._val, []
+        if self.trainer.sanity_checking:
+            return
+        # every rank's cases, each once (DDP pads evaluation shards with repeated cases)
+        seen, cases = set(), []
+        for part in gather_objects(local):
+            for c in part:
+                if c.get("case_id") not in seen:
+                    seen.add(c.get("case_id"))
+                    cases.append(c)
+        if not cases:
             return
         agg = aggregate_segmentation_metrics(cases)
         hk = hd_key(self.hparams.hd_percentile)

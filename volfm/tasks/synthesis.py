@@ -139,6 +139,7 @@ class SynthesisTask(pl.LightningModule):
                                "source": self.source_name, "target": self.target_name}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pretrained_loaded = True
         info = checkpoint.get("volfm") or {}
         self.source_name = info.get("source", self.source_name)
         self.target_name = info.get("target", self.target_name)
@@ -271,8 +272,13 @@ class SynthesisTask(pl.LightningModule):
             self._val.append(row)
 
     def _epoch_end(self, prefix: str) -> None:
-        rows, self._val = self._val, []
-        if not rows or self.trainer.sanity_checking:
+        from volfm.tasks.checkpoint import gather_objects
+
+        local, self._val = self._val, []
+        if self.trainer.sanity_checking:
+            return
+        rows = list({r["case_id"]: r for part in gather_objects(local) for r in part}.values())  # each case once
+        if not rows:
             return
         out = {}
         for name in ("model", "identity", "mean_image"):
