@@ -239,3 +239,24 @@ def test_validating_a_checkpoint_with_other_labels_is_refused(store, tmp_path):
         trainer.validate(task, datamodule=dm, ckpt_path=str(ckpt))  # the recipe says liver, the checkpoint spleen
     loaded = SegmentationTask.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
     assert loaded.class_names == ["background", "spleen"] and loaded._pretrained_loaded
+
+
+def test_a_lora_checkpoint_loads_as_a_plain_encoder_with_the_adapters_merged(store, tmp_path):
+    """Any volfm checkpoint (here LoRA segmentation) gives its encoder to load_encoder_weights."""
+    from volfm.models import create_encoder, load_encoder_weights
+
+    task = _task(finetune="lora", lora_r=4, lora_alpha=8)
+    _one_step(task, store)
+    with torch.no_grad():  # make the adapters matter
+        for n, p in task.encoder.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    trainer.strategy.connect(task)
+    ckpt = tmp_path / "lora.ckpt"
+    trainer.save_checkpoint(str(ckpt))
+    plain = load_encoder_weights(create_encoder("resnet18_3d", **TINY_ENC), ckpt).eval()
+    task.encoder.eval()
+    x = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(plain.forward_features(x), task.encoder.forward_features(x), atol=1e-5, rtol=1e-4)

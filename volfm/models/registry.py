@@ -190,7 +190,27 @@ def load_encoder_weights(model: nn.Module, path: str | Path, *, strict: bool = T
         raise VolfmError(f"{path} holds no encoder weights (no '{prefix}*' keys; first keys: "
                          f"{_list_keys(sorted(map(str, state)), 5)}); give a volfm task checkpoint or an encoder "
                          ".safetensors file")
+    hp = (ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
+    if any(".lora_A." in k for k in enc):
+        enc = merge_lora_state(enc, float(hp.get("lora_alpha", 16)) / float(hp.get("lora_r", 8)))
     info = (ckpt.get("volfm") or {}) if isinstance(ckpt, dict) else {}
     saved_as = (info.get("encoder") or {}).get("name") if isinstance(info.get("encoder"), dict) else None
     source = f"{path}" + (f" (saved from {saved_as!r})" if saved_as else "")
     return load_state_dict_checked(model, enc, source=source, strict=strict)
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """Fold LoRA adapters (peft's ``<m>.base_layer.*`` + ``<m>.lora_A/B.<adapter>.weight``) into plain
+    ``<m>.weight`` / ``<m>.bias``: W + scaling * B A (for convolutions B is 1x1x1, so the product is taken
+    over the rank axis at every kernel tap). The result loads into the encoder without adapters."""
+    out = {k: v for k, v in state.items() if ".lora_" not in k and ".base_layer." not in k}
+    for key in [k for k in state if ".lora_A." in k and k.endswith(".weight")]:
+        prefix, _, rest = key.partition(".lora_A.")
+        adapter = rest[: -len(".weight")]
+        a, b = state[key].float(), state[f"{prefix}.lora_B.{adapter}.weight"].float()
+        w = state[f"{prefix}.base_layer.weight"]
+        delta = torch.einsum("or,ri...->oi...", b.reshape(b.shape[0], b.shape[1]), a)
+        out[f"{prefix}.weight"] = (w.float() + scaling * delta.reshape(w.shape)).to(w.dtype)
+        if f"{prefix}.base_layer.bias" in state:
+            out[f"{prefix}.bias"] = state[f"{prefix}.base_layer.bias"]
+    return out
