@@ -153,14 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pretrain-epochs", type=int, default=12, help="epochs of each pretraining run")
     s.set_defaults(fn=_cmd_demo)
 
-    s = sub.add_parser("evaluate", help="evaluate a pretraining checkpoint: ICD AUROC, linear probe, retrieval R@k, "
-                                        "zero-shot findings, subgroups")
-    s.add_argument("--ckpt", required=True, help="a .ckpt written by volfm fit (ICD pretext or report contrastive)")
+    s = sub.add_parser("evaluate", help="evaluate a checkpoint: pretraining (ICD AUROC, linear probe, retrieval R@k, "
+                                        "zero-shot findings, subgroups) or synthesis (MAE/PSNR/SSIM vs baselines, "
+                                        "clean and degraded inputs)")
+    s.add_argument("--ckpt", required=True, help="a .ckpt written by volfm fit (pretraining or synthesis)")
     s.add_argument("--store", help="store to evaluate on (default: the store the checkpoint was trained on)")
     s.add_argument("--split", default="test", help="split to evaluate (default test)")
     s.add_argument("--train-split", default="train", help="split the linear probe is fitted on (default train)")
     s.add_argument("--subgroups", nargs="*", help="manifest columns to break metrics down by, e.g. sex age:0,50,65,200")
     s.add_argument("--prompts", help="zero-shot prompt set: built-in name (ct_findings) or a YAML path")
+    s.add_argument("--degrade", help="synthesis checkpoints: input degradations for robustness, e.g. "
+                                     "'noise:0.1,0.3;bias:0.3;slices:0.1,0.3' (the default)")
     s.add_argument("--out", help="folder for eval.json, eval.png and the subgroup CSVs")
     s.add_argument("--batch-size", type=int, default=4)
     s.add_argument("--workers", type=int, default=2)

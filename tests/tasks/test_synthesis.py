@@ -67,12 +67,28 @@ def test_adversarial_and_perceptual_options_train_generator_and_discriminator(st
         assert key in m and np.isfinite(m[key])
 
 
-def test_predict_writes_the_synthesised_pet_in_the_source_grid(store, tmp_path, capsys):
-    ck = tmp_path / "run"
+@pytest.fixture(scope="module")
+def ckpt(store, tmp_path_factory):
+    ck = tmp_path_factory.mktemp("synth_run")
     assert main(["fit", "--config", str(RECIPES / "demo/synth_mri2pet.yaml"), "--data.init_args.store", str(store),
                  "--trainer.default_root_dir", str(ck), *TINY, "--trainer.max_epochs", "1",
                  "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "0"]) == 0
-    ckpt = sorted(ck.rglob("*.ckpt"))[-1]
+    return sorted(ck.rglob("*.ckpt"))[-1]
+
+
+def test_evaluate_reports_baselines_and_degraded_inputs(ckpt, store, tmp_path, capsys):
+    assert main(["evaluate", "--ckpt", str(ckpt), "--split", "train", "--degrade", "noise:0.5;slices:0.3",
+                 "--out", str(tmp_path / "ev"), "--quiet"]) == 0
+    doc = json.loads((tmp_path / "ev" / "synthesis_eval.json").read_text())
+    assert list(doc["summary"]["model"]) == ["clean", "noise:0.5", "slices:0.3"]
+    assert {"identity", "mean_image"} <= set(doc["summary"]) and doc["mask"] == "label > 0"
+    case = doc["cases"][0]
+    assert set(case["model"]["clean"]["regional"]) == {"csf", "gray_matter", "white_matter"}
+    assert case["model"]["clean"] != case["model"]["slices:0.3"]  # the degraded input changes the prediction
+    assert "baseline: mean image" in capsys.readouterr().out and (tmp_path / "ev" / "synthesis_eval.png").is_file()
+
+
+def test_predict_writes_the_synthesised_pet_in_the_source_grid(ckpt, store, tmp_path, capsys):
     mp = store.parent / "mp"
     src, tgt = mp / "mri" / "mripet_0000.nii.gz", mp / "pet" / "mripet_0000.nii.gz"
     assert main(["predict", "--ckpt_path", str(ckpt), "--input", str(src), "--target", str(tgt),

@@ -254,6 +254,17 @@ def _plot(r: dict, path: Path) -> None:
 
 
 def main(args) -> int:
+    from volfm.tasks.checkpoint import load_task
+    from volfm.tasks.synthesis import SynthesisTask
+
+    task, raw = load_task(args.ckpt)
+    if isinstance(task, SynthesisTask):
+        from volfm.eval.synthesis_eval import evaluate_synthesis
+
+        evaluate_synthesis(task, raw, args.ckpt, store=args.store, split=args.split, degradations=args.degrade,
+                           out=args.out, device=args.device, progress=not args.quiet)
+        return 0
+    del task
     evaluate_checkpoint(args.ckpt, store=args.store, split=args.split, train_split=args.train_split,
                         subgroups=args.subgroups or (), prompts=args.prompts, out=args.out,
                         batch_size=args.batch_size, num_workers=args.workers, device=args.device,
