@@ -85,7 +85,8 @@ def _cmd_demo(args) -> int:
     from volfm.demo import run_demo
 
     return run_demo(args.out, cases=args.cases, workers=args.workers, pretrain_cases=args.pretrain_cases,
-                    pretrain_epochs=args.pretrain_epochs)
+                    pretrain_epochs=args.pretrain_epochs, synthesis_cases=args.synthesis_cases,
+                    synthesis_epochs=args.synthesis_epochs)
 
 
 def _cmd_evaluate(args) -> int:
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pretrain-cases", type=int, default=240,
                    help="synthetic CT cases for the pretraining steps (0 skips pretraining)")
     s.add_argument("--pretrain-epochs", type=int, default=12, help="epochs of each pretraining run")
+    s.add_argument("--synthesis-cases", type=int, default=24,
+                   help="simulated MRI/PET cases for the MRI->PET synthesis step (0 skips it)")
+    s.add_argument("--synthesis-epochs", type=int, default=20)
     s.set_defaults(fn=_cmd_demo)
 
     s = sub.add_parser("evaluate", help="evaluate a checkpoint: pretraining (ICD AUROC, linear probe, retrieval R@k, "
