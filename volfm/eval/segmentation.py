@@ -74,7 +74,7 @@ def _to_numpy(x, name: str, where: str) -> np.ndarray:
         x = x.detach().cpu().numpy()
     arr = np.asarray(x)
     if arr.dtype == object or not (arr.dtype == bool or np.issubdtype(arr.dtype, np.number)):
-        raise VolfmError(f"{where}{name} has dtype {arr.dtype}; give a numeric label map or one-hot array")
+        raise VolfmError(f"{where}{name} has dtype {arr.dtype}; give a numeric array (image, label map or one-hot)")
     return arr
 
 

@@ -90,17 +90,7 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
 # ----------------------------------------------------------------------------------- inputs
-def _where(case_id) -> str:
-    return f"case {case_id}: " if case_id is not None else ""
-
-
-def _to_numpy(x, name: str, where: str) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
-        x = x.detach().cpu().numpy()
-    arr = np.asarray(x)
-    if arr.dtype == object or not (arr.dtype == bool or np.issubdtype(arr.dtype, np.number)):
-        raise VolfmError(f"{where}{name} has dtype {arr.dtype}; give a numeric array")
-    return arr
+from volfm.eval.segmentation import _to_numpy, _where  # noqa: E402 - one copy of the input checks
 
 
 def _images(pred, target, where: str) -> tuple[np.ndarray, np.ndarray]:

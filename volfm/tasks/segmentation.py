@@ -279,20 +279,9 @@ class SegmentationTask(pl.LightningModule):
     def predict_volume(self, image, patch_size=None) -> np.ndarray:
         """Class indices (I, J, K) uint8 for one stored-grid image (C, I, J, K), by sliding-window
         inference with ``patch_size`` (default: the training patch size)."""
-        from volfm.data.grid import SlidingWindowInferer
+        from volfm.tasks.inference import sliding_window
 
-        dm_patch = None
-        if self._trainer is not None and getattr(self.trainer, "datamodule", None) is not None:
-            dm_patch = self.trainer.datamodule.hparams.get("patch_size")
-        patch = tuple(patch_size or dm_patch or np.asarray(image).shape[-3:])
-        inferer = SlidingWindowInferer(patch, overlap=self.hparams.sw_overlap, batch_size=self.hparams.sw_batch_size,
-                                       device=self.device)
-        was_training = self.training
-        self.eval()
-        try:
-            logits = inferer(np.asarray(image, dtype=np.float32), self.model)
-        finally:
-            self.train(was_training)
+        logits = sliding_window(self, self.model, image, patch_size)
         return logits.argmax(0).to(torch.uint8).cpu().numpy()
 
     def _eval_step(self, batch: dict, prefix: str) -> None:

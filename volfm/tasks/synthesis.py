@@ -228,20 +228,9 @@ class SynthesisTask(pl.LightningModule):
     @torch.no_grad()
     def predict_volume(self, image, patch_size=None) -> np.ndarray:
         """The synthesised target (I, J, K) float32 for one stored-grid source image (C, I, J, K)."""
-        from volfm.data.grid import SlidingWindowInferer
+        from volfm.tasks.inference import sliding_window
 
-        dm_patch = None
-        if self._trainer is not None and getattr(self.trainer, "datamodule", None) is not None:
-            dm_patch = self.trainer.datamodule.hparams.get("patch_size")
-        patch = tuple(patch_size or dm_patch or np.asarray(image).shape[-3:])
-        inferer = SlidingWindowInferer(patch, overlap=self.hparams.sw_overlap, batch_size=self.hparams.sw_batch_size,
-                                       device=self.device)
-        was_training = self.training
-        self.eval()
-        try:
-            out = inferer(np.asarray(image, dtype=np.float32), self.generator)
-        finally:
-            self.train(was_training)
+        out = sliding_window(self, self.generator, image, patch_size)
         return out[0].cpu().numpy().astype(np.float32)
 
     output_kind = "image"
