@@ -149,9 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="volfm_demo")
     s.add_argument("--cases", type=int, default=8)
     s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--pretrain-cases", type=int, default=240,
+    s.add_argument("--pretrain-cases", type=int, default=320,
                    help="synthetic CT cases for the pretraining steps (0 skips pretraining)")
-    s.add_argument("--pretrain-epochs", type=int, default=12, help="epochs of each pretraining run")
+    s.add_argument("--pretrain-epochs", type=int, default=20, help="epochs of each pretraining run")
     s.add_argument("--synthesis-cases", type=int, default=24,
                    help="simulated MRI/PET cases for the MRI->PET synthesis step (0 skips it)")
     s.add_argument("--synthesis-epochs", type=int, default=20)

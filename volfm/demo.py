@@ -18,8 +18,8 @@ def _step(title: str):
     print(f"\n== {title} ==", flush=True)
 
 
-def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2, encoders=None, pretrain_cases: int = 240,
-             pretrain_epochs: int = 12, synthesis_cases: int = 24, synthesis_epochs: int = 20) -> int:
+def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2, encoders=None, pretrain_cases: int = 320,
+             pretrain_epochs: int = 20, synthesis_cases: int = 24, synthesis_epochs: int = 20) -> int:
     from volfm.cli import print_summary
     from volfm.data.synth_ct import make_ct_cohort
     from volfm.data.synth_mripet import make_mripet_cohort
@@ -28,6 +28,7 @@ def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2, encoders=None, 
 
     out = Path(out)
     t0 = time.perf_counter()
+    _quiet_lightning()
     _step(f"1. synthetic CT cohort ({cases} cases) -> {out / 'synth_ct'}")
     ct_table = make_ct_cohort(out / "synth_ct", cases, seed=0)
     print(f"cohort table: {ct_table}")
@@ -146,7 +147,7 @@ def _pretrain(out: Path, n_cases: int, epochs: int, workers: int) -> dict:
     print("\ncontrastive checkpoint:")
     evaluate_checkpoint(clip_dir / "checkpoints" / "last.ckpt", store=store, out=eval_dir, subgroups=["sex"],
                         num_workers=workers, progress=False)
-    seg_dir, seg_dice = _segment(out, store, table, clip_dir / "encoder.safetensors", epochs=2 * epochs,
+    seg_dir, seg_dice = _segment(out, store, table, clip_dir / "encoder.safetensors", epochs=min(24, 2 * epochs),
                                  workers=workers)
     return {"icd_dir": icd_dir, "clip_dir": clip_dir, "eval_dir": eval_dir, "icd_auroc": icd, "control_auroc": ctl,
             "seg_dir": seg_dir, "seg_dice": seg_dice}
@@ -184,6 +185,19 @@ def _segment(out: Path, store, table, pretrained, epochs: int, workers: int, org
         scores.append(float(d))
         print(f"  {Path(o['output']).name}: shape {tuple(o['shape'])}, Dice vs the source label {d:.2f}; QC {o['qc']}")
     return seg_dir, scores
+
+
+def _quiet_lightning() -> None:
+    """The demo prints its own summary of each run: drop Lightning's start-up notices and its internal
+    deprecation warnings (they are about Lightning's code, not the user's)."""
+    import logging
+    import warnings
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*number of training batches .* is smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=r".*Found \d+ module\(s\) in eval mode.*")
 
 
 def _describe_ct_cohort(table) -> None:
