@@ -30,6 +30,7 @@ from scipy.special import expit
 from volfm import VolfmError
 from volfm.io.yamlfile import UniqueKeyLoader
 from volfm.eval.classification import best_threshold_f1, binary_f1, multilabel_metrics
+from volfm.eval.retrieval import _l2_normalise
 
 __all__ = [
     "PROMPTS_DIR",
@@ -214,14 +215,6 @@ def _embeddings(x, what: str) -> np.ndarray:
     return a
 
 
-def _normalise_rows(a: np.ndarray, what: str) -> np.ndarray:
-    norms = np.linalg.norm(a, axis=1, keepdims=True)
-    zero = np.flatnonzero(norms[:, 0] == 0)
-    if zero.size:
-        raise VolfmError(f"{what} row {int(zero[0])} is all zeros; cosine similarity is undefined for it")
-    return a / norms
-
-
 def _encode(encode_text: Callable, texts: list[str], batch_size: int) -> np.ndarray:
     import torch
 
@@ -252,7 +245,7 @@ def prompt_embeddings(encode_text: Callable[[list[str]], object], prompts="ct_fi
     if int(batch_size) < 1:
         raise VolfmError(f"batch_size must be >= 1, got {batch_size!r}")
     texts = list(dict.fromkeys(t for e in prompts.values() for t in (*e["positive"], *e["negative"])))
-    emb = _normalise_rows(_encode(encode_text, texts, int(batch_size)), "text embedding")
+    emb = _l2_normalise(_encode(encode_text, texts, int(batch_size)), "text embedding")
     index = {t: i for i, t in enumerate(texts)}
     names = list(prompts)
     sets = {"positive": [], "negative": []}
@@ -284,7 +277,7 @@ def zero_shot_scores(image_emb, encode_text: Callable[[list[str]], object], prom
         temperature = math.nan
     if not (math.isfinite(temperature) and temperature > 0):
         raise VolfmError(f"temperature must be a positive number, got {temperature!r}")
-    img = _normalise_rows(_embeddings(image_emb, "image_emb"), "image_emb")
+    img = _l2_normalise(_embeddings(image_emb, "image_emb"), "image_emb")
     pos, neg, names = prompt_embeddings(encode_text, prompts, batch_size=batch_size)
     if pos.shape[1] != img.shape[1]:
         raise VolfmError(f"image_emb has {img.shape[1]} dimensions but encode_text returns {pos.shape[1]}; "

@@ -166,6 +166,16 @@ def load_encoder(path_or_model: str | Path | nn.Module, path: str | Path | None 
     return load_state_dict_checked(model, state, source=source, strict=strict)
 
 
+def read_checkpoint(path: str | Path):
+    """A Lightning/torch checkpoint read with ``torch.load(weights_only=True)`` on the CPU (no pickle
+    code runs); an unreadable file is a VolfmError naming it."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+        raise VolfmError(f"cannot read checkpoint {path} with torch.load(weights_only=True): "
+                         f"{' '.join(str(exc).split())[:300]}") from exc
+
+
 def load_encoder_weights(model: nn.Module, path: str | Path, *, strict: bool = True, prefix: str = "encoder.") -> nn.Module:
     """Load encoder weights into ``model`` from any volfm checkpoint: an encoder ``.safetensors``
     (:func:`save_encoder`) or a Lightning ``.ckpt`` of a volfm task (ICD pretext, report contrastive,
@@ -177,11 +187,7 @@ def load_encoder_weights(model: nn.Module, path: str | Path, *, strict: bool = T
                          ".safetensors file")
     if path.suffix == ".safetensors":
         return load_encoder(model, path, strict=strict)
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise VolfmError(f"cannot read checkpoint {path} with torch.load(weights_only=True): "
-                         f"{' '.join(str(exc).split())[:300]}") from exc
+    ckpt = read_checkpoint(path)
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise VolfmError(f"{path} does not hold a state dict (got {type(ckpt).__name__})")

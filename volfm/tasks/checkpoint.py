@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from volfm import VolfmError
+from volfm.models.registry import read_checkpoint
 
 
 def load_task(ckpt, what: str = "a .ckpt written by volfm fit"):
@@ -15,11 +16,7 @@ def load_task(ckpt, what: str = "a .ckpt written by volfm fit"):
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise VolfmError(f"checkpoint {ckpt} does not exist; give {what}")
-    try:
-        raw = torch.load(str(ckpt), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise VolfmError(f"cannot read checkpoint {ckpt} (torch.load weights_only=True): "
-                         f"{' '.join(str(exc).split())[:300]}") from exc
+    raw = read_checkpoint(ckpt)
     info = raw.get("volfm") if isinstance(raw, dict) else None
     if not info or "task" not in info:
         raise VolfmError(f"{ckpt} is not a volfm checkpoint (no 'volfm' record); give {what}")

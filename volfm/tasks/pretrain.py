@@ -330,8 +330,9 @@ class PretrainTask(pl.LightningModule):
             if keep:
                 img_e, txt_e = img_all[keep], self.text_embedding(texts)
             else:  # no report in this local batch: run the towers on a placeholder so every parameter is used
-                img_e, txt_e = img_all[:0], self.text_embedding([""])[:0]
-                placeholder = (img_all.sum() + self.text_embedding([""]).sum()) * 0.0
+                empty = self.text_embedding([""])
+                img_e, txt_e = img_all[:0], empty[:0]
+                placeholder = (img_all.sum() + empty.sum()) * 0.0
             if self._global_count(len(keep)) >= 2:
                 l_con = contrastive_loss(img_e.float(), txt_e.float(), scale, gather=h.gather)
                 if not keep:
@@ -462,28 +463,12 @@ class PretrainTask(pl.LightningModule):
 
     # --------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
+        from volfm.tasks.optim import adamw_warmup_decay
+
         h = self.hparams
-        groups: dict[tuple[float, bool], list] = {}
         text_ids = {id(p) for p in self.text.parameters()} if self.text is not None else set()
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            lr = (h.text_lr or h.lr) if id(p) in text_ids else h.lr
-            no_decay = p.ndim <= 1 or name.endswith(".bias") or "logit_scale" in name
-            groups.setdefault((lr, no_decay), []).append(p)
-        params = [{"params": ps, "lr": lr, "weight_decay": 0.0 if nd else h.weight_decay}
-                  for (lr, nd), ps in groups.items()]
-        opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warm = int(round(h.warmup_fraction * total))
-
-        def schedule(step: int) -> float:  # linear warm-up, then cosine to 0
-            if step < warm:
-                return (step + 1) / (warm + 1)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_decay(self, lambda name, p: (h.text_lr or h.lr) if id(p) in text_ids else h.lr,
+                                  h.weight_decay, h.warmup_fraction, "cosine")
 
 
 class IcdPretrainTask(PretrainTask):

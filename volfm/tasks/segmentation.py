@@ -340,25 +340,10 @@ class SegmentationTask(pl.LightningModule):
 
     # --------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
+        from volfm.tasks.optim import adamw_warmup_decay
+
         h = self.hparams
         enc_ids = {id(p) for p in self.encoder.parameters()}
-        groups: dict[tuple[float, bool], list] = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            is_enc = id(p) in enc_ids
-            lr = h.lr * (h.encoder_lr_scale if is_enc and h.finetune in ("full", "partial") else 1.0)
-            groups.setdefault((lr, p.ndim <= 1), []).append(p)
-        params = [{"params": ps, "lr": lr, "weight_decay": 0.0 if nd else h.weight_decay}
-                  for (lr, nd), ps in groups.items()]
-        opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warm = int(round(h.warmup_fraction * total))
-
-        def schedule(step: int) -> float:  # optional warm-up, then polynomial decay (nnU-Net's 0.9)
-            if step < warm:
-                return (step + 1) / (warm + 1)
-            return max(0.0, 1.0 - (step - warm) / max(1, total - warm)) ** 0.9
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        scale = h.encoder_lr_scale if h.finetune in ("full", "partial") else 1.0
+        return adamw_warmup_decay(self, lambda name, p: h.lr * (scale if id(p) in enc_ids else 1.0),
+                                  h.weight_decay, h.warmup_fraction, "poly")

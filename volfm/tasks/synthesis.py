@@ -299,9 +299,10 @@ class SynthesisTask(pl.LightningModule):
         gen_params = [p for p in list(self.encoder.parameters()) + list(self.decoder.parameters()) if p.requires_grad]
         opt_g = torch.optim.AdamW(gen_params, lr=h.lr, betas=(0.5, 0.999) if self.discriminator else (0.9, 0.999),
                                   weight_decay=h.weight_decay)
+        from volfm.tasks.optim import warmup_decay
+
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        decay = lambda step: max(0.0, 1.0 - step / total) ** 0.9  # noqa: E731 - polynomial decay (nnU-Net)
-        sch_g = torch.optim.lr_scheduler.LambdaLR(opt_g, decay)
+        sch_g = torch.optim.lr_scheduler.LambdaLR(opt_g, warmup_decay(total, 0, "poly"))
         if self.discriminator is None:
             return {"optimizer": opt_g, "lr_scheduler": {"scheduler": sch_g, "interval": "step"}}
         opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=h.disc_lr or h.lr, betas=(0.5, 0.999),
