@@ -8,9 +8,9 @@ import lightning.pytorch as pl
 
 from volfm.data.datamodules import (CaseShardSampler, PairedModalityDataModule, PretrainDataModule,
                                     SegmentationDataModule)
-from volfm.data.synth_ct import make_ct_cohort
-from volfm.data.synth_mripet import make_mripet_cohort
-from volfm.preprocess.runner import run_cohort
+from volfm.synth.ct import make_ct_cohort
+from volfm.synth.mripet import make_mripet_cohort
+from volfm.store.build import run_cohort
 from volfm.preprocess.spec import load_spec
 
 AUG = [{"name": "RandomFlip", "axes": [0, 1, 2]}, {"name": "RandomGamma", "p": 0.5}]

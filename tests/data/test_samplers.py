@@ -12,7 +12,7 @@ from volfm.data import samplers as S
 from volfm.data.dataset import StoreDataset
 from volfm.data.samplers import (LabelWeightedPatchSampler, PatchDataset, SamplerError, UniformPatchSampler,
                                  WholeVolumeSampler, extract_patch, foreground_locations)
-from volfm.data.store import write_case_dir
+from volfm.store.layout import write_case_dir
 from volfm.preprocess.spec import validate_spec
 
 SHAPE = (20, 17, 11)
@@ -348,9 +348,9 @@ def test_precomputed_foreground_locations_equal_the_computed_ones(tmp_path):
     import yaml
 
     from volfm.data.dataset import StoreDataset
-    from volfm.data.samplers import FG_MAX_PER_CLASS, case_seed, foreground_locations, load_foreground_locations
-    from volfm.data.synth_ct import make_ct_cohort
-    from volfm.preprocess.runner import run_cohort
+    from volfm.store.foreground import FG_MAX_PER_CLASS, case_seed, foreground_locations, load_foreground_locations
+    from volfm.synth.ct import make_ct_cohort
+    from volfm.store.build import run_cohort
     from volfm.preprocess.spec import load_spec
 
     table = make_ct_cohort(tmp_path / "ct", 2, seed=4, shape=(40, 40, 24), progress=False)

@@ -6,7 +6,7 @@ import torch
 
 from volfm import VolfmError
 from volfm.models import create_encoder, list_encoders, load_encoder, register_encoder, save_encoder
-from volfm.models.registry import read_encoder_metadata
+from volfm.models.weights import read_encoder_metadata
 
 ENCODERS = list_encoders()
 SHAPE = (2, 1, 32, 32, 16)

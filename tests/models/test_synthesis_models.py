@@ -10,8 +10,8 @@ from torch import nn
 from volfm import VolfmError
 from volfm.models import create_encoder, save_encoder
 from volfm.models.decoders import UNetDecoder, UNETRDecoder
-from volfm.models.synthesis import (PatchDiscriminator3d, PerceptualLoss3d, SynthesisGenerator, adapt_input_channels,
-                                    adversarial_loss)
+from volfm.losses.image import PerceptualLoss3d, adversarial_loss
+from volfm.models.synthesis import PatchDiscriminator3d, SynthesisGenerator, adapt_input_channels
 
 RESNET = ("resnet18_3d", dict(base_channels=8))
 VIT = ("vit_tiny_3d", dict(img_size=32, patch_size=16))

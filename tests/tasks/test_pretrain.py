@@ -11,9 +11,9 @@ import yaml
 import lightning.pytorch as pl
 
 from volfm import VolfmError
-from volfm.cli import main
-from volfm.data.synth_ct import make_ct_cohort
-from volfm.preprocess.runner import run_cohort
+from volfm.cli.main import main
+from volfm.synth.ct import make_ct_cohort
+from volfm.store.build import run_cohort
 from volfm.preprocess.spec import load_spec
 from volfm.tasks import IcdPretrainTask, ReportContrastiveTask
 

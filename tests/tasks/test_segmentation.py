@@ -11,12 +11,12 @@ import yaml
 import lightning.pytorch as pl
 
 from volfm import VolfmError
-from volfm.cli import main
+from volfm.cli.main import main
 from volfm.data.datamodules import SegmentationDataModule
-from volfm.data.synth_ct import LABEL_IDS, make_ct_case, make_ct_cohort
+from volfm.synth.ct import LABEL_IDS, make_ct_case, make_ct_cohort
 from volfm.io import write_nifti
 from volfm.preprocess.pipeline import Pipeline
-from volfm.preprocess.runner import run_cohort
+from volfm.store.build import run_cohort
 from volfm.preprocess.spec import load_spec
 from volfm.tasks import SegmentationTask
 
@@ -170,7 +170,7 @@ class _OracleTask(SegmentationTask):
 def test_prediction_is_written_in_the_oblique_anisotropic_source_grid(tmp_path, monkeypatch, flip):
     """An oblique (10 deg), anisotropic source: the written label has the input's exact shape and affine and,
     from an oracle on the stored grid, overlaps the source labels; a flipped prediction does not."""
-    import volfm.predict as vp
+    import volfm.cli.predict as vp
 
     case = make_ct_case(7, shape=(72, 64, 28), orientation="LPS", oblique_deg=10.0)
     src = tmp_path / "scan.nii.gz"
@@ -184,7 +184,7 @@ def test_prediction_is_written_in_the_oblique_anisotropic_source_grid(tmp_path, 
     stored = Pipeline(spec)({"image": str(src), "label": str(tmp_path / "scan_label.nii.gz")}, "c0").arrays["label"][0]
     liver = (stored == LABEL_IDS["liver"]).astype(np.uint8)
     task = _task()
-    task._build(__import__("volfm.data.labelmap", fromlist=["LabelMap"]).LabelMap.from_names(["liver"], LABEL_IDS))
+    task._build(__import__("volfm.targets.labelmap", fromlist=["LabelMap"]).LabelMap.from_names(["liver"], LABEL_IDS))
     oracle = _OracleTask.__new__(_OracleTask)
     oracle.__dict__ = task.__dict__
     oracle.oracle = liver[::-1].copy() if flip else liver

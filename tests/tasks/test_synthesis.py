@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from volfm.cli import main
-from volfm.data.synth_mripet import make_mripet_cohort
-from volfm.preprocess.runner import run_cohort
+from volfm.cli.main import main
+from volfm.synth.mripet import make_mripet_cohort
+from volfm.store.build import run_cohort
 from volfm.preprocess.spec import load_spec
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"

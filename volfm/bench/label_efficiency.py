@@ -150,7 +150,8 @@ def checkpoint_encoder(path) -> tuple[str, dict] | None:
     if not path.is_file():
         raise VolfmError(f"--pretrained {path} does not exist; give a volfm .ckpt or an encoder .safetensors file")
     if path.suffix == ".safetensors":
-        from volfm.models.registry import META_KWARGS, META_NAME, read_encoder_metadata
+        from volfm.models.registry import META_KWARGS, META_NAME
+        from volfm.models.weights import read_encoder_metadata
 
         meta = read_encoder_metadata(path)
         if META_NAME in meta:
@@ -182,7 +183,7 @@ def _labelled(ds, split: str) -> None:
 def preflight(args) -> dict:
     """Everything that can fail before training: store, splits, labels, label map, counts, checkpoint."""
     from volfm.data.dataset import StoreDataset
-    from volfm.data.labelmap import LabelMap, load_source_labels
+    from volfm.targets.labelmap import LabelMap, load_source_labels
     from volfm.models import create_encoder, load_encoder_weights
 
     store = Path(args.store)

@@ -1,8 +1,8 @@
 """`volfm bench loader`: random 3D patches per second from a store vs TorchIO and MONAI.
 
-A synthetic CT cohort (:func:`volfm.data.synth_ct.make_ct_cohort`, default 50 cases of 128x128x64) is
+A synthetic CT cohort (:func:`volfm.synth.ct.make_ct_cohort`, default 50 cases of 128x128x64) is
 preprocessed into a store with ``preprocessing/ct_seg.yaml`` (1.5 mm isotropic, RAS, foreground crop,
-labels) by :func:`volfm.preprocess.runner.run_cohort`; every stored case (image float32 + label uint8)
+labels) by :func:`volfm.store.build.run_cohort`; every stored case (image float32 + label uint8)
 is then also written as .nii.gz with :func:`volfm.io.write_nifti` and the stored affine, so every
 loader reads the same voxels. Loaders, all with the same worker count (``--workers``) and patch size:
 
@@ -57,8 +57,7 @@ def seg_spec(spacing) -> dict:
 
     from volfm.preprocess.spec import resolve_spec_path
 
-    repo = Path(__file__).resolve().parents[2] / "preprocessing" / "ct_seg.yaml"
-    path = repo if repo.exists() else resolve_spec_path("ct_seg")
+    path = resolve_spec_path("ct_seg")
     raw = yaml.safe_load(path.read_text())
     raw["spacing"] = [float(s) for s in spacing]
     return raw
@@ -84,8 +83,8 @@ def build_data(root: Path, n_cases: int, shape, spacing, workers: int, log=print
     {store, cases: [{case_id, image_npy, label_npy, image_nii, label_nii, affine, shape}], timings}."""
     import yaml
 
-    from volfm.data.synth_ct import make_ct_cohort
-    from volfm.preprocess.runner import run_cohort
+    from volfm.synth.ct import make_ct_cohort
+    from volfm.store.build import run_cohort
 
     t0 = time.perf_counter()
     csv = make_ct_cohort(root / "cohort", n_cases, seed=0, shape=tuple(shape), workers=max(1, workers),
@@ -100,7 +99,7 @@ def build_data(root: Path, n_cases: int, shape, spacing, workers: int, log=print
     if summary["failed"]:
         raise RuntimeError(f"preprocessing failed for {summary['failed']} case(s): {summary['failures'][:3]}")
     store = root / "store"
-    from volfm.data.store import CohortStore
+    from volfm.store.layout import CohortStore
 
     ids = CohortStore(store).ok_ids
     nii = root / "nifti"
@@ -240,7 +239,7 @@ def make_torchio(data, args):
     import torchio as tio
     from torch.utils.data import DataLoader
 
-    from volfm.data.synth_ct import LABELS
+    from volfm.synth.ct import LABELS
 
     subjects = [tio.Subject(image=tio.ScalarImage(c["image_nii"]), label=tio.LabelMap(c["label_nii"]),
                             case_id=c["case_id"]) for c in data["cases"]]

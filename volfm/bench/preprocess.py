@@ -110,13 +110,12 @@ def write_ct(path, array: np.ndarray, affine: np.ndarray) -> Path:
 # --- pipelines -------------------------------------------------------------------------------------
 
 def merlin_spec_nocrop() -> dict:
-    """preprocessing/ct_merlin.yaml with crop: null (falls back to the built-in copy in volfm/specs)."""
+    """preprocessing/ct_merlin.yaml with crop: null (falls back to the built-in copy in volfm/configs/specs)."""
     import yaml
 
     from volfm.preprocess.spec import resolve_spec_path
 
-    repo = Path(__file__).resolve().parents[2] / "preprocessing" / "ct_merlin.yaml"
-    path = repo if repo.exists() else resolve_spec_path("ct_merlin")
+    path = resolve_spec_path("ct_merlin")
     raw = yaml.safe_load(path.read_text())
     raw["crop"] = None
     return raw
@@ -344,7 +343,7 @@ def cohort_throughput(root: Path, n_cases: int, shape, spacing, spec: dict, work
                       log=print) -> list[dict]:
     import yaml
 
-    from volfm.preprocess.runner import run_cohort
+    from volfm.store.build import run_cohort
 
     data = root / "cohort"
     data.mkdir(parents=True, exist_ok=True)

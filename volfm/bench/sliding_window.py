@@ -4,7 +4,7 @@ The same small 3D model (Conv3d 1->8 3x3x3, ReLU, Conv3d 8->2 3x3x3, seeded weig
 same volume (default 300^3 float32, seeded noise) with the same patch (96^3), overlap (0.5), blending
 (gaussian) and window batch (4), on ``--device`` (default CUDA when available):
 
-* volfm -- :class:`volfm.data.grid.SlidingWindowInferer` on the numpy array (windows cut on the CPU,
+* volfm -- :class:`volfm.inference.sliding_window.SlidingWindowInferer` on the numpy array (windows cut on the CPU,
            accumulators on the device when they fit, else streamed to the CPU);
 * MONAI -- ``monai.inferers.sliding_window_inference(inputs, roi, sw_batch_size, model, overlap,
            mode, sw_device=device, device=device)`` on the tensor (1, 1, *size).
@@ -100,7 +100,7 @@ def _peak_rss_kib() -> int:
 def run_worker(args) -> int:
     import torch
 
-    from volfm.data.grid import SlidingWindowInferer
+    from volfm.inference.sliding_window import SlidingWindowInferer
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

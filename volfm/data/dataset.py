@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from volfm.data.store import CohortStore, StoreError
+from volfm.store.layout import CohortStore, StoreError
 
 DEFAULT_COLUMNS = ("icd_codes", "report")
 

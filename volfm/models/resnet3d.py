@@ -25,7 +25,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from volfm import VolfmError
-from volfm.models.registry import create_encoder, load_state_dict_checked, register_encoder
+from volfm.models.registry import create_encoder, register_encoder
+from volfm.models.weights import load_state_dict_checked
 
 __all__ = [
     "BasicBlock3d",

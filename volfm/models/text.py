@@ -12,11 +12,16 @@ and ``AutoTokenizer.from_pretrained(hub_id).save_pretrained(dir)``.
 from __future__ import annotations
 
 import json
+import string
+from typing import Iterable
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+from tokenizers.models import WordPiece
 from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerFast
 
 from volfm import VolfmError
 
@@ -127,7 +132,6 @@ class TextEncoder(nn.Module):
     def to_spec(self) -> dict:
         """JSON-able description (model config, tokenizer JSON, settings) to rebuild the encoder without
         files, e.g. in a Lightning checkpoint; the weights travel in the state dict."""
-        from volfm.data.reports import tokenizer_to_json
 
         return {"config": self.model.config.to_dict(), "tokenizer": tokenizer_to_json(self.tokenizer),
                 "max_length": self.max_length, "pooling": self.pooling, "pooler": not _has_no_pooler(self.model)}
@@ -135,9 +139,7 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_spec(cls, spec: dict) -> "TextEncoder":
         """Rebuild (randomly initialised) from :meth:`to_spec`; then load the state dict."""
-        from transformers import AutoConfig, AutoModel
 
-        from volfm.data.reports import tokenizer_from_json
 
         cfg = dict(spec["config"])
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -168,7 +170,6 @@ def _missing_model_error(path: str, why: str) -> VolfmError:
 
 
 def _load_local(model_path: str, tokenizer, model_kwargs: dict | None = None):
-    from transformers import AutoModel, AutoTokenizer
 
     path = Path(model_path).expanduser()
     if not path.exists():
@@ -217,9 +218,7 @@ def build_text_encoder(model_path: str | Path | None = None, *, texts: Sequence[
         model, tokenizer = _load_local(str(model_path), tokenizer, model_kwargs)
         return TextEncoder(model, tokenizer, max_length=max_length, pooling=pooling)
 
-    from transformers import BertConfig, BertModel
 
-    from volfm.data.reports import train_wordpiece_tokenizer
 
     if tokenizer is None:
         if texts is None:
@@ -234,3 +233,89 @@ def build_text_encoder(model_path: str | Path | None = None, *, texts: Sequence[
                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     return TextEncoder(BertModel(config, add_pooling_layer=False), tokenizer, max_length=max_length,
                        pooling=pooling)
+
+
+# ------------------------------------------------------------------------------------------- tokenizers
+SPECIAL_TOKENS: dict[str, str] = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+                                  "sep_token": "[SEP]", "mask_token": "[MASK]"}
+_JSON_FORMAT = "volfm.tokenizer/1"
+
+
+def _wrap(backend, model_max_length: int | None = None, **special):
+    """A transformers fast tokenizer around a ``tokenizers.Tokenizer`` (copied)."""
+    kwargs = {k: v for k, v in special.items() if v is not None}
+    if model_max_length is not None:
+        kwargs["model_max_length"] = int(model_max_length)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+
+
+def train_wordpiece_tokenizer(texts: Iterable[str | None], vocab_size: int = 8000, min_frequency: int = 2,
+                              lowercase: bool = True, model_max_length: int = 512):
+    """Train a BERT-style WordPiece tokenizer on report texts (offline) -> ``PreTrainedTokenizerFast``.
+
+    BertNormalizer (``lowercase``), BertPreTokenizer, WordPiece with "##" continuation, special tokens
+    [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, "[CLS] $A [SEP]" post-processing. Printable ASCII
+    characters are always in the alphabet, so digits and punctuation never become [UNK].
+    ``save_pretrained(dir)`` / ``AutoTokenizer.from_pretrained(dir, local_files_only=True)`` round-trip.
+    """
+    corpus = [str(t) for t in (texts or []) if t is not None and str(t).strip()]
+    if not corpus:
+        raise VolfmError("cannot train a tokenizer: no non-empty report texts were given; "
+                         "check the cohort table's 'report' column (or pass a pretrained model folder)")
+    specials = list(SPECIAL_TOKENS.values())
+    if int(vocab_size) <= len(specials):
+        raise VolfmError(f"vocab_size must be larger than the {len(specials)} special tokens, got {vocab_size}")
+    tok = Tokenizer(WordPiece(unk_token=SPECIAL_TOKENS["unk_token"], continuing_subword_prefix="##"))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    alphabet = sorted(set((string.ascii_lowercase if lowercase else string.ascii_letters) + string.digits
+                          + string.punctuation))
+    trainer = trainers.WordPieceTrainer(vocab_size=int(vocab_size), min_frequency=int(min_frequency),
+                                        special_tokens=specials, initial_alphabet=alphabet,
+                                        continuing_subword_prefix="##", show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    return _wrap(tok, model_max_length=model_max_length, **SPECIAL_TOKENS)
+
+
+def tokenizer_to_json(tokenizer) -> str:
+    """A fast tokenizer as one JSON string: the ``tokenizers`` backend, its special tokens and
+    ``model_max_length`` / padding and truncation sides. Inverse: :func:`tokenizer_from_json`."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise VolfmError(f"{type(tokenizer).__name__} is not a fast (tokenizers-backed) tokenizer; "
+                         "only fast tokenizers can be written as JSON")
+    special = {k: str(getattr(tokenizer, k)) for k in ("pad_token", "unk_token", "cls_token", "sep_token",
+                                                          "mask_token", "bos_token", "eos_token")
+               if getattr(tokenizer, k, None) is not None}
+    max_len = getattr(tokenizer, "model_max_length", None)
+    return json.dumps({
+        "format": _JSON_FORMAT,
+        "tokenizer": json.loads(backend.to_str()),
+        "special_tokens": special,
+        "model_max_length": int(max_len) if max_len is not None and max_len < 10 ** 12 else None,
+        "padding_side": getattr(tokenizer, "padding_side", "right"),
+        "truncation_side": getattr(tokenizer, "truncation_side", "right"),
+    })
+
+
+def tokenizer_from_json(s: str):
+    """Rebuild a ``PreTrainedTokenizerFast`` from :func:`tokenizer_to_json` (also accepts a bare
+    ``tokenizers`` JSON, i.e. the content of a tokenizer.json)."""
+    try:
+        obj = json.loads(s)
+    except (TypeError, json.JSONDecodeError) as e:
+        raise VolfmError(f"tokenizer JSON could not be parsed: {e}") from e
+    if not isinstance(obj, dict):
+        raise VolfmError("tokenizer JSON must be an object")
+    if obj.get("format") != _JSON_FORMAT:
+        obj = {"tokenizer": obj, "special_tokens": {}}
+    backend = Tokenizer.from_str(json.dumps(obj["tokenizer"]))
+    tok = _wrap(backend, obj.get("model_max_length"), **obj.get("special_tokens", {}))
+    tok.padding_side = obj.get("padding_side", "right")
+    tok.truncation_side = obj.get("truncation_side", "right")
+    return tok

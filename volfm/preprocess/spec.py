@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from volfm import VolfmError
+from volfm.configs import SPECS_DIR
 from volfm.preprocess.intensity import INTENSITY_FUNCTIONS
 
 TOP_KEYS = {"name", "description", "orientation", "spacing", "oblique", "shear", "nonfinite", "channels",
@@ -203,7 +204,7 @@ def validate_spec(raw, src: str = "<spec>") -> dict:
 
 
 def load_spec(path) -> dict:
-    """Read and validate a spec YAML file; a built-in name (e.g. 'ct_merlin') is found in volfm/specs."""
+    """Read and validate a spec YAML file; a built-in name (e.g. 'ct_merlin') is found in volfm/configs/specs."""
     path = resolve_spec_path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -220,7 +221,7 @@ def resolve_spec_path(path) -> Path:
     p = Path(path)
     if p.exists():
         return p
-    builtin = Path(__file__).resolve().parent.parent / "specs" / f"{p.stem}.yaml"
+    builtin = SPECS_DIR / f"{p.stem}.yaml"
     if builtin.exists() and p.parent == Path("."):
         return builtin
     raise SpecError(f"{path}: spec file not found; give a path to a YAML spec or a built-in name "

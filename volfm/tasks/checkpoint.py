@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from volfm import VolfmError
-from volfm.models.registry import read_checkpoint
+from volfm.models.weights import read_checkpoint
 
 
 def load_task(ckpt, what: str = "a .ckpt written by volfm fit"):

@@ -10,7 +10,7 @@ def sliding_window(task, net, image, patch_size=None) -> torch.Tensor:
     """``net``'s output (C_out, I, J, K) over ``image`` (C, I, J, K), windows of ``patch_size`` (default the
     DataModule's training patch size, else the whole volume), with the task's ``sw_overlap`` and
     ``sw_batch_size``; the task is put in eval mode for the call and restored after."""
-    from volfm.data.grid import SlidingWindowInferer
+    from volfm.inference.sliding_window import SlidingWindowInferer
 
     dm_patch = None
     if task._trainer is not None and getattr(task.trainer, "datamodule", None) is not None:

@@ -94,7 +94,7 @@ class PretrainTask(pl.LightningModule):
             raise VolfmError(f"report_mode must be whole, findings_impression or random_section, got {report_mode!r}")
         self.encoder = create_encoder(encoder, **(encoder_kwargs or {}))
         self.num_features = int(self.encoder.num_features)
-        self.vocab = None          # volfm.data.icd.IcdVocabulary, built in setup() or restored from a checkpoint
+        self.vocab = None          # volfm.targets.icd.IcdVocabulary, built in setup() or restored from a checkpoint
         self.icd_head: nn.Module | None = None
         self.text = None           # volfm.models.text.TextEncoder
         self.image_proj: nn.Module | None = None
@@ -133,7 +133,7 @@ class PretrainTask(pl.LightningModule):
 
     def _build_text(self, text_encoder) -> None:
         from volfm.models.heads import ProjectionHead
-        from volfm.tasks.losses import LogitScale
+        from volfm.losses import LogitScale
 
         h = self.hparams
         self.text = text_encoder.to(self.device)
@@ -158,7 +158,7 @@ class PretrainTask(pl.LightningModule):
         need_text = self.use_contrastive and self.text is None
         rows = self._train_rows() if (need_vocab or need_text or (self.use_icd and h.random_labels)) else []
         if need_vocab:
-            from volfm.data.icd import IcdVocabulary
+            from volfm.targets.icd import IcdVocabulary
 
             dm = self.trainer.datamodule
             source = f"{getattr(dm, 'hparams', {}).get('store', 'the store')} (train split)"
@@ -167,7 +167,7 @@ class PretrainTask(pl.LightningModule):
             self._build_icd(vocab)
             _rank_zero_print(self, vocab.summary().replace("\n", "\n  "))
         if self.use_icd and h.pos_weight and self.icd_pos_weight.numel() == 0:
-            from volfm.tasks.losses import pos_weight_from_counts
+            from volfm.losses import pos_weight_from_counts
 
             pos = torch.tensor([self.vocab.counts[c] for c in self.vocab.classes], dtype=torch.float32)
             n_cases = int(self.vocab.stats.get("cases") or len(rows) or 1)
@@ -177,7 +177,7 @@ class PretrainTask(pl.LightningModule):
             self._shuffled_codes = {r["case_id"]: parse_icd_codes(rows[j].get("icd_codes")) for r, j in zip(rows, perm)}
             _rank_zero_print(self, "random_labels: ICD code lists permuted among the training cases (a control run)")
         if need_text:
-            from volfm.data.reports import tokenizer_from_json, tokenizer_to_json, train_wordpiece_tokenizer
+            from volfm.models.text import tokenizer_from_json, tokenizer_to_json, train_wordpiece_tokenizer
             from volfm.models.text import build_text_encoder
 
             if h.text_model is not None and not Path(h.text_model).expanduser().is_dir():
@@ -227,7 +227,7 @@ class PretrainTask(pl.LightningModule):
         rebuilt here is the one that trains on resume."""
         self._pretrained_loaded = True
         if self.use_icd and info.get("icd_vocab") is not None:
-            from volfm.data.icd import IcdVocabulary
+            from volfm.targets.icd import IcdVocabulary
 
             vocab = IcdVocabulary.from_dict(info["icd_vocab"])
             if self.vocab is None or list(self.vocab.classes) != list(vocab.classes):
@@ -280,7 +280,7 @@ class PretrainTask(pl.LightningModule):
 
     def _report_texts(self, batch: dict, train: bool) -> tuple[list[int], list[str]]:
         """Indices of the cases that have a report, and the text each contributes."""
-        from volfm.data.reports import report_views
+        from volfm.targets.reports import report_views
 
         reports = batch.get("report") or [""] * len(batch["case_id"])
         mode = self.hparams.report_mode if train else ("whole" if self.hparams.report_mode == "random_section"
@@ -306,7 +306,7 @@ class PretrainTask(pl.LightningModule):
         return n
 
     def _step(self, batch: dict, train: bool) -> tuple[torch.Tensor, dict, dict]:
-        from volfm.tasks.losses import contrastive_loss, multilabel_loss
+        from volfm.losses import contrastive_loss, multilabel_loss
 
         h = self.hparams
         image = batch["image"]
@@ -375,7 +375,7 @@ class PretrainTask(pl.LightningModule):
             acc.setdefault("image_emb", []).append(img)
             acc.setdefault("text_emb", []).append(txt)
             if self.hparams.prompts:
-                from volfm.eval.zeroshot import finding_truth
+                from volfm.metrics.zeroshot import finding_truth
 
                 acc.setdefault("finding_truth", []).append(
                     torch.from_numpy(finding_truth(batch.get("icd_codes") or [[]] * n, self._get_prompts()))
@@ -383,7 +383,7 @@ class PretrainTask(pl.LightningModule):
 
     def _get_prompts(self):
         if self._prompts is None:
-            from volfm.eval.zeroshot import load_prompts
+            from volfm.metrics.zeroshot import load_prompts
 
             self._prompts = load_prompts(self.hparams.prompts)
         return self._prompts
@@ -401,7 +401,7 @@ class PretrainTask(pl.LightningModule):
         return full if keys is None else full[keys]
 
     def _epoch_metrics(self, prefix: str) -> dict:
-        from volfm.eval.classification import multilabel_metrics
+        from volfm.metrics.classification import multilabel_metrics
 
         h = self.hparams
         out = {}
@@ -416,7 +416,7 @@ class PretrainTask(pl.LightningModule):
             out[f"{prefix}/icd_classes_scored"] = float(m["n_classes_scored"])
         img, txt = self._gathered("image_emb"), self._gathered("text_emb")
         if img is not None:
-            from volfm.eval.retrieval import retrieval_metrics
+            from volfm.metrics.retrieval import retrieval_metrics
 
             ok = ~np.isnan(txt).any(axis=1)  # retrieval: cases with a report; zero-shot: every case
             if ok.sum() >= 2:
@@ -426,7 +426,7 @@ class PretrainTask(pl.LightningModule):
                         out[f"{prefix}/{short}_R@{k}"] = r[direction][f"R@{k}"]
             truth = self._gathered("finding_truth")
             if truth is not None and h.prompts and len(img) >= 2:
-                from volfm.eval.zeroshot import zero_shot_metrics, zero_shot_scores
+                from volfm.metrics.zeroshot import zero_shot_metrics, zero_shot_scores
 
                 with torch.no_grad():
                     scores, names = zero_shot_scores(img, self.text_embedding, self._get_prompts())

@@ -50,7 +50,7 @@ def _stages(encoder: nn.Module) -> list[nn.Module]:
 class SegmentationTask(pl.LightningModule):
     """Dice+CE segmentation fine-tuning of a volfm encoder (see the module docstring).
 
-    labels: the label map: a YAML path (volfm.data.labelmap format), a list of source organ names to
+    labels: the label map: a YAML path (volfm.targets.labelmap format), a list of source organ names to
         keep (each becomes a class, the rest background), a dict in the YAML format, or None (every
         source label is its own class). source_labels: the source dataset's name -> value map (a
         labels.json, a cohort folder or a store; default: found from the store).
@@ -88,7 +88,7 @@ class SegmentationTask(pl.LightningModule):
         return self.__dict__.get("_net")
 
     def _resolve_labelmap(self):
-        from volfm.data.labelmap import LabelMap, load_source_labels
+        from volfm.targets.labelmap import LabelMap, load_source_labels
 
         h = self.hparams
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -214,7 +214,7 @@ class SegmentationTask(pl.LightningModule):
         self._pretrained_loaded = True
         if info.get("labelmap") is None:
             return
-        from volfm.data.labelmap import LabelMap
+        from volfm.targets.labelmap import LabelMap
 
         saved = LabelMap.from_yaml(info["labelmap"])
         if self.labelmap is None:
@@ -285,7 +285,7 @@ class SegmentationTask(pl.LightningModule):
         return logits.argmax(0).to(torch.uint8).cpu().numpy()
 
     def _eval_step(self, batch: dict, prefix: str) -> None:
-        from volfm.eval.segmentation import segmentation_metrics
+        from volfm.metrics.segmentation import segmentation_metrics
 
         target = self._target(batch)
         for i, cid in enumerate(batch["case_id"]):
@@ -297,7 +297,7 @@ class SegmentationTask(pl.LightningModule):
             self._val.append(m)
 
     def _epoch_end(self, prefix: str) -> None:
-        from volfm.eval.segmentation import aggregate_segmentation_metrics, hd_key
+        from volfm.metrics.segmentation import aggregate_segmentation_metrics, hd_key
 
         from volfm.tasks.checkpoint import gather_objects
 

@@ -8,7 +8,7 @@ source and target array names come from the paired-modality DataModule (``data.i
 ``target``).
 
 Validation runs sliding-window synthesis over each whole stored volume and reports, with the fixed
-protocol of :mod:`volfm.eval.synthesis` (inside the mask ``label > 0`` when the store has a label,
+protocol of :mod:`volfm.metrics.synthesis` (inside the mask ``label > 0`` when the store has a label,
 else the whole volume; intensity range ``data_range`` or the target's range in the mask): MAE, PSNR,
 SSIM, and the same for two baselines computed on the same cases: the identity (the source itself, a
 meaningful reference when both modalities share a scale) and the mean training target image.
@@ -78,7 +78,7 @@ class SynthesisTask(pl.LightningModule):
             self.automatic_optimization = False
         self.perceptual = None
         if perceptual_weight > 0:
-            from volfm.models.synthesis import PerceptualLoss3d
+            from volfm.losses.image import PerceptualLoss3d
 
             self.perceptual = PerceptualLoss3d(self._load_frozen(perceptual_encoder))
         self.source_name, self.target_name = "mri", "pet"
@@ -175,7 +175,7 @@ class SynthesisTask(pl.LightningModule):
             loss = loss + h.perceptual_weight * p
             logs["perceptual"] = p.detach()
         if h.adversarial_weight:
-            from volfm.models.synthesis import adversarial_loss
+            from volfm.losses.image import adversarial_loss
 
             g = adversarial_loss(self.discriminator(torch.cat([src, fake], 1)), True, h.gan_kind,
                                  for_discriminator=False)
@@ -202,7 +202,7 @@ class SynthesisTask(pl.LightningModule):
             self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=bs)
             self.log("train_loss", loss, prog_bar=True, batch_size=bs)
             return loss
-        from volfm.models.synthesis import adversarial_loss
+        from volfm.losses.image import adversarial_loss
 
         opt_g, opt_d = self.optimizers()
         # discriminator: real pairs vs generated pairs (generator output detached)
@@ -236,7 +236,7 @@ class SynthesisTask(pl.LightningModule):
     output_kind = "image"
 
     def _eval_step(self, batch: dict) -> None:
-        from volfm.eval.synthesis import synthesis_metrics
+        from volfm.metrics.synthesis import synthesis_metrics
 
         h = self.hparams
         for i, cid in enumerate(batch["case_id"]):

@@ -1,0 +1,126 @@
+"""`volfm inspect PATH`: geometry and intensity of an image file, a store, or one stored case."""
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+
+from volfm.io import affine as geo
+
+
+def _stats(arr: np.ndarray) -> str:
+    a = np.asarray(arr)
+    finite = np.isfinite(a)
+    bad = int(a.size - finite.sum())
+    v = a[finite] if bad else a.ravel()
+    if v.size == 0:
+        return "all voxels are NaN/inf"
+    p = np.percentile(v[:: max(1, v.size // 2_000_000)], [0.5, 50, 99.5])
+    s = (f"min {v.min():.4g}  p0.5 {p[0]:.4g}  median {p[1]:.4g}  p99.5 {p[2]:.4g}  max {v.max():.4g}  "
+         f"mean {v.mean():.4g}  std {v.std():.4g}")
+    if bad:
+        s += f"  NaN/inf voxels: {bad}"
+    if np.issubdtype(a.dtype, np.integer) and len(np.unique(v[: 5_000_000])) <= 32:
+        vals, counts = np.unique(v, return_counts=True)
+        s += "\n  values: " + ", ".join(f"{int(x)}:{int(c)}" for x, c in zip(vals, counts))
+    return s
+
+
+def describe_geometry(affine, shape) -> list[str]:
+    sp = geo.spacing_from_affine(affine)
+    lines = [f"shape       {tuple(int(s) for s in shape)}",
+             f"spacing     {' x '.join(f'{s:.4g}' for s in sp)} mm",
+             f"orientation {geo.axcodes(affine)}"
+             f"{'  (oblique)' if geo.is_oblique(affine) else ''}"
+             f"{'  (SHEARED, shear %.3g)' % geo.shear_of(affine) if geo.is_sheared(affine) else ''}",
+             f"FOV centre  {np.array2string(geo.fov_center(affine, shape), precision=2)} mm (RAS)",
+             "affine (voxel -> RAS mm)", geo.format_affine(affine)]
+    return lines
+
+
+def inspect_file(path: Path) -> str:
+    from volfm.io.readers import describe_nifti_header, read_volume
+
+    vol = read_volume(path, dtype=None)
+    lines = [f"{path}", f"format      {vol.meta.get('format')}  dtype {vol.array.dtype}  channels {vol.num_channels}"]
+    lines += describe_geometry(vol.affine, vol.shape)
+    if vol.meta.get("format", "").startswith("nifti"):
+        h = describe_nifti_header(path)
+        lines.append(f"header      sform_code {h['sform_code']}  qform_code {h['qform_code']}  qfac {h['qfac']}  "
+                     f"scl_slope {h['scl_slope']}  scl_inter {h['scl_inter']}  on-disk {h['datatype']} "
+                     f"({'big' if h['byteorder'] == '>' else 'little'}-endian); affine from {vol.meta['affine_source']}")
+    for k in ("series_id", "modality", "suv_factor", "suv_missing"):
+        if k in vol.meta:
+            lines.append(f"{k:<11} {vol.meta[k]}")
+    for c in range(vol.num_channels):
+        lines.append(f"intensity[{c}] {_stats(vol.array[c])}")
+    return "\n".join(lines)
+
+
+def inspect_store(root: Path) -> str:
+    from volfm.store.layout import CohortStore, StoreError
+
+    store = CohortStore(root)
+    doc = store.spec_doc
+    lines = [f"store {root}", f"spec  {doc.get('spec', {}).get('name')}  hash {doc.get('spec_hash')}  "
+             f"volfm {doc.get('volfm_version')}",
+             f"cases {len(store.rows)}: {len(store.ok_ids)} ok, {len(store.failed)} failed"]
+    shapes = collections.Counter(r.get("shape") for r in store.rows if r.get("status") == "ok")
+    spacings = collections.Counter(r.get("spacing") for r in store.rows if r.get("status") == "ok")
+    if shapes:
+        lines.append("shapes   " + ", ".join(f"{s} ({n})" for s, n in shapes.most_common(5)))
+        lines.append("spacings " + ", ".join(f"{s} mm ({n})" for s, n in spacings.most_common(5)))
+    if "split" in (store.rows[0] if store.rows else {}):
+        splits = collections.Counter(r.get("split") for r in store.rows if r.get("status") == "ok")
+        lines.append("splits   " + ", ".join(f"{k}: {v}" for k, v in sorted(splits.items())))
+    if store.ok_ids:
+        cid = store.ok_ids[0]
+        try:  # a damaged sample case must not hide the store's counts and failures
+            meta = store.meta(cid)
+            for name in meta.get("source", {}):
+                arr = store.array(cid, name)
+                lines.append(f"{name:<8} (case {cid}) {arr.dtype} {arr.shape}: {_stats(arr)}")
+        except StoreError as exc:
+            lines.append(f"UNREADABLE case {cid}: {exc}")
+    if store.failed:
+        lines.append("failures:")
+        lines += [f"  {r['case_id']}: {r.get('error')}" for r in store.failed]
+    lines.append(f"QC images: {root / 'qc'}")
+    return "\n".join(lines)
+
+
+def inspect_case(case_dir: Path) -> str:
+    from volfm.store.layout import StoreError, read_case_meta
+
+    meta = read_case_meta(case_dir)
+    if meta is None:
+        raise StoreError(f"{case_dir / 'meta.json'}: unreadable case metadata; rerun volfm preprocess")
+    lines = [f"case {meta['case_id']} in {case_dir.parent.parent}  spec {meta['spec_name']} ({meta['spec_hash']})"]
+    lines += describe_geometry(np.asarray(meta["affine"]), meta["shape"])
+    for name, src in meta["source"].items():
+        try:
+            arr = np.load(case_dir / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise StoreError(f"{case_dir / (name + '.npy')}: missing or corrupt array ({exc}); "
+                             "rerun volfm preprocess") from exc
+        lines.append(f"{name}: {arr.dtype} {arr.shape} from {src['path']} ({src['orientation']}, "
+                     f"{' x '.join(f'{s:.3g}' for s in src['spacing'])} mm, shape {tuple(src['shape'])})")
+        lines.append(f"  {_stats(arr)}")
+    if meta.get("intensity"):
+        lines.append(f"intensity {json.dumps(meta['intensity'])}")
+    return "\n".join(lines)
+
+
+def inspect_path(path) -> str:
+    path = Path(path)
+    if path.is_dir() and (path / "manifest.csv").exists():
+        return inspect_store(path)
+    if path.is_dir() and (path / "meta.json").exists():
+        return inspect_case(path)
+    if path.is_dir() and (path / "manifests").is_dir():
+        from volfm.store.layout import StoreError
+
+        raise StoreError(f"{path}: sharded store without manifest.csv; run volfm preprocess --merge --out {path}")
+    return inspect_file(path)

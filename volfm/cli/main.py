@@ -1,0 +1,240 @@
+"""`volfm` command line: synth, preprocess, inspect, demo, bench, and the training subcommands
+fit / validate / test (LightningCLI over recipe YAMLs).
+
+Errors a user can fix (VolfmError) print one line and exit 2; anything else is a bug and shows
+its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from volfm import VolfmError, __version__
+
+BENCHMARKS = {"preprocess": "volfm.bench.preprocess", "loader": "volfm.bench.loader",
+              "sliding-window": "volfm.bench.sliding_window", "patch-embed": "volfm.bench.patch_embed",
+              "label-efficiency": "volfm.bench.label_efficiency"}
+
+
+def _triple(text: str):
+    parts = [float(x) for x in text.replace("x", ",").split(",") if x]
+    return parts * 3 if len(parts) == 1 else parts
+
+
+def _cmd_synth(args) -> int:
+    if args.kind == "ct":
+        from volfm.synth.ct import make_ct_cohort
+
+        shape = tuple(int(v) for v in _triple(args.shape)) if args.shape else (128, 128, 64)
+        table = make_ct_cohort(args.out, args.cases, seed=args.seed, shape=shape, progress=not args.quiet)
+    else:
+        from volfm.synth.mripet import make_mripet_cohort
+
+        table = make_mripet_cohort(args.out, args.cases, seed=args.seed, spacing=args.spacing or 2.0,
+                                   progress=not args.quiet)
+    print(f"wrote {args.cases} synthetic {args.kind} cases; cohort table: {table}")
+    return 0
+
+
+def print_summary(summary: dict, log=print) -> None:
+    rate = f", {summary['cases_per_min']:.1f} cases/min" if summary.get("cases_per_min") else ""
+    log(f"{summary['ok']} ok, {summary['failed']} failed, {summary['skipped']} already done "
+        f"({summary['processed']} processed in {summary['elapsed_s']:.1f} s{rate})")
+    log(f"store:    {summary['store']}")
+    log(f"manifest: {summary['manifest']}")
+    log(f"QC:       {Path(summary['store']) / 'qc'}")
+    for cid, note in summary.get("warnings", []):
+        log(f"warning {cid}: {note}")
+    for cid, err in summary["failures"]:
+        log(f"FAILED {cid}: {err}")
+
+
+def _cmd_preprocess(args) -> int:
+    from volfm.store.build import merge_shards, parse_shard, run_cohort
+
+    if args.merge:
+        summary = merge_shards(args.out)
+    else:
+        if not args.spec:
+            raise VolfmError("volfm preprocess needs --spec SPEC (a YAML file or built-in name such as ct_merlin)")
+        summary = run_cohort(args.spec, args.out, cohort=args.cohort, input_dir=args.input_dir,
+                             workers=args.workers, shard=parse_shard(args.shard), overwrite=args.overwrite,
+                             progress=not args.quiet, qc=not args.no_qc)
+    print_summary(summary)
+    return 1 if summary["failed"] else 0
+
+
+def _cmd_inspect(args) -> int:
+    from volfm.cli.inspect import inspect_path
+
+    rc = 0
+    for p in args.paths:  # one unreadable path does not hide the others
+        try:
+            print(inspect_path(p))
+        except VolfmError as exc:
+            if len(args.paths) == 1:
+                raise
+            print(f"volfm inspect: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
+            rc = 2
+    return rc
+
+
+def _cmd_demo(args) -> int:
+    from volfm.cli.demo import run_demo
+
+    return run_demo(args.out, cases=args.cases, workers=args.workers, pretrain_cases=args.pretrain_cases,
+                    pretrain_epochs=args.pretrain_epochs, synthesis_cases=args.synthesis_cases,
+                    synthesis_epochs=args.synthesis_epochs)
+
+
+def _cmd_evaluate(args) -> int:
+    from volfm.evaluate.pretrain import main as evaluate_main
+
+    return evaluate_main(args)
+
+
+def _cmd_predict(args) -> int:
+    from volfm.cli.predict import main as predict_main
+
+    return predict_main(args)
+
+
+def _cmd_bench(args) -> int:
+    import importlib
+
+    if args.name not in BENCHMARKS:
+        raise VolfmError(f"unknown benchmark {args.name!r}; available: {', '.join(BENCHMARKS)}")
+    mod = importlib.import_module(BENCHMARKS[args.name])
+    return mod.main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="volfm", description="3D CT/MRI/PET foundation-model toolkit")
+    p.add_argument("--version", action="version", version=f"volfm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in LIGHTNING_COMMANDS:  # listed in --help; handled by LightningCLI in main()
+        sub.add_parser(name, help=f"{name} a recipe: volfm {name} --config recipes/....yaml (LightningCLI)")
+
+    s = sub.add_parser("synth", help="write a synthetic cohort (NIfTI + cohort.csv)")
+    s.add_argument("kind", choices=["ct", "mripet"])
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--cases", type=int, default=10)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shape", help="CT voxel grid, e.g. 128x128x64")
+    s.add_argument("--spacing", type=float, help="MRI/PET voxel size in mm (default 2.0)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_synth)
+
+    s = sub.add_parser("preprocess", help="harmonise a cohort into a store")
+    s.add_argument("--spec", help="preprocessing spec YAML (or built-in: ct_merlin, ct_seg, mri_brain, pet)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--cohort", help="cohort table (CSV/TSV) with case_id and input columns")
+    g.add_argument("--input-dir", help="folder of images (flat, or imagesTr/labelsTr)")
+    s.add_argument("--out", required=True, help="store folder")
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--shard", help="i/n: process shard i (0-based) of n; default from SLURM_ARRAY_TASK_ID/COUNT")
+    s.add_argument("--overwrite", action="store_true", help="redo every case (and allow a new spec)")
+    s.add_argument("--merge", action="store_true", help="join the shard manifests of --out into manifest.csv")
+    s.add_argument("--no-qc", action="store_true", help="skip QC PNGs")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_preprocess)
+
+    s = sub.add_parser("inspect", help="geometry, spacing, intensity stats and failures of a file or store")
+    s.add_argument("paths", nargs="+")
+    s.set_defaults(fn=_cmd_inspect)
+
+    s = sub.add_parser("demo", help="run the pipeline end to end on an embedded synthetic cohort (CPU)")
+    s.add_argument("--out", default="volfm_demo")
+    s.add_argument("--cases", type=int, default=8)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--pretrain-cases", type=int, default=320,
+                   help="synthetic CT cases for the pretraining steps (0 skips pretraining)")
+    s.add_argument("--pretrain-epochs", type=int, default=20, help="epochs of each pretraining run")
+    s.add_argument("--synthesis-cases", type=int, default=24,
+                   help="simulated MRI/PET cases for the MRI->PET synthesis step (0 skips it)")
+    s.add_argument("--synthesis-epochs", type=int, default=20)
+    s.set_defaults(fn=_cmd_demo)
+
+    s = sub.add_parser("evaluate", help="evaluate a checkpoint: pretraining (ICD AUROC, linear probe, retrieval R@k, "
+                                        "zero-shot findings, subgroups) or synthesis (MAE/PSNR/SSIM vs baselines, "
+                                        "clean and degraded inputs)")
+    s.add_argument("--ckpt", required=True, help="a .ckpt written by volfm fit (pretraining or synthesis)")
+    s.add_argument("--store", help="store to evaluate on (default: the store the checkpoint was trained on)")
+    s.add_argument("--split", default="test", help="split to evaluate (default test)")
+    s.add_argument("--train-split", default="train", help="split the linear probe is fitted on (default train)")
+    s.add_argument("--subgroups", nargs="*", help="manifest columns to break metrics down by, e.g. sex age:0,50,65,200")
+    s.add_argument("--prompts", help="zero-shot prompt set: built-in name (ct_findings) or a YAML path")
+    s.add_argument("--degrade", help="synthesis checkpoints: input degradations for robustness, e.g. "
+                                     "'noise:0.1,0.3;bias:0.3;slices:0.1,0.3' (the default)")
+    s.add_argument("--out", help="folder for eval.json, eval.png and the subgroup CSVs")
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_evaluate)
+
+    s = sub.add_parser("predict", help="run a trained segmentation or synthesis model on raw images; outputs in each "
+                                       "image's own grid")
+    s.add_argument("--config", help="the recipe YAML the model was trained with (its data store and patch size)")
+    s.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", required=True, help="checkpoint written by volfm fit")
+    s.add_argument("--input", required=True, help="an image file (NIfTI/NRRD/MHA), a DICOM folder, or a folder of them")
+    s.add_argument("--out", required=True, help="output folder (<name>_seg.nii.gz, <name>_qc.png, predictions.json)")
+    s.add_argument("--store", help="the training store (default: from --config or the checkpoint)")
+    s.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    s.add_argument("--target", help="synthesis: the measured target image (file) or a folder of them named like the "
+                                    "inputs, for metrics and the QC picture")
+    s.add_argument("--no-qc", action="store_true", help="skip the QC PNGs")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_predict)
+
+    s = sub.add_parser("bench", help="benchmarks against named peers")
+    s.add_argument("name", help=", ".join(BENCHMARKS))
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=_cmd_bench)
+    return p
+
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
+def run_lightning(argv: list[str] | None) -> int:
+    """``volfm fit|validate|test --config recipe.yaml [--trainer.max_epochs 3 ...]``: LightningCLI, so
+    ``--print_config``, class_path/init_args and dotted overrides work as in Lightning; an unknown key is
+    a LightningCLI (jsonargparse) error that names it."""
+    from lightning.pytorch.cli import LightningCLI
+
+    # args=None: LightningCLI reads sys.argv itself; given args (volfm.cli.main.main([...]) from Python or the
+    # demo) take precedence, which is what its warning about sys.argv would question
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    LightningCLI(None, None, subclass_mode_model=True, subclass_mode_data=True, args=argv,
+                 save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "volfm"},
+                 auto_configure_optimizers=False)
+    return 0
+
+
+def main(argv=None) -> int:
+    from_sys = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                return run_lightning(None if from_sys else argv)
+        except VolfmError as exc:
+            print(f"volfm {argv[0]}: error: {' '.join(str(exc).split(chr(10)))}", file=sys.stderr)
+            return 2
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            return int(args.fn(args) or 0)
+    except VolfmError as exc:
+        one_line = " ".join(str(exc).split("\n"))  # a user error is one line, whatever its source
+        print(f"volfm {args.command}: error: {one_line}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

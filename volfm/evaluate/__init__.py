@@ -1,0 +1,1 @@
+"""volfm.evaluate: the checkpoint protocols behind ``volfm evaluate`` (pretraining, synthesis)."""

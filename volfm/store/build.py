@@ -1,0 +1,295 @@
+"""Cohort runner: preprocess every case of a table into a store, in parallel, resumably.
+
+One bad case never stops the cohort: it gets status=failed and the reason in the manifest.
+A rerun skips cases whose meta.json carries the same spec hash and whose QC image exists (so a
+run killed with -9 resumes); it first removes the temp leftovers of its own cases.
+``shard=(i, n)`` processes the cases whose stable hash falls in shard i of n and writes
+manifests/shard-i-of-n.csv; :func:`merge_shards` joins them into manifest.csv.
+"""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import re
+import time
+import traceback
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from volfm import VolfmError, __version__
+from volfm.store.cohort import CohortError, load_cohort, read_table, table_from_dir, write_table
+from volfm.store.layout import MANIFEST_FIRST, StoreError, read_case_meta, remove_stale_temp, write_case_dir
+from volfm.io.atomic import write_text_atomic
+from volfm.preprocess.pipeline import Pipeline
+from volfm.preprocess.spec import load_spec, spec_hash
+
+
+def shard_of(case_id: str, n: int) -> int:
+    return int(hashlib.sha1(case_id.encode()).hexdigest(), 16) % n
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'i/n' (0-based) or, when unset, SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT from the environment."""
+    if text:
+        try:
+            i, n = (int(x) for x in text.split("/"))
+        except ValueError:
+            raise VolfmError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/4") from None
+    elif os.environ.get("SLURM_ARRAY_TASK_ID") and os.environ.get("SLURM_ARRAY_TASK_COUNT"):
+        i = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        n = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+    else:
+        return None
+    if not 0 <= i < n:
+        raise VolfmError(f"shard {i}/{n}: i must satisfy 0 <= i < n")
+    return i, n
+
+
+def _init_worker(threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    # geometry warnings are recorded per case in meta.json and the manifest; library noise is not
+    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore", FutureWarning)
+
+
+def process_case(spec: dict, row: dict, store: str, write_qc: bool = True) -> dict:
+    """Run the pipeline on one row and write its case folder and QC image. Never raises."""
+    case_id = row["case_id"]
+    t0 = time.perf_counter()
+    result = {"case_id": case_id, "status": "failed", "error": "", "shape": "", "spacing": "", "warnings": ""}
+    caught: list = []
+    try:
+        pipe = Pipeline(spec)
+        for name in spec["inputs"]:
+            v = (row.get(name) or "").strip()
+            if v and not Path(v).exists():
+                raise VolfmError(f"case {case_id}: {name} file not found: {v}; fix the path in the cohort table "
+                                 "(relative paths are read from the table's folder)")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            case = pipe({k: row.get(k) for k in spec["inputs"]}, case_id=case_id)
+        notes = list(dict.fromkeys(" ".join(str(w.message).split()) for w in caught
+                                   if issubclass(w.category, UserWarning)))
+        result["warnings"] = " | ".join(notes)
+        meta = dict(case.meta)
+        meta["warnings"] = notes
+        meta["written_at"] = time.time()
+        meta["table"] = {k: v for k, v in row.items() if k not in spec["inputs"]}
+        root = Path(store)
+        write_case_dir(root / "cases", case_id, case.arrays, meta, extras=_foreground_files(spec, case, case_id))
+        if write_qc:
+            _write_qc(root, case_id, case, spec)
+        result.update(status="ok", shape="x".join(map(str, case.shape)),
+                      spacing="x".join(f"{s:.4g}" for s in meta["spacing"]))
+    except VolfmError as exc:
+        msg = str(exc).replace("\n", " ")
+        # reader errors name the file only; the manifest and the summary must name the case too
+        named = re.search(rf"\bcase {re.escape(case_id)}[:,]", msg)
+        result["error"] = msg if named else f"case {case_id}: {msg}"
+    except Exception as exc:  # noqa: BLE001 - the cohort goes on; the reason lands in the manifest
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        result["error"] = (f"case {case_id}: unexpected {type(exc).__name__}: {exc} "
+                           f"(at {Path(last.filename).name}:{last.lineno}); please report it").replace("\n", " ")
+    result["elapsed_s"] = f"{time.perf_counter() - t0:.2f}"
+    return result
+
+
+def _foreground_files(spec: dict, case, case_id: str) -> dict:
+    """Per-class foreground voxel locations of each label, so label-weighted patch sampling never scans
+    the label at training time (nnU-Net keeps the same in its preprocessed data)."""
+    from volfm.store.foreground import FG_MAX_PER_CLASS, case_seed, foreground_locations, save_foreground_locations
+
+    out = {}
+    for name, cfg in spec["inputs"].items():
+        if cfg["kind"] == "label" and name in case.arrays and case.arrays[name].shape[0] == 1:
+            locs = foreground_locations(case.arrays[name], FG_MAX_PER_CLASS, case_seed(case_id))
+            shape = case.arrays[name].shape[1:]
+            out[f"{name}_fg.npz"] = lambda path, locs=locs, shape=shape, name=name: save_foreground_locations(
+                path, locs, shape, path.with_name(f"{name}.npy"))
+    return out
+
+
+def _write_qc(root: Path, case_id: str, case, spec: dict):
+    from volfm.preprocess.qc import render_case_png
+
+    ref = spec["reference"]
+    labels = [n for n, c in spec["inputs"].items() if c["kind"] == "label" and n in case.arrays]
+    others = [(n, case.arrays[n][0]) for n, c in spec["inputs"].items()
+              if c["kind"] == "image" and n != ref and n in case.arrays]
+    img = case.arrays[ref][0].astype(np.float32)
+    it = spec["inputs"][ref]["intensity"]
+    vmin, vmax = (it.get("out_min", 0.0), it.get("out_max", 1.0)) if it["type"] == "ct_window" else (None, None)
+    sp = "x".join(f"{s:.3g}" for s in case.meta["spacing"])
+    render_case_png(root / "qc" / f"{case_id}.png", img, case.affine,
+                    label=case.arrays[labels[0]][0] if labels else None,
+                    title=f"{case_id}  {spec['name']}  {'x'.join(map(str, case.shape))} @ {sp} mm",
+                    vmin=vmin, vmax=vmax, extra=others)
+
+
+def _check_store_spec(out: Path, spec: dict, h: str, overwrite: bool):
+    existing = out / "spec.yaml"
+    if existing.exists() and not overwrite:
+        doc = yaml.safe_load(existing.read_text()) or {}
+        if doc.get("spec_hash") != h:
+            raise StoreError(f"{out}: store was built with another spec ({doc.get('spec', {}).get('name')}, hash "
+                             f"{doc.get('spec_hash')}; this one is {h}); use --overwrite to rebuild it or a new --out")
+
+
+def case_is_done(meta: dict | None, row: dict, spec: dict, h: str, redo_before: float | None,
+                 case_dir: Path | None = None) -> bool:
+    """A stored case can be skipped when it was made with this spec, from the same input files (path,
+    size, mtime), with the same set of inputs, after the last --overwrite run began, and all its
+    arrays are still on disk."""
+    if meta is None or meta.get("spec_hash") != h:
+        return False
+    if case_dir is not None and not all((case_dir / f"{n}.npy").is_file() for n in meta.get("source", {})):
+        return False
+    if redo_before is not None and float(meta.get("written_at", 0.0)) < redo_before:
+        return False
+    given = {n: (row.get(n) or "").strip() for n in spec["inputs"]}
+    given = {n: v for n, v in given.items() if v}
+    sources = meta.get("source", {})
+    if set(given) != set(sources):
+        return False
+    for name, path in given.items():
+        src = sources[name]
+        if Path(src.get("path", "")) != Path(path):
+            return False
+        p = Path(path)
+        if p.is_file() and "size" in src:
+            st = p.stat()
+            if st.st_size != src["size"] or st.st_mtime_ns != src.get("mtime_ns"):
+                return False
+    return True
+
+
+def run_cohort(spec_path, out, cohort=None, input_dir=None, workers: int = 1, shard=None, overwrite: bool = False,
+               progress: bool = True, qc: bool = True, log=print) -> dict:
+    """Preprocess a cohort into ``out``. Returns a summary dict (counts, failures, manifest path)."""
+    spec = load_spec(spec_path)
+    h = spec_hash(spec)
+    out = Path(out)
+    if (cohort is None) == (input_dir is None):
+        raise VolfmError("give exactly one of --cohort TABLE or --input-dir DIR")
+    rows = load_cohort(cohort, spec) if cohort is not None else table_from_dir(input_dir, spec)
+    _check_store_spec(out, spec, h, overwrite)
+    (out / "cases").mkdir(parents=True, exist_ok=True)
+    # --overwrite marks everything written before now as stale, so a killed overwrite run resumes as one
+    previous = yaml.safe_load((out / "spec.yaml").read_text()) if (out / "spec.yaml").exists() else None
+    redo_before = time.time() if overwrite else (previous or {}).get("redo_before")
+    doc = {"spec": spec, "spec_hash": h, "volfm_version": __version__}
+    if redo_before is not None:
+        doc["redo_before"] = float(redo_before)
+    write_text_atomic(out / "spec.yaml", yaml.safe_dump(doc, sort_keys=False))
+    write_table(out / "cohort.csv", rows)
+    if shard is not None:
+        rows_here = [r for r in rows if shard_of(r["case_id"], shard[1]) == shard[0]]
+    else:
+        rows_here = rows
+    # a run killed with -9 may have left temp folders/files of this run's cases; nothing else writes them now
+    remove_stale_temp(out, [r["case_id"] for r in rows_here])
+    todo, results = [], {}
+    for r in rows_here:
+        meta = None if overwrite else read_case_meta(out / "cases" / r["case_id"])
+        # the QC image is written after the case folder: a run killed between the two redoes the case
+        qc_done = not qc or (out / "qc" / f"{r['case_id']}.png").exists()
+        if qc_done and case_is_done(meta, r, spec, h, redo_before, out / "cases" / r["case_id"]):
+            results[r["case_id"]] = {"case_id": r["case_id"], "status": "ok", "error": "",
+                                     "shape": "x".join(map(str, meta["shape"])),
+                                     "spacing": "x".join(f"{s:.4g}" for s in meta["spacing"]),
+                                     "elapsed_s": "skipped", "warnings": " | ".join(meta.get("warnings", []))}
+        else:
+            todo.append(r)
+    skipped = len(results)
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"preprocess {spec['name']}", unit="case")
+    workers = max(1, int(workers))
+    if workers == 1 or len(todo) <= 1:
+        for r in todo:
+            results[r["case_id"]] = res = process_case(spec, r, str(out), qc)
+            _tick(bar, res)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
+            futs = {ex.submit(process_case, spec, r, str(out), qc): r["case_id"] for r in todo}
+            for f in as_completed(futs):
+                cid = futs[f]
+                try:
+                    res = f.result()
+                except Exception as exc:  # noqa: BLE001 - a worker killed (e.g. out of memory) must not lose the run
+                    res = {"case_id": cid, "status": "failed", "shape": "", "spacing": "", "elapsed_s": "",
+                           "error": (f"case {cid}: worker process failed ({type(exc).__name__}: {exc}); it may have "
+                                     "run out of memory on this or another case; rerun to retry, with fewer "
+                                     "--workers").replace("\n", " ")}
+                results[cid] = res
+                _tick(bar, res)
+    if bar is not None:
+        bar.close()
+    manifest_rows = []
+    for r in rows_here:
+        res = results[r["case_id"]]
+        manifest_rows.append({**{k: v for k, v in r.items()}, **res})
+    table_columns = dict.fromkeys(k for r in rows for k in r)  # union: --input-dir rows may lack 'label'
+    columns = MANIFEST_FIRST + [c for c in table_columns if c not in MANIFEST_FIRST]
+    target = out / "manifest.csv" if shard is None else out / "manifests" / f"shard-{shard[0]}-of-{shard[1]}.csv"
+    write_table(target, manifest_rows, columns)
+    failed = [m for m in manifest_rows if m["status"] != "ok"]
+    elapsed = time.perf_counter() - t0
+    summary = {"ok": len(manifest_rows) - len(failed), "failed": len(failed), "skipped": skipped,
+               "processed": len(todo), "elapsed_s": elapsed, "manifest": str(target), "store": str(out),
+               "failures": [(m["case_id"], m["error"]) for m in failed],
+               "warnings": [(m["case_id"], m["warnings"]) for m in manifest_rows if m.get("warnings")],
+               "cases_per_min": (len(todo) / elapsed * 60.0) if todo and elapsed > 0 else None}
+    return summary
+
+
+def _tick(bar, res):
+    if bar is not None:
+        bar.update(1)
+        if res["status"] != "ok":
+            bar.write(f"  failed: {res['error']}")
+
+
+def merge_shards(out) -> dict:
+    """Join manifests/shard-*.csv into manifest.csv; refuse if some cases are in no shard manifest."""
+    out = Path(out)
+    shard_files = sorted((out / "manifests").glob("shard-*-of-*.csv"))
+    if not shard_files:
+        raise StoreError(f"{out}: no shard manifests under {out / 'manifests'}; run volfm preprocess --shard i/n first")
+    counts = {int(p.stem.split("-of-")[1]) for p in shard_files}
+    if len(counts) != 1:
+        raise StoreError(f"{out}: shard manifests from different shard counts {sorted(counts)}; remove stale ones")
+    table = read_table(out / "cohort.csv")
+    by_id = {}
+    for p in shard_files:
+        for r in read_table(p):
+            by_id[r["case_id"]] = r
+    missing = [r["case_id"] for r in table if r["case_id"] not in by_id]
+    if missing:
+        n = counts.pop()
+        absent = sorted({shard_of(c, n) for c in missing})
+        raise StoreError(f"{out}: {len(missing)} case(s) are in no shard manifest (e.g. {missing[0]}); "
+                         f"shards still to run: {', '.join(f'{i}/{n}' for i in absent)}")
+    rows = [by_id[r["case_id"]] for r in table]
+    # union of the shard manifests' columns (a shard with no cases has a header-only manifest)
+    columns = list(dict.fromkeys(k for r in rows for k in r)) or MANIFEST_FIRST
+    write_table(out / "manifest.csv", rows, columns)
+    failed = [r for r in rows if r["status"] != "ok"]
+    return {"ok": len(rows) - len(failed), "failed": len(failed), "skipped": 0, "processed": 0,
+            "manifest": str(out / "manifest.csv"), "store": str(out),
+            "failures": [(r["case_id"], r["error"]) for r in failed], "elapsed_s": 0.0, "cases_per_min": None}
+
+
+__all__ = ["run_cohort", "merge_shards", "process_case", "parse_shard", "shard_of", "CohortError"]
