@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from volfm.bench import label_efficiency as ble
-from volfm.synth.ct import make_ct_cohort
-from volfm.store.build import run_cohort
 from volfm.preprocess.spec import load_spec
+from volfm.store.build import run_cohort
+from volfm.synth.ct import make_ct_cohort
 
 TINY = ["--encoder", "resnet18_3d", "--encoder-kwargs", '{"in_chans": 1, "base_channels": 8}', "--patch", "16,16,16",
         "--batch-size", "2", "--steps-per-epoch", "3", "--threads", "1"]

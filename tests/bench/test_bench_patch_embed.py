@@ -75,7 +75,7 @@ def test_tiny_run_json_values(tiny_run):
         assert e["flops"] == TINY_FWD_FLOPS * (1 if e["mode"] == "fwd" else 3)
         ms = {m: r["median_ms"] for m, r in e["methods"].items()}
         assert set(ms) == {"triton", "linear", "cudnn"} and all(v > 0 for v in ms.values())
-        for m, r in e["methods"].items():
+        for r in e["methods"].values():
             assert len(r["times_ms"]) == 1 and r["inner"] >= 1 and r["pct_peak"] is None
             assert r["tflops"] == pytest.approx(e["flops"] / (r["median_ms"] * 1e-3) / 1e12)
         assert e["linear_over_triton"] == pytest.approx(ms["linear"] / ms["triton"])

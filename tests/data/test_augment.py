@@ -7,8 +7,7 @@ import pytest
 import torch
 import yaml
 
-from volfm.data.augment import (TRANSFORMS, Augmentation, AugmentationError, build_augmentation,
-                                load_augmentation)
+from volfm.data.augment import TRANSFORMS, Augmentation, AugmentationError, build_augmentation, load_augmentation
 
 SHAPE = (24, 20, 16)
 SPACING = (1.5, 1.5, 3.0)

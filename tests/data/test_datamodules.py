@@ -1,17 +1,14 @@
 """DataModules run a real Lightning step on small synthetic stores; case sharding is disjoint."""
-import numpy as np
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
 
-import lightning.pytorch as pl
-
-from volfm.data.datamodules import (CaseShardSampler, PairedModalityDataModule, PretrainDataModule,
-                                    SegmentationDataModule)
+from volfm.data.datamodules import CaseShardSampler, PairedModalityDataModule, PretrainDataModule, SegmentationDataModule
+from volfm.preprocess.spec import load_spec
+from volfm.store.build import run_cohort
 from volfm.synth.ct import make_ct_cohort
 from volfm.synth.mripet import make_mripet_cohort
-from volfm.store.build import run_cohort
-from volfm.preprocess.spec import load_spec
 
 AUG = [{"name": "RandomFlip", "axes": [0, 1, 2]}, {"name": "RandomGamma", "p": 0.5}]
 

@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from volfm.data.dataset import StoreDataset, parse_icd_codes
+from volfm.preprocess.spec import validate_spec
+from volfm.store.build import run_cohort
 from volfm.store.layout import CohortStore, StoreError, write_case_dir
 from volfm.synth.ct import make_ct_cohort
-from volfm.store.build import run_cohort
-from volfm.preprocess.spec import validate_spec
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,10 +10,17 @@ from torch.utils.data import DataLoader
 
 from volfm.data import samplers as S
 from volfm.data.dataset import StoreDataset
-from volfm.data.samplers import (LabelWeightedPatchSampler, PatchDataset, SamplerError, UniformPatchSampler,
-                                 WholeVolumeSampler, extract_patch, foreground_locations)
-from volfm.store.layout import write_case_dir
+from volfm.data.samplers import (
+    LabelWeightedPatchSampler,
+    PatchDataset,
+    SamplerError,
+    UniformPatchSampler,
+    WholeVolumeSampler,
+    extract_patch,
+    foreground_locations,
+)
 from volfm.preprocess.spec import validate_spec
+from volfm.store.layout import write_case_dir
 
 SHAPE = (20, 17, 11)
 
@@ -348,10 +355,10 @@ def test_precomputed_foreground_locations_equal_the_computed_ones(tmp_path):
     import yaml
 
     from volfm.data.dataset import StoreDataset
+    from volfm.preprocess.spec import load_spec
+    from volfm.store.build import run_cohort
     from volfm.store.foreground import FG_MAX_PER_CLASS, case_seed, foreground_locations, load_foreground_locations
     from volfm.synth.ct import make_ct_cohort
-    from volfm.store.build import run_cohort
-    from volfm.preprocess.spec import load_spec
 
     table = make_ct_cohort(tmp_path / "ct", 2, seed=4, shape=(40, 40, 24), progress=False)
     spec = load_spec("ct_seg")

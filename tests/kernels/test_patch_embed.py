@@ -132,7 +132,7 @@ def test_triton_forward_and_grads_match_reference(case, bias, pos):
             assert got is None
             continue
         assert got.shape == ref.shape and got.dtype == ref.dtype, name
-        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 @needs_triton

@@ -11,8 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from volfm import VolfmError
-from volfm.losses import (LogitScale, contrastive_logits, contrastive_loss, gather_with_grad, multilabel_loss,
-                                pos_weight_from_counts)
+from volfm.losses import (
+    LogitScale,
+    contrastive_logits,
+    contrastive_loss,
+    gather_with_grad,
+    multilabel_loss,
+    pos_weight_from_counts,
+)
 
 F64 = torch.float64
 
@@ -335,7 +341,7 @@ def _run_workers(out, timeout):
 def ddp(tmp_path_factory):
     # one retry in a fresh folder: on a loaded 2-core machine a gloo rendezvous over loopback has been seen to
     # stall once; a real deadlock in the code under test stalls both attempts and fails
-    for attempt in range(2):
+    for _attempt in range(2):
         out = tmp_path_factory.mktemp("ddp")
         procs, logs = _run_workers(out, timeout=90)
         if logs is not None:

@@ -8,10 +8,18 @@ import torch
 from scipy.special import expit
 
 from volfm import VolfmError
-from volfm.synth.ct import FINDINGS, make_ct_case
 from volfm.metrics.retrieval import chance_recall, retrieval_metrics, retrieval_ranks
-from volfm.metrics.zeroshot import (PROMPTS_DIR, finding_truth, load_prompts, normalise_code, prompt_embeddings,
-                                 validate_prompts, zero_shot_metrics, zero_shot_scores)
+from volfm.metrics.zeroshot import (
+    PROMPTS_DIR,
+    finding_truth,
+    load_prompts,
+    normalise_code,
+    prompt_embeddings,
+    validate_prompts,
+    zero_shot_metrics,
+    zero_shot_scores,
+)
+from volfm.synth.ct import FINDINGS, make_ct_case
 
 
 # ----------------------------------------------------------------------------------- retrieval

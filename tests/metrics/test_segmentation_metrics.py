@@ -240,8 +240,8 @@ def test_bad_inputs_raise_clear_errors(kwargs, match):
 
 
 def test_with_a_label_map():
-    from volfm.targets.labelmap import LabelMap
     from volfm.synth.ct import LABELS
+    from volfm.targets.labelmap import LabelMap
 
     lm = LabelMap.from_yaml({"classes": {"kidney": ["kidney_left", "kidney_right"]}, "ignore": ["spine"]}, LABELS)
     src = np.zeros((1, 10, 10, 10), np.uint8)

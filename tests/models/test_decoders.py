@@ -5,8 +5,7 @@ import torch
 
 from volfm import VolfmError
 from volfm.models import create_encoder
-from volfm.models.decoders import (SegmentationModel, UNetDecoder, UNETRDecoder, match_spatial_size,
-                                   unetr_upsample_factors)
+from volfm.models.decoders import SegmentationModel, UNetDecoder, UNETRDecoder, match_spatial_size, unetr_upsample_factors
 
 RESNET = ("resnet18_3d", dict(base_channels=8))
 VIT = ("vit_tiny_3d", dict(img_size=(32, 32, 32), patch_size=16))

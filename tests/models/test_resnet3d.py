@@ -37,7 +37,8 @@ class ResNet18_2d(nn.Module):
         chans = [64, 64, 128, 256, 512]
         for i in range(4):
             stride = 1 if i == 0 else 2
-            setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock2d(chans[i], chans[i + 1], stride), BasicBlock2d(chans[i + 1], chans[i + 1])))
+            layer = nn.Sequential(BasicBlock2d(chans[i], chans[i + 1], stride), BasicBlock2d(chans[i + 1], chans[i + 1]))
+            setattr(self, f"layer{i + 1}", layer)
         self.fc = nn.Linear(512, 1000)
 
     def intermediates(self, x):

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from volfm import VolfmError
+from volfm.losses.image import PerceptualLoss3d, adversarial_loss
 from volfm.models import create_encoder, save_encoder
 from volfm.models.decoders import UNetDecoder, UNETRDecoder
-from volfm.losses.image import PerceptualLoss3d, adversarial_loss
 from volfm.models.synthesis import PatchDiscriminator3d, SynthesisGenerator, adapt_input_channels
 
 RESNET = ("resnet18_3d", dict(base_channels=8))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from volfm import VolfmError
+from volfm.models.text import TextEncoder, build_text_encoder, train_wordpiece_tokenizer
 from volfm.synth.ct import make_ct_case
-from volfm.models.text import train_wordpiece_tokenizer, TextEncoder, build_text_encoder
 
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 

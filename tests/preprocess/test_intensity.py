@@ -4,8 +4,7 @@ import pytest
 
 from volfm import VolfmError
 from volfm.io import Volume
-from volfm.preprocess.intensity import apply_intensity, ct_window, foreground_mask, mri_zscore, otsu_threshold, \
-    pet_normalize
+from volfm.preprocess.intensity import apply_intensity, ct_window, foreground_mask, mri_zscore, otsu_threshold, pet_normalize
 
 AFF = np.diag([0.8, 0.8, 2.0, 1.0])
 

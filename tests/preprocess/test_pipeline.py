@@ -13,7 +13,8 @@ from volfm.preprocess.intensity import ct_window
 from volfm.preprocess.pipeline import Pipeline, grids_match, to_source_grid
 from volfm.preprocess.resample import index_map, resample_to_grid, resample_to_spacing
 from volfm.preprocess.spatial import crop_or_pad, reorient
-from volfm.testing import rotation as rot, centred_affine, index_grid
+from volfm.testing import centred_affine, index_grid
+from volfm.testing import rotation as rot
 
 SPEC_DIR = Path(__file__).resolve().parents[2] / "preprocessing"
 SRC_SHAPE = (41, 37, 12)  # odd in-plane sizes: no nearest-neighbour ties at the FOV centre (see test_fused...)

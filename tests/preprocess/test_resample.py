@@ -14,7 +14,8 @@ from volfm.io import affine as geo
 from volfm.preprocess import resample as rs
 from volfm.preprocess.resample import index_map, resample_axis_aligned, resample_to_grid, resample_to_spacing
 from volfm.preprocess.spatial import crop_grid
-from volfm.testing import rotation as rot, centred_affine, index_grid
+from volfm.testing import centred_affine, index_grid
+from volfm.testing import rotation as rot
 
 FILL = -7.0
 SHAPE = (40, 36, 12)

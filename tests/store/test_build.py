@@ -21,12 +21,12 @@ import pytest
 import yaml
 
 from volfm import VolfmError
-from volfm.store.cohort import CohortError, load_cohort
-from volfm.store.layout import StoreError
 from volfm.io import Volume, axcodes, spacing_from_affine, voxel_to_world, write_nifti
 from volfm.preprocess.pipeline import to_source_grid
-from volfm.store.build import merge_shards, parse_shard, run_cohort, shard_of
 from volfm.preprocess.spec import load_spec
+from volfm.store.build import merge_shards, parse_shard, run_cohort, shard_of
+from volfm.store.cohort import CohortError, load_cohort
+from volfm.store.layout import StoreError
 
 REPO = Path(__file__).resolve().parents[2]
 CROP = [32, 32, 16]

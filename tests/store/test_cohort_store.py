@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import yaml
 
+from volfm.io import Volume, write_nifti
+from volfm.preprocess.spec import validate_spec
+from volfm.store.build import run_cohort
 from volfm.store.cohort import CohortError, load_cohort, read_table, table_from_dir, write_table
 from volfm.store.layout import CohortStore, StoreError, read_case_meta, write_case_dir
-from volfm.io import Volume, write_nifti
-from volfm.store.build import run_cohort
-from volfm.preprocess.spec import validate_spec
 
 REPO = Path(__file__).resolve().parents[2]
 

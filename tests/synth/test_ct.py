@@ -6,10 +6,18 @@ import numpy as np
 import pytest
 import simple_icd_10_cm as icd
 
-from volfm.synth.ct import (FINDINGS, HISTORY_CODES, LABEL_IDS, LABELS, REPORT_SECTIONS, assign_splits,
-                                 make_ct_case, make_ct_cohort)
 from volfm.io import read_volume
 from volfm.io.affine import axcodes, voxel_to_world, world_to_voxel
+from volfm.synth.ct import (
+    FINDINGS,
+    HISTORY_CODES,
+    LABEL_IDS,
+    LABELS,
+    REPORT_SECTIONS,
+    assign_splits,
+    make_ct_case,
+    make_ct_cohort,
+)
 
 SMALL = (64, 64, 32)
 

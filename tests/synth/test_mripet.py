@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from volfm import VolfmError
-from volfm.synth import mripet as sm
 from volfm.io import axcodes, read_volume, spacing_from_affine, voxel_to_world
+from volfm.synth import mripet as sm
 
 SP = 3.0
 

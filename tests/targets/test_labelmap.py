@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from volfm import VolfmError
-from volfm.targets.labelmap import LabelMap, load_source_labels, normalize_source_labels
 from volfm.synth.ct import LABEL_IDS, LABELS
+from volfm.targets.labelmap import LabelMap, load_source_labels, normalize_source_labels
 
 
 def _all_values(shape=(1, 6, 5, 4), values=range(10), seed=0):
@@ -191,9 +191,9 @@ def test_source_label_formats_from_synth_ct():
 
 def test_load_source_labels_from_cohort_store_and_files(tmp_path):
     from volfm.data.dataset import StoreDataset
-    from volfm.synth.ct import make_ct_cohort
-    from volfm.store.build import run_cohort
     from volfm.preprocess.spec import load_spec
+    from volfm.store.build import run_cohort
+    from volfm.synth.ct import make_ct_cohort
 
     table = make_ct_cohort(tmp_path / "cohort", 2, seed=0, shape=(24, 24, 12), progress=False)
     assert load_source_labels(tmp_path / "cohort") == LABEL_IDS

@@ -7,8 +7,14 @@ import pytest
 from volfm import VolfmError
 from volfm.models.text import tokenizer_from_json, tokenizer_to_json, train_wordpiece_tokenizer
 from volfm.synth.ct import REPORT_SECTIONS, make_ct_case
-from volfm.targets.reports import (MERLIN_SECTIONS, SECTION_TITLES, canonical_section, report_sections_list,
-                                   report_views, split_report_sections)
+from volfm.targets.reports import (
+    MERLIN_SECTIONS,
+    SECTION_TITLES,
+    canonical_section,
+    report_sections_list,
+    report_views,
+    split_report_sections,
+)
 
 REAL = (
     "EXAM: CT ABDOMEN AND PELVIS WITH CONTRAST\r\n\r\n"

@@ -3,18 +3,16 @@ tokenizer, staged initialisation loads the ICD encoder, and bad input is handled
 import csv
 from pathlib import Path
 
-import numpy as np
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
 
-import lightning.pytorch as pl
-
 from volfm import VolfmError
 from volfm.cli.main import main
-from volfm.synth.ct import make_ct_cohort
-from volfm.store.build import run_cohort
 from volfm.preprocess.spec import load_spec
+from volfm.store.build import run_cohort
+from volfm.synth.ct import make_ct_cohort
 from volfm.tasks import IcdPretrainTask, ReportContrastiveTask
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"

@@ -2,22 +2,21 @@
 in the source image's own grid, bad input gets clear errors."""
 from pathlib import Path
 
+import lightning.pytorch as pl
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 import yaml
 
-import lightning.pytorch as pl
-
 from volfm import VolfmError
 from volfm.cli.main import main
 from volfm.data.datamodules import SegmentationDataModule
-from volfm.synth.ct import LABEL_IDS, make_ct_case, make_ct_cohort
 from volfm.io import write_nifti
 from volfm.preprocess.pipeline import Pipeline
-from volfm.store.build import run_cohort
 from volfm.preprocess.spec import load_spec
+from volfm.store.build import run_cohort
+from volfm.synth.ct import LABEL_IDS, make_ct_case, make_ct_cohort
 from volfm.tasks import SegmentationTask
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"

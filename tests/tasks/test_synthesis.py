@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from volfm.cli.main import main
-from volfm.synth.mripet import make_mripet_cohort
-from volfm.store.build import run_cohort
 from volfm.preprocess.spec import load_spec
+from volfm.store.build import run_cohort
+from volfm.synth.mripet import make_mripet_cohort
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 TINY = ["--model.init_args.encoder", "resnet18_3d", "--model.init_args.encoder_kwargs",
@@ -43,11 +43,11 @@ def test_recipes_fast_dev_run(recipe, store, tmp_path):
 
 
 def test_adversarial_and_perceptual_options_train_generator_and_discriminator(store, tmp_path):
+    import lightning.pytorch as pl
+
+    from volfm.data.datamodules import PairedModalityDataModule
     from volfm.models import create_encoder, save_encoder
     from volfm.tasks import SynthesisTask
-    from volfm.data.datamodules import PairedModalityDataModule
-
-    import lightning.pytorch as pl
 
     frozen = save_encoder(create_encoder("resnet18_3d", base_channels=8), tmp_path / "perc.safetensors")
     task = SynthesisTask(encoder="resnet18_3d", encoder_kwargs={"in_chans": 1, "base_channels": 8},

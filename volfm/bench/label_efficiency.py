@@ -47,8 +47,21 @@ import time
 import warnings
 from pathlib import Path
 
+import lightning
+import lightning.pytorch as pl
+import matplotlib
+import matplotlib.pyplot as plt
+import torch
+
 from volfm import VolfmError
 from volfm.bench.preprocess import _ints, write_results
+from volfm.data.datamodules import SegmentationDataModule
+from volfm.data.dataset import StoreDataset
+from volfm.models import create_encoder, load_encoder_weights
+from volfm.models.registry import META_KWARGS, META_NAME
+from volfm.models.weights import read_encoder_metadata
+from volfm.targets.labelmap import LabelMap, load_source_labels
+from volfm.tasks import SegmentationTask
 
 PROG = "volfm bench label-efficiency"
 INITS = ("scratch", "pretrained")
@@ -150,14 +163,10 @@ def checkpoint_encoder(path) -> tuple[str, dict] | None:
     if not path.is_file():
         raise VolfmError(f"--pretrained {path} does not exist; give a volfm .ckpt or an encoder .safetensors file")
     if path.suffix == ".safetensors":
-        from volfm.models.registry import META_KWARGS, META_NAME
-        from volfm.models.weights import read_encoder_metadata
-
         meta = read_encoder_metadata(path)
         if META_NAME in meta:
             return meta[META_NAME], json.loads(meta.get(META_KWARGS, "{}"))
         return None
-    import torch
 
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -182,10 +191,6 @@ def _labelled(ds, split: str) -> None:
 
 def preflight(args) -> dict:
     """Everything that can fail before training: store, splits, labels, label map, counts, checkpoint."""
-    from volfm.data.dataset import StoreDataset
-    from volfm.targets.labelmap import LabelMap, load_source_labels
-    from volfm.models import create_encoder, load_encoder_weights
-
     store = Path(args.store)
     if not (store / "manifest.csv").is_file():
         raise VolfmError(f"--store {store} is not a volfm store (no manifest.csv); build one with volfm preprocess")
@@ -228,8 +233,6 @@ def preflight(args) -> dict:
 # --- one run ---------------------------------------------------------------------------------------
 
 def _bench_task_class():
-    from volfm.tasks import SegmentationTask
-
     class _BenchTask(SegmentationTask):
         """SegmentationTask that keeps the per-case test metrics (the task itself keeps only the means)."""
         case_metrics: list = []
@@ -269,11 +272,6 @@ def _quiet():
 
 
 def run_one(args, plan: dict, k: int, init: str, seed: int) -> dict:
-    import lightning
-    import lightning.pytorch as pl
-
-    from volfm.data.datamodules import SegmentationDataModule
-
     spv = math.ceil(plan["patches_per_epoch"] / k)
     t0 = time.perf_counter()
     with _quiet():
@@ -387,10 +385,7 @@ def format_table(rows: list[dict], inits, classes) -> str:
 
 
 def plot(path: Path, runs: list[dict], rows: list[dict], inits, title: str) -> Path:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     colors = {"scratch": "tab:gray", "pretrained": "tab:blue"}
     markers = {"scratch": "s", "pretrained": "o"}
@@ -467,7 +462,6 @@ def _check_args(args) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import torch
 
     threads = torch.get_num_threads()
     try:
@@ -490,7 +484,6 @@ def _run(args) -> int:
     ks, classes, n_test = plan["ks"], plan["classes"], len(plan["test_ids"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    import torch
 
     print(f"{PROG}: store {args.store}: {plan['n_train']} labelled training cases, {n_test} test case(s); "
           f"classes {', '.join(classes)}")

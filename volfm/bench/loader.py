@@ -28,7 +28,9 @@ checked: patch shapes, and the patch voxels against the stored arrays at the pat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import io
 import json
 import logging
 import math
@@ -38,11 +40,27 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import monai.transforms as mt
 import numpy as np
+import torch
+import torchio as tio
+import yaml
+from monai.data import CacheDataset
+from monai.data import DataLoader as MonaiDataLoader
+from torch.utils.data import DataLoader
 
 from volfm.bench.preprocess import _ints, _quiet_import, timed, write_results
+from volfm.data.datamodules import collate_cases
+from volfm.data.dataset import StoreDataset
+from volfm.data.samplers import LabelWeightedPatchSampler, PatchDataset, extract_patch
+from volfm.io import Volume, write_nifti
+from volfm.preprocess.spec import resolve_spec_path
+from volfm.store.build import run_cohort
+from volfm.store.layout import CohortStore
+from volfm.synth.ct import LABELS, make_ct_cohort
 
 LOADERS = ("raw memmap", "volfm", "TorchIO Queue", "MONAI CacheDataset")
 GOAL_VS_TORCHIO = 10.0
@@ -53,10 +71,6 @@ GOAL_VS_RAW = 0.5
 
 def seg_spec(spacing) -> dict:
     """preprocessing/ct_seg.yaml (built-in copy as fallback), with ``spacing`` (mm) substituted."""
-    import yaml
-
-    from volfm.preprocess.spec import resolve_spec_path
-
     path = resolve_spec_path("ct_seg")
     raw = yaml.safe_load(path.read_text())
     raw["spacing"] = [float(s) for s in spacing]
@@ -64,8 +78,6 @@ def seg_spec(spacing) -> dict:
 
 
 def _write_case_nifti(job):
-    from volfm.io import Volume, write_nifti
-
     case_dir, out_dir, cid = job
     case_dir, out_dir = Path(case_dir), Path(out_dir)
     affine = np.asarray(json.loads((case_dir / "meta.json").read_text())["affine"], np.float64)
@@ -81,11 +93,6 @@ def _write_case_nifti(job):
 def build_data(root: Path, n_cases: int, shape, spacing, workers: int, log=print) -> dict:
     """Synthesise the cohort, preprocess it into ``root/store`` and write ``root/nifti``; returns
     {store, cases: [{case_id, image_npy, label_npy, image_nii, label_nii, affine, shape}], timings}."""
-    import yaml
-
-    from volfm.synth.ct import make_ct_cohort
-    from volfm.store.build import run_cohort
-
     t0 = time.perf_counter()
     csv = make_ct_cohort(root / "cohort", n_cases, seed=0, shape=tuple(shape), workers=max(1, workers),
                          progress=False)
@@ -99,7 +106,6 @@ def build_data(root: Path, n_cases: int, shape, spacing, workers: int, log=print
     if summary["failed"]:
         raise RuntimeError(f"preprocessing failed for {summary['failed']} case(s): {summary['failures'][:3]}")
     store = root / "store"
-    from volfm.store.layout import CohortStore
 
     ids = CohortStore(store).ok_ids
     nii = root / "nifti"
@@ -107,8 +113,6 @@ def build_data(root: Path, n_cases: int, shape, spacing, workers: int, log=print
     jobs = [(str(store / "cases" / cid), str(nii), cid) for cid in ids]
     t0 = time.perf_counter()
     if workers > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
         with ProcessPoolExecutor(max_workers=workers) as ex:
             written = list(ex.map(_write_case_nifti, jobs))
     else:
@@ -157,8 +161,6 @@ class RawMemmapPatches:
         return len(self.cases) * self.spv
 
     def __getitem__(self, i):
-        import torch
-
         ci = int(i) // self.spv
         img_p, lab_p = self.cases[ci]
         img = np.load(img_p, mmap_mode="r")
@@ -182,8 +184,6 @@ def _dl_kwargs(workers: int) -> dict:
 
 
 def make_raw(data, args):
-    from torch.utils.data import DataLoader
-
     ds = RawMemmapPatches(data["cases"], args.patch, args.samples_per_volume)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, **_dl_kwargs(args.workers))
     cases = data["cases"]
@@ -199,15 +199,6 @@ def make_raw(data, args):
 
 
 def make_volfm(data, args):
-    from torch.utils.data import DataLoader
-
-    from volfm.data.dataset import StoreDataset
-    from volfm.data.samplers import LabelWeightedPatchSampler, PatchDataset
-
-    try:
-        from volfm.data.datamodules import collate_cases
-    except ImportError:  # pragma: no cover - the datamodules need lightning
-        collate_cases = None
     ds = PatchDataset(StoreDataset(data["store"], arrays=("image",), label="label"),
                       LabelWeightedPatchSampler(args.patch, foreground_fraction=1 / 3),
                       samples_per_volume=args.samples_per_volume, seed=0)
@@ -236,11 +227,6 @@ def _torchio_probabilities(n_classes: int = 9) -> dict:
 
 
 def make_torchio(data, args):
-    import torchio as tio
-    from torch.utils.data import DataLoader
-
-    from volfm.synth.ct import LABELS
-
     subjects = [tio.Subject(image=tio.ScalarImage(c["image_nii"]), label=tio.LabelMap(c["label_nii"]),
                             case_id=c["case_id"]) for c in data["cases"]]
     sd = tio.SubjectsDataset(subjects)
@@ -265,9 +251,6 @@ def make_torchio(data, args):
 
 
 def make_monai(data, args):
-    import monai.transforms as mt
-    from monai.data import CacheDataset, DataLoader
-
     keys = ["image", "label"]
     tf = mt.Compose([
         mt.LoadImaged(keys=keys, reader="NibabelReader"),
@@ -285,7 +268,7 @@ def make_monai(data, args):
     for it in ds._cache:
         for k in keys:
             cache_bytes += int(np.asarray(it[k]).nbytes)
-    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, **_dl_kwargs(args.workers))
+    loader = MonaiDataLoader(ds, batch_size=args.batch_size, shuffle=True, **_dl_kwargs(args.workers))
     by_id = {c["case_id"]: c for c in data["cases"]}
 
     def inspect(batch):
@@ -322,8 +305,6 @@ def _check_shapes(img, lab, patch, who) -> int:
 
 def _check_window(img, lab, case, start, who, pad=(0.0, 0)):
     """The patch equals the stored arrays at ``start`` (padded with the background where outside)."""
-    from volfm.data.samplers import extract_patch
-
     patch = [int(s) for s in img.shape[1:]]
     ref_i = extract_patch(np.load(case["image_npy"], mmap_mode="r"), start, patch, pad[0])
     ref_l = extract_patch(np.load(case["label_npy"], mmap_mode="r"), start, patch, pad[1])
@@ -347,9 +328,6 @@ def _forever(loader):
 
 
 def measure(name, maker, data, args, log=print) -> dict:
-    import contextlib
-    import io
-
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         loader, inspect, count, note = maker(data, args)  # MONAI's reader registration chatter
@@ -384,7 +362,7 @@ def measure(name, maker, data, args, log=print) -> dict:
     log(f"  {name:<20} {rate:9.1f} patches/s  (setup {setup:.2f} s, first batch {first_s:.2f} s, "
         f"{sum(counts)} patches in {sum(times):.2f} s)")
     it.close()
-    del it, loader
+    del loader
     gc.collect()
     return res
 
@@ -438,8 +416,6 @@ def main(argv=None) -> int:
 
 
 def _run(args, root: Path, skip: set) -> int:
-    import torch
-
     _quiet_import("monai.transforms", "monai.data", "torchio", "volfm.data.datamodules")
     patch = "x".join(map(str, args.patch))
     print(f"volfm bench loader: random {patch} patches/s from {args.cases} synthetic CT cases "

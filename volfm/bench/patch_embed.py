@@ -56,12 +56,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
+import torch
+import torch.nn.functional as F
+
+import volfm.kernels.patch_embed as pe
 from volfm.bench.preprocess import write_results
 
 METHODS = ("triton", "linear", "cudnn")
@@ -93,12 +97,12 @@ MAX_INNER = 1000
 class Case:
     """One benchmark shape: input (B, C, I, J, K), patch (pi, pj, pk), embedding width E."""
 
-    shape: Tuple[int, int, int, int, int]
-    patch: Tuple[int, int, int]
+    shape: tuple[int, int, int, int, int]
+    patch: tuple[int, int, int]
     embed_dim: int
 
     @property
-    def grid(self) -> Tuple[int, int, int]:
+    def grid(self) -> tuple[int, int, int]:
         return tuple(s // p for s, p in zip(self.shape[2:], self.patch))  # type: ignore[return-value]
 
     @property
@@ -176,7 +180,7 @@ PEAK_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 PCIe": 756.0, "H200": 989.4, "A100"
                     "RTX 4090": 165.0}
 
 
-def peak_bf16_tflops(device_name: str) -> Optional[float]:
+def peak_bf16_tflops(device_name: str) -> float | None:
     """Dense bf16 peak for a CUDA device name (torch.cuda.get_device_name), None when unknown."""
     n = " ".join(str(device_name).upper().replace("-", " ").split())
     if "H100" in n:
@@ -197,8 +201,6 @@ def peak_bf16_tflops(device_name: str) -> Optional[float]:
 
 
 def tolerance(dtype_name: str) -> float:
-    import torch
-
     if dtype_name == "fp32":
         return FP32_TOL
     return 2 * torch.finfo(getattr(torch, DTYPES[dtype_name])).eps
@@ -367,8 +369,6 @@ def main(argv=None) -> int:
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         return _usage_error("--peak-tflops must be > 0")
 
-    import torch
-
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -396,10 +396,6 @@ def main(argv=None) -> int:
 
 
 def _run(args, cases, torch, device) -> int:
-    import torch.nn.functional as F
-
-    import volfm.kernels.patch_embed as pe
-
     cuda = device.type == "cuda"
     dtype = getattr(torch, DTYPES[args.dtype])
     modes = list(MODES) if args.mode == "both" else [args.mode]
@@ -428,8 +424,6 @@ def _run(args, cases, torch, device) -> int:
         dev_name = torch.cuda.get_device_name(device)
         table_peak = peak_bf16_tflops(dev_name)
     else:
-        import platform
-
         dev_name = platform.processor() or platform.machine() or "cpu"
         table_peak = None
     peak = args.peak_tflops if args.peak_tflops is not None else table_peak
@@ -643,8 +637,8 @@ def _goals(args, cuda, results, methods, failed, peak, checks, tol) -> dict:
     ok = bool(checks) and all(c["ok"] for c in checks) and "check" not in failed
     who = " and ".join(m for m in METHODS if any(c["method"] == m for c in others)) or "(only linear ran)"
     goals["match"] = {"pass": ok, "worst_rel_diff": worst, "tol": tol,
-                      "line": f"check: {who} {'matches' if ' and ' not in who else 'match'} the linear path and all match the fp32 reference within "
-                              f"{tol:.3g} x max |ref|: {'PASS' if ok else 'FAIL'}"
+                      "line": f"check: {who} {'matches' if ' and ' not in who else 'match'} the linear path and all "
+                              f"match the fp32 reference within {tol:.3g} x max |ref|: {'PASS' if ok else 'FAIL'}"
                               + (f" (worst {worst:.3g})" if worst is not None else " (nothing compared)")}
     return goals
 

@@ -24,7 +24,11 @@ with 1 and ``--workers`` worker processes.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import io
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -34,7 +38,27 @@ import time
 import warnings
 from pathlib import Path
 
+import monai.transforms as mt
+import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
+import torch
+import torchio as tio
+import yaml
+
+from volfm.io.affine import (
+    fov_center,
+    sitk_geometry,
+    spacing_from_affine,
+    voxel_to_world,
+)
+from volfm.io.readers import read_volume
+from volfm.preprocess.intensity import apply_intensity
+from volfm.preprocess.pipeline import Pipeline, file_sha256
+from volfm.preprocess.resample import resample_to_grid
+from volfm.preprocess.spatial import reoriented_grid
+from volfm.preprocess.spec import resolve_spec_path
+from volfm.store.build import run_cohort
 
 HU_MIN, HU_MAX = -1000.0, 1000.0
 FILL_HU = -1000.0
@@ -97,8 +121,6 @@ def lps_affine(shape, spacing, origin_shift=(12.5, -30.25, 80.0)) -> np.ndarray:
 
 
 def write_ct(path, array: np.ndarray, affine: np.ndarray) -> Path:
-    import nibabel as nib
-
     img = nib.Nifti1Image(array, affine)
     img.header.set_xyzt_units("mm", "sec")
     img.set_sform(affine, code=1)
@@ -111,10 +133,6 @@ def write_ct(path, array: np.ndarray, affine: np.ndarray) -> Path:
 
 def merlin_spec_nocrop() -> dict:
     """preprocessing/ct_merlin.yaml with crop: null (falls back to the built-in copy in volfm/configs/specs)."""
-    import yaml
-
-    from volfm.preprocess.spec import resolve_spec_path
-
     path = resolve_spec_path("ct_merlin")
     raw = yaml.safe_load(path.read_text())
     raw["crop"] = None
@@ -127,10 +145,6 @@ def run_volfm(path, pipe, hash_sources: bool = True):
 
 
 def run_sitk(path, grid_affine, grid_shape):
-    import SimpleITK as sitk
-
-    from volfm.io.affine import sitk_geometry
-
     img = sitk.ReadImage(str(path))
     origin, spacing, direction = sitk_geometry(grid_affine)
     f = sitk.ResampleImageFilter()
@@ -148,10 +162,6 @@ def run_sitk(path, grid_affine, grid_shape):
 
 
 def make_monai(target):
-    import logging
-
-    import monai.transforms as mt
-
     logging.disable(logging.WARNING)  # LoadImaged logs that nvImageCodec is absent (irrelevant on CPU)
     try:
         return _monai_compose(mt, target)
@@ -176,8 +186,6 @@ def run_monai(path, tf):
 
 
 def make_torchio(target):
-    import torchio as tio
-
     return tio.Compose([
         tio.ToCanonical(),
         tio.Resample(tuple(target), image_interpolation="linear"),
@@ -187,8 +195,6 @@ def make_torchio(target):
 
 
 def run_torchio(path, tf):
-    import torchio as tio
-
     img = tf(tio.ScalarImage(str(path)))
     return img.data[0].numpy(), np.asarray(img.affine, np.float64)
 
@@ -245,9 +251,6 @@ def compare_to_sitk(name, arr, affine, ref, ref_affine, path, src_affine, src_sh
 
 def describe_grids(grids, src_affine, src_shape, orientation="RAS") -> list[str]:
     """Lines describing where each output grid sits relative to the (reoriented) source grid."""
-    from volfm.io.affine import fov_center, spacing_from_affine, voxel_to_world
-    from volfm.preprocess.spatial import reoriented_grid
-
     s_aff, s_shape = reoriented_grid(src_affine, src_shape, orientation)
     s_first = voxel_to_world(s_aff, np.zeros(3))
     s_corner = voxel_to_world(s_aff, np.full(3, -0.5))
@@ -276,9 +279,6 @@ def describe_grids(grids, src_affine, src_shape, orientation="RAS") -> list[str]
 # --- timing ----------------------------------------------------------------------------------------
 
 def timed(fn, repeats: int, warmup: int = 1):
-    import contextlib
-    import io
-
     for _ in range(warmup):  # first-call chatter (e.g. MONAI's reader registration) stays out of the table
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             res = fn()
@@ -292,19 +292,12 @@ def timed(fn, repeats: int, warmup: int = 1):
 
 def volfm_breakdown(path, pipe, repeats: int) -> dict:
     """Median seconds of volfm's stages, run one after another as Pipeline does."""
-    from volfm.io.readers import read_volume
-    from volfm.preprocess.intensity import apply_intensity
-    from volfm.preprocess.pipeline import file_sha256
-    from volfm.preprocess.resample import resample_to_grid
-
     cfg = pipe.spec["inputs"]["image"]
     names = ("read_volume (inflate + hash in parallel, native dtype/order)", "checks", "plan grid",
              "resample (int16 source, separable)", "intensity window", "astype output dtype")
     stages: dict[str, list] = {k: [] for k in names}
     nib_only, sha_only = [], []
     for _ in range(repeats):
-        import nibabel as nib
-
         t = time.perf_counter()
         raw = np.asanyarray(nib.load(str(path)).dataobj)
         nib_only.append(time.perf_counter() - t)
@@ -341,10 +334,6 @@ def volfm_breakdown(path, pipe, repeats: int) -> dict:
 
 def cohort_throughput(root: Path, n_cases: int, shape, spacing, spec: dict, workers_list, fmt: str,
                       log=print) -> list[dict]:
-    import yaml
-
-    from volfm.store.build import run_cohort
-
     data = root / "cohort"
     data.mkdir(parents=True, exist_ok=True)
     rows = ["case_id,image"]
@@ -378,10 +367,6 @@ def cohort_throughput(root: Path, n_cases: int, shape, spacing, spec: dict, work
 
 def _quiet_import(*modules):
     """Import peers up front so their import-time chatter does not land inside the table."""
-    import contextlib
-    import importlib
-    import io
-
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         for m in modules:
             try:
@@ -441,10 +426,6 @@ def main(argv=None) -> int:
         print("volfm bench preprocess: --repeats must be >= 1", file=sys.stderr)
         return 2
     warnings.filterwarnings("ignore")
-    import torch
-    import SimpleITK as sitk
-
-    from volfm.preprocess.pipeline import Pipeline
 
     skip = {s.strip().lower() for s in args.skip.split(",") if s.strip()}
     tmp_owned = args.out is None
@@ -478,7 +459,6 @@ def _run(args, root, skip, torch, sitk, Pipeline) -> int:
 
     spec = merlin_spec_nocrop()
     pipe = Pipeline(spec, source="ct_merlin.yaml (crop: null)")
-    from volfm.io.readers import read_volume
 
     ref_vol = read_volume(path)
     grid_affine, grid_shape, _ = pipe.plan_grid(ref_vol, {"image": ref_vol})

@@ -31,8 +31,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
 
 from volfm.bench.preprocess import _ints
+from volfm.inference.sliding_window import SlidingWindowInferer
 
 METHODS = ("volfm", "MONAI", "MONAI-cl")  # MONAI-cl: MONAI with the model converted to channels_last_3d
 MATCH_TOL = 1e-4
@@ -58,8 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
 # --- shared set-up ---------------------------------------------------------------------------------
 
 def build_model(seed: int = 0):
-    import torch
-
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(),
                                torch.nn.Conv3d(8, 2, 3, padding=1)).eval()
@@ -98,10 +99,6 @@ def _peak_rss_kib() -> int:
 # --- worker (one method, own process) --------------------------------------------------------------
 
 def run_worker(args) -> int:
-    import torch
-
-    from volfm.inference.sliding_window import SlidingWindowInferer
-
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     model = build_model(args.seed).to(device)
@@ -114,8 +111,6 @@ def run_worker(args) -> int:
         def run():
             return inferer(vol, model)
     else:
-        from monai.inferers import sliding_window_inference
-
         src = torch.from_numpy(vol)[None]
         if args.worker == "MONAI-cl":  # what volfm does by itself on the CPU, done by hand for MONAI
             model = model.to(memory_format=torch.channels_last_3d)
@@ -201,13 +196,9 @@ def main(argv=None) -> int:
         print("volfm bench sliding-window: need --repeats >= 1, --batch >= 1 and 0 <= --overlap < 1", file=sys.stderr)
         return 2
     if args.device is None:
-        import torch
-
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.worker:
         return run_worker(args)
-
-    import torch
 
     size, patch = args.size, args.patch
     cuda = args.device.startswith("cuda")

@@ -6,13 +6,37 @@ ICD-10-CM codes, sectioned reports) and a paired MRI/PET cohort, preprocess both
 """
 from __future__ import annotations
 
+import collections
+import csv
+import logging
 import time
+import warnings
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader
 
+from volfm.cli.inspect import inspect_store
+from volfm.cli.main import main as cli_main
+from volfm.cli.main import print_summary
+from volfm.cli.predict import predict_files
 from volfm.configs import RECIPES_DIR
+from volfm.data.datamodules import collate_cases
+from volfm.data.dataset import StoreDataset
+from volfm.data.samplers import LabelWeightedPatchSampler, PatchDataset
+from volfm.evaluate.pretrain import evaluate_checkpoint
+from volfm.evaluate.synthesis import evaluate_synthesis
+from volfm.models import create_encoder, list_encoders
+from volfm.preprocess.qc import render_patch_batch_png
 from volfm.preprocess.spec import load_spec
+from volfm.store.build import run_cohort
+from volfm.store.cohort import read_table
+from volfm.synth.ct import FINDINGS, LABEL_IDS, make_ct_cohort
+from volfm.synth.mripet import make_mripet_cohort
+from volfm.tasks.checkpoint import load_task
 
 
 def _step(title: str):
@@ -21,12 +45,6 @@ def _step(title: str):
 
 def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2, encoders=None, pretrain_cases: int = 320,
              pretrain_epochs: int = 20, synthesis_cases: int = 24, synthesis_epochs: int = 20) -> int:
-    from volfm.cli.main import print_summary
-    from volfm.synth.ct import make_ct_cohort
-    from volfm.synth.mripet import make_mripet_cohort
-    from volfm.cli.inspect import inspect_store
-    from volfm.store.build import run_cohort
-
     out = Path(out)
     t0 = time.perf_counter()
     _quiet_lightning()
@@ -56,7 +74,6 @@ def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2, encoders=None, 
     mp_store = out / "store_mri_brain"
     _step("6. preprocess with mri_brain.yaml at 2 mm (z-scored MRI, PET carried along on the same grid)")
     spec_path = out / "mri_brain_2mm.yaml"
-    import yaml
 
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
     s2 = run_cohort(spec_path, mp_store, cohort=mp_table, workers=workers)
@@ -86,8 +103,6 @@ def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2, encoders=None, 
 
 def _fit(recipe: str, store, run_dir, *overrides) -> Path:
     """``volfm fit --config recipes/demo/<recipe>`` into ``run_dir``; returns the run's log folder."""
-    from volfm.cli.main import main as cli_main
-
     recipe_path = RECIPES_DIR / "demo" / recipe
     run_dir = Path(run_dir)
     rc = cli_main(["fit", "--config", str(recipe_path), "--data.init_args.store", str(store),
@@ -99,8 +114,6 @@ def _fit(recipe: str, store, run_dir, *overrides) -> Path:
 
 
 def _val_history(log_dir: Path, key: str) -> list[float]:
-    import csv
-
     with open(log_dir / "metrics.csv", newline="") as f:
         return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
 
@@ -108,11 +121,6 @@ def _val_history(log_dir: Path, key: str) -> list[float]:
 def _pretrain(out: Path, n_cases: int, epochs: int, workers: int) -> dict:
     """Merlin-style pretraining on a larger synthetic cohort at demo resolution: ICD pretext, a random-label
     control, then report contrastive learning staged from the ICD encoder; metrics on the test split."""
-    from volfm.cli.main import print_summary
-    from volfm.synth.ct import make_ct_cohort
-    from volfm.evaluate.pretrain import evaluate_checkpoint
-    from volfm.store.build import run_cohort
-
     _step(f"7. Merlin-style pretraining cohort: {n_cases} synthetic CT cases, preprocessed with ct_merlin_demo "
           "(the Merlin field of view at 7 x 7 x 10 mm, 48^3)")
     table = make_ct_cohort(out / "synth_ct_pretrain", n_cases, seed=1, shape=(64, 64, 40), workers=max(1, workers))
@@ -156,13 +164,6 @@ def _pretrain(out: Path, n_cases: int, epochs: int, workers: int) -> dict:
 
 def _segment(out: Path, store, table, pretrained, epochs: int, workers: int, organ: str = "spleen"):
     """Fine-tune a segmentation head on one organ from 5 labelled cases, then volfm predict on raw test images."""
-    import csv
-
-    import nibabel as nib
-
-    from volfm.synth.ct import LABEL_IDS
-    from volfm.cli.predict import predict_files
-
     _step(f"12. segmentation of a new organ ({organ}) from 5 labelled cases, encoder from the contrastive run "
           "(recipes/demo/seg_finetune.yaml)")
     seg_dir = _fit("seg_finetune.yaml", store, out / "runs" / "seg", "--trainer.max_epochs", str(epochs),
@@ -191,9 +192,6 @@ def _segment(out: Path, store, table, pretrained, epochs: int, workers: int, org
 def _quiet_lightning() -> None:
     """The demo prints its own summary of each run: drop Lightning's start-up notices and its internal
     deprecation warnings (they are about Lightning's code, not the user's)."""
-    import logging
-    import warnings
-
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
@@ -203,11 +201,6 @@ def _quiet_lightning() -> None:
 
 def _describe_ct_cohort(table) -> None:
     """Finding prevalence with ICD-10-CM codes, and one report, so the pretraining targets are visible."""
-    import collections
-
-    from volfm.store.cohort import read_table
-    from volfm.synth.ct import FINDINGS
-
     rows = read_table(table)
     counts = collections.Counter(f for r in rows for f in r["findings"].split(";") if f)
     print("findings (ICD-10-CM): " + ", ".join(f"{name} {FINDINGS[name].code} x{counts[name]}"
@@ -220,13 +213,6 @@ def _describe_ct_cohort(table) -> None:
 
 def _show_patches(store, png, workers: int = 2, n_batches: int = 8, batch_size: int = 4) -> None:
     """A QC picture of one batch and the loader's throughput (patches/s) with ``workers`` processes."""
-    from torch.utils.data import DataLoader
-
-    from volfm.data.dataset import StoreDataset
-    from volfm.data.datamodules import collate_cases
-    from volfm.data.samplers import LabelWeightedPatchSampler, PatchDataset
-    from volfm.preprocess.qc import render_patch_batch_png
-
     ds = PatchDataset(StoreDataset(store, label="label"), LabelWeightedPatchSampler((96, 96, 96)),
                       samples_per_volume=4, seed=0)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate_cases)
@@ -247,11 +233,6 @@ def _show_patches(store, png, workers: int = 2, n_batches: int = 8, batch_size: 
 
 def _show_encoders(store, names=None) -> None:
     """Build every registered encoder and run it on one stored Merlin volume: parameters and shapes."""
-    import torch
-
-    from volfm.data.dataset import StoreDataset
-    from volfm.models import create_encoder, list_encoders
-
     case = StoreDataset(store, label=None, columns=())[0]
     x = torch.from_numpy(np.array(case["image"], dtype=np.float32))[None]
     print(f"input {case['case_id']}: {tuple(x.shape)}")
@@ -271,11 +252,6 @@ def _show_encoders(store, names=None) -> None:
 def _synthesis(out: Path, n_cases: int, epochs: int, workers: int) -> dict:
     """MRI -> PET synthesis on the simulated cohort: train a tiny generator, then metrics on the test split next to
     the identity and mean-image baselines, clean and with degraded inputs."""
-    from volfm.cli.main import print_summary
-    from volfm.synth.mripet import make_mripet_cohort
-    from volfm.evaluate.synthesis import evaluate_synthesis
-    from volfm.tasks.checkpoint import load_task
-
     _step(f"13. MRI -> PET synthesis: {n_cases} simulated MRI/PET cases, preprocessed with mri_pet_demo (4 mm, "
           f"48 x 56 x 48), recipes/demo/synth_mri2pet.yaml, {epochs} epochs")
     table = make_mripet_cohort(out / "synth_mripet_synthesis", n_cases, seed=3, spacing=2.0)
@@ -295,6 +271,4 @@ def _synthesis(out: Path, n_cases: int, epochs: int, workers: int) -> dict:
 
 def _preprocess_mripet(store, table, workers: int) -> dict:
     """The synthesis cohort through the mri_pet_demo spec (QC pictures included)."""
-    from volfm.store.build import run_cohort
-
     return run_cohort("mri_pet_demo", store, cohort=table, workers=workers, qc=True)

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from volfm.io import affine as geo
+from volfm.io.readers import describe_nifti_header, read_volume
+from volfm.store.layout import CohortStore, StoreError, read_case_meta
 
 
 def _stats(arr: np.ndarray) -> str:
@@ -34,15 +36,13 @@ def describe_geometry(affine, shape) -> list[str]:
              f"spacing     {' x '.join(f'{s:.4g}' for s in sp)} mm",
              f"orientation {geo.axcodes(affine)}"
              f"{'  (oblique)' if geo.is_oblique(affine) else ''}"
-             f"{'  (SHEARED, shear %.3g)' % geo.shear_of(affine) if geo.is_sheared(affine) else ''}",
+             f"{f'  (SHEARED, shear {geo.shear_of(affine):.3g})' if geo.is_sheared(affine) else ''}",
              f"FOV centre  {np.array2string(geo.fov_center(affine, shape), precision=2)} mm (RAS)",
              "affine (voxel -> RAS mm)", geo.format_affine(affine)]
     return lines
 
 
 def inspect_file(path: Path) -> str:
-    from volfm.io.readers import describe_nifti_header, read_volume
-
     vol = read_volume(path, dtype=None)
     lines = [f"{path}", f"format      {vol.meta.get('format')}  dtype {vol.array.dtype}  channels {vol.num_channels}"]
     lines += describe_geometry(vol.affine, vol.shape)
@@ -60,8 +60,6 @@ def inspect_file(path: Path) -> str:
 
 
 def inspect_store(root: Path) -> str:
-    from volfm.store.layout import CohortStore, StoreError
-
     store = CohortStore(root)
     doc = store.spec_doc
     lines = [f"store {root}", f"spec  {doc.get('spec', {}).get('name')}  hash {doc.get('spec_hash')}  "
@@ -92,8 +90,6 @@ def inspect_store(root: Path) -> str:
 
 
 def inspect_case(case_dir: Path) -> str:
-    from volfm.store.layout import StoreError, read_case_meta
-
     meta = read_case_meta(case_dir)
     if meta is None:
         raise StoreError(f"{case_dir / 'meta.json'}: unreadable case metadata; rerun volfm preprocess")
@@ -120,7 +116,5 @@ def inspect_path(path) -> str:
     if path.is_dir() and (path / "meta.json").exists():
         return inspect_case(path)
     if path.is_dir() and (path / "manifests").is_dir():
-        from volfm.store.layout import StoreError
-
         raise StoreError(f"{path}: sharded store without manifest.csv; run volfm preprocess --merge --out {path}")
     return inspect_file(path)

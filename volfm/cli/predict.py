@@ -25,8 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from tqdm import tqdm
 
 from volfm import VolfmError
+from volfm.inference.sliding_window import predict_to_source
+from volfm.io import read_volume, write_nifti
+from volfm.metrics.synthesis import synthesis_metrics
+from volfm.preprocess.pipeline import Pipeline
+from volfm.preprocess.qc import render_case_png
+from volfm.preprocess.resample import resample_to_grid
+from volfm.tasks.checkpoint import load_task as _load
 
 __all__ = ["predict_files", "main"]
 
@@ -71,8 +79,6 @@ def _config_data(config) -> dict:
 
 def load_task(ckpt):
     """The volfm task stored in a checkpoint (eval mode, CPU) and the raw checkpoint; it must predict images."""
-    from volfm.tasks.checkpoint import load_task as _load
-
     task, raw = _load(ckpt, "a segmentation .ckpt written by volfm fit")
     if not hasattr(task, "predict_volume"):
         raise VolfmError(f"{ckpt} holds a {type(task).__name__}, which does not predict images; volfm predict takes "
@@ -95,9 +101,6 @@ def _matching(f: Path, target) -> Path | None:
 
 def _target_on_grid(vol, tgt: Path) -> np.ndarray:
     """The target image on the prediction's (= the input's) grid; resampled when it was stored on another one."""
-    from volfm.io import read_volume
-    from volfm.preprocess.resample import resample_to_grid
-
     t = read_volume(str(tgt))
     if tuple(t.shape) != tuple(vol.shape) or not np.allclose(t.affine, vol.affine, atol=1e-3):
         t = resample_to_grid(t, vol.affine, vol.shape, order="linear")
@@ -105,8 +108,6 @@ def _target_on_grid(vol, tgt: Path) -> np.ndarray:
 
 
 def _compare_target(vol, tgt: Path) -> dict:
-    from volfm.metrics.synthesis import synthesis_metrics
-
     t = _target_on_grid(vol, tgt)
     mask = t > 0 if (t > 0).any() else None
     m = synthesis_metrics(vol.array[0], t, mask=mask)
@@ -116,9 +117,6 @@ def _compare_target(vol, tgt: Path) -> dict:
 
 def _qc_png(path: Path, f: Path, vol, tgt, label_out: bool, task) -> Path:
     """Labels: source slices with the prediction overlaid. Synthesis: source, prediction, target, difference."""
-    from volfm.io import read_volume
-    from volfm.preprocess.qc import render_case_png
-
     src = read_volume(str(f))
     if label_out:
         return render_case_png(path, src.array[0], src.affine, vol.array[0],
@@ -132,13 +130,6 @@ def _qc_png(path: Path, f: Path, vol, tgt, label_out: bool, task) -> Path:
 
 def predict_files(ckpt, inputs, out, config=None, store=None, device: str | None = None, qc: bool = True,
                   progress: bool = True, target=None) -> dict:
-    from tqdm import tqdm
-
-    from volfm.inference.sliding_window import predict_to_source
-    from volfm.io import write_nifti
-    from volfm.preprocess.pipeline import Pipeline
-    from volfm.preprocess.qc import render_case_png
-
     task, raw = load_task(ckpt)
     # what the model was trained with wins over the recipe's defaults: --store, then the checkpoint, then --config
     data = {**_config_data(config), **(raw.get("datamodule_hyper_parameters") or {})}

@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -190,7 +190,7 @@ def parse_augmentation_yaml(text: str, source: str = "<config>"):
         raise AugmentationError(f"{source}: malformed YAML{where} ({problem}); fix the syntax") from exc
 
 
-def load_augmentation(path, keys: Iterable[str] | None = None) -> "Augmentation | None":
+def load_augmentation(path, keys: Iterable[str] | None = None) -> Augmentation | None:
     """Read an augmentation YAML file (a list, or a mapping with 'transforms', or 'augment: ...')."""
     p = Path(path)
     try:
@@ -203,7 +203,7 @@ def load_augmentation(path, keys: Iterable[str] | None = None) -> "Augmentation 
     return build_augmentation(raw, source=str(p), keys=keys)
 
 
-def build_augmentation(cfg, source: str = "<config>", keys: Iterable[str] | None = None) -> "Augmentation | None":
+def build_augmentation(cfg, source: str = "<config>", keys: Iterable[str] | None = None) -> Augmentation | None:
     """Config -> ``Augmentation`` (or None when there is nothing to do).
 
     ``cfg``: a list of entries, a mapping ``{transforms: [...], p: ...}``, None/[] (-> None), or YAML

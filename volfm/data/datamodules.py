@@ -8,18 +8,18 @@ does not shard a second time.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-try:  # Lightning 2.x ships both names; the unified package is the one volfm depends on
-    import lightning.pytorch as pl
-except ImportError:  # pragma: no cover
-    import pytorch_lightning as pl
-
 from volfm import VolfmError
+from volfm.data import samplers
+from volfm.data.augment import build_augmentation
+from volfm.data.dataset import StoreDataset
+from volfm.data.samplers import PatchDataset, WholeVolumeSampler
 
 
 class CaseShardSampler(Sampler[int]):
@@ -126,8 +126,6 @@ class StoreDataModule(pl.LightningDataModule):
 
     # -- construction ----------------------------------------------------------------------------
     def _store_dataset(self, split: str):
-        from volfm.data.dataset import StoreDataset
-
         h = self.hparams
         ds = StoreDataset(h.store, split=split, arrays=tuple(h.arrays), label=h.label, columns=tuple(h.columns))
         if split == h.train_split and (h.num_train_cases is not None or h.train_fraction is not None):
@@ -140,8 +138,6 @@ class StoreDataModule(pl.LightningDataModule):
         return ds
 
     def _sampler(self, train: bool):
-        from volfm.data import samplers
-
         h = self.hparams
         if h.sampler == "whole" or h.patch_size is None:
             return samplers.WholeVolumeSampler(size=h.patch_size)
@@ -151,9 +147,6 @@ class StoreDataModule(pl.LightningDataModule):
         return samplers.UniformPatchSampler(h.patch_size)
 
     def setup(self, stage: str | None = None) -> None:
-        from volfm.data.augment import build_augmentation
-        from volfm.data.samplers import PatchDataset
-
         h = self.hparams
         aug = build_augmentation(h.augmentation, source="datamodule augmentation")
         image_keys = list(h.arrays)
@@ -220,8 +213,6 @@ class _WholeVolumeEval:
 
     def _sampler(self, train: bool):
         if not train and self.whole_volume_eval:
-            from volfm.data.samplers import WholeVolumeSampler
-
             return WholeVolumeSampler(size=None)
         return super()._sampler(train)
 

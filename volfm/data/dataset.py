@@ -11,9 +11,10 @@ Training code cuts patches from these arrays with :mod:`volfm.data.samplers`; no
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -128,10 +129,8 @@ class StoreDataset(Dataset):
                 f"{failed}); choose one of the splits present, or fix the failed cases (volfm inspect "
                 f"{self.root}) and rerun volfm preprocess")
 
-    def select(self, indices) -> "StoreDataset":
+    def select(self, indices) -> StoreDataset:
         """A view of this dataset restricted to the cases at ``indices`` (in that order)."""
-        import copy
-
         idx = [int(i) for i in indices]
         if not idx:
             raise StoreError(f"{self.root}: selecting no case leaves nothing to train on; keep at least one case")

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
+import torch
 
 from volfm import VolfmError
 
@@ -72,8 +73,6 @@ def _as_array(x) -> tuple[np.ndarray, Callable]:
     def back(out: np.ndarray):
         out = (out[0] if squeeze else out).astype(dtype, copy=False)
         if is_torch:
-            import torch
-
             return torch.from_numpy(np.ascontiguousarray(out)).to(x.device)
         return out
 

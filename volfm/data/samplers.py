@@ -18,18 +18,21 @@ the middle), the voxel that label-weighted sampling puts on the chosen foregroun
 """
 from __future__ import annotations
 
-import zlib
-from pathlib import Path
 from collections import OrderedDict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from volfm import VolfmError
-from volfm.store.foreground import (FG_MAX_PER_CLASS, ForegroundError, case_seed, foreground_locations,
-                                    load_foreground_locations)
+from volfm.store.foreground import (
+    FG_MAX_PER_CLASS,
+    ForegroundError,
+    case_seed,
+    foreground_locations,
+    load_foreground_locations,
+)
 
 
 class SamplerError(ForegroundError):

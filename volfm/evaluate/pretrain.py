@@ -21,22 +21,42 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from volfm import VolfmError
+from volfm.data.datamodules import collate_cases
+from volfm.data.dataset import StoreDataset
+from volfm.data.samplers import PatchDataset, WholeVolumeSampler
+from volfm.evaluate.synthesis import evaluate_synthesis
+from volfm.metrics.classification import multilabel_metrics
+from volfm.metrics.probe import linear_probe
+from volfm.metrics.retrieval import retrieval_metrics
+from volfm.metrics.subgroups import format_table, subgroup_breakdown, write_csv
+from volfm.metrics.zeroshot import (
+    finding_truth,
+    load_prompts,
+    zero_shot_metrics,
+    zero_shot_scores,
+)
+from volfm.preprocess.qc import _save_png
+from volfm.targets.icd import IcdVocabulary
+from volfm.tasks.checkpoint import load_task
+from volfm.tasks.pretrain import PretrainTask
+from volfm.tasks.synthesis import SynthesisTask
 
 __all__ = ["load_pretrain_task", "extract", "evaluate_checkpoint", "main"]
 
 
 def load_pretrain_task(ckpt: str | Path):
     """The pretraining task saved in a checkpoint, on CPU, eval mode, and the raw checkpoint."""
-    from volfm.tasks.checkpoint import load_task
-    from volfm.tasks.pretrain import PretrainTask
-
     task, raw = load_task(ckpt, "a .ckpt written by volfm fit with IcdPretrainTask or ReportContrastiveTask")
     if not isinstance(task, PretrainTask):
         raise VolfmError(f"{ckpt} holds a {type(task).__name__}, not a pretraining task; volfm evaluate takes "
@@ -45,12 +65,6 @@ def load_pretrain_task(ckpt: str | Path):
 
 
 def _loader(store, split, patch_size, batch_size, num_workers):
-    from torch.utils.data import DataLoader
-
-    from volfm.data.dataset import StoreDataset
-    from volfm.data.datamodules import collate_cases
-    from volfm.data.samplers import PatchDataset, WholeVolumeSampler
-
     ds = StoreDataset(store, split=split, label=None, columns=None)
     pd = PatchDataset(ds, WholeVolumeSampler(size=patch_size), samples_per_volume=1, seed=0)
     return ds, DataLoader(pd, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -61,8 +75,6 @@ def _loader(store, split, patch_size, batch_size, num_workers):
 def extract(task, store, split, patch_size=None, batch_size: int = 4, num_workers: int = 2, device="cpu",
             progress: bool = True) -> dict:
     """Pooled features, ICD probabilities, image and report embeddings of every ok case of ``split``."""
-    from tqdm import tqdm
-
     ds, loader = _loader(store, split, patch_size, batch_size, num_workers)
     task = task.to(device)
     out: dict[str, list] = {"features": [], "icd_score": [], "image_emb": [], "text_emb": []}
@@ -98,10 +110,6 @@ def evaluate_checkpoint(ckpt, store=None, split: str = "test", train_split: str 
                         subgroups: Sequence[str] = (), prompts: str | None = None, out=None, batch_size: int = 4,
                         num_workers: int = 2, device: str | None = None, min_positives: int = 2,
                         progress: bool = True) -> dict:
-    from volfm.metrics.classification import multilabel_metrics
-    from volfm.metrics.probe import linear_probe
-    from volfm.metrics.subgroups import format_table, subgroup_breakdown, write_csv
-
     task, raw = load_pretrain_task(ckpt)
     dm_h = raw.get("datamodule_hyper_parameters") or {}
     store = store or dm_h.get("store")
@@ -117,8 +125,6 @@ def evaluate_checkpoint(ckpt, store=None, split: str = "test", train_split: str 
     # ICD classes: the checkpoint's vocabulary, else one built from the training split's codes
     vocab = task.vocab
     if vocab is None:
-        from volfm.targets.icd import IcdVocabulary
-
         vocab = IcdVocabulary.build(train["codes"], level="category", min_count=min_positives,
                                     source=f"{store} ({train_split} split)")
     y_test, y_train = vocab.encode_many(test["codes"]), vocab.encode_many(train["codes"])
@@ -133,9 +139,6 @@ def evaluate_checkpoint(ckpt, store=None, split: str = "test", train_split: str 
 
     zs_scores = zs_truth = None
     if "image_emb" in test:
-        from volfm.metrics.retrieval import retrieval_metrics
-        from volfm.metrics.zeroshot import finding_truth, load_prompts, zero_shot_metrics, zero_shot_scores
-
         ok = ~np.isnan(test["text_emb"]).any(axis=1)
         if ok.sum() >= 2:
             report["retrieval"] = retrieval_metrics(test["image_emb"][ok], test["text_emb"][ok])
@@ -153,8 +156,6 @@ def evaluate_checkpoint(ckpt, store=None, split: str = "test", train_split: str 
                                                       min_positives=1)["macro_auroc"]
         m["probe_macro_auroc"] = multilabel_metrics(y_test[idx], probe_scores[idx], names, min_positives=1)["macro_auroc"]
         if zs_scores is not None:
-            from volfm.metrics.zeroshot import zero_shot_metrics
-
             m["zeroshot_macro_auroc"] = zero_shot_metrics(zs_scores[idx], zs_truth[idx],
                                                           list(report["zero_shot"]["per_finding"]))["macro_auroc"]
         return m
@@ -203,8 +204,8 @@ def _print_summary(r: dict) -> None:
         q = r["retrieval"]
         ks = sorted(int(k[2:]) for k in q["image_to_report"] if k.startswith("R@"))
         for d in ("image_to_report", "report_to_image"):
-            print(f"{d.replace('_to_', '->') + ':':<15} " + "  ".join(f"R@{k} {_fmt(q[d][f'R@{k}'])} (chance {_fmt(q['chance'][f'R@{k}'])})"
-                                                        for k in ks) + f"  median rank {q[d]['median_rank']:.0f}/{q['n']}")
+            recalls = "  ".join(f"R@{k} {_fmt(q[d][f'R@{k}'])} (chance {_fmt(q['chance'][f'R@{k}'])})" for k in ks)
+            print(f"{d.replace('_to_', '->') + ':':<15} " + recalls + f"  median rank {q[d]['median_rank']:.0f}/{q['n']}")
     if "zero_shot" in r:
         z = r["zero_shot"]
         print(f"zero-shot:     macro AUROC {_fmt(z['macro_auroc'])}  macro F1 {_fmt(z['macro_f1'])}  "
@@ -214,12 +215,7 @@ def _print_summary(r: dict) -> None:
 
 
 def _plot(r: dict, path: Path) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from volfm.preprocess.qc import _save_png
 
     panels = []
     if "icd_head" in r:
@@ -254,13 +250,8 @@ def _plot(r: dict, path: Path) -> None:
 
 
 def main(args) -> int:
-    from volfm.tasks.checkpoint import load_task
-    from volfm.tasks.synthesis import SynthesisTask
-
     task, raw = load_task(args.ckpt)
     if isinstance(task, SynthesisTask):
-        from volfm.evaluate.synthesis import evaluate_synthesis
-
         evaluate_synthesis(task, raw, args.ckpt, store=args.store, split=args.split, degradations=args.degrade,
                            out=args.out, device=args.device, progress=not args.quiet)
         return 0

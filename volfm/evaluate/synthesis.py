@@ -18,9 +18,18 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from volfm import VolfmError
+from volfm.data.dataset import StoreDataset
+from volfm.data.degrade import degrade, parse_degradations
+from volfm.metrics.synthesis import synthesis_metrics
+from volfm.preprocess.qc import _save_png
+from volfm.targets.labelmap import load_source_labels
 
 __all__ = ["evaluate_synthesis"]
 
@@ -34,13 +43,6 @@ def _mean(vals) -> float:
 
 def evaluate_synthesis(task, raw: dict, ckpt, store=None, split: str = "test", degradations: str | None = None,
                        out=None, device: str | None = None, progress: bool = True) -> dict:
-    import torch
-    from tqdm import tqdm
-
-    from volfm.data.dataset import StoreDataset
-    from volfm.data.degrade import degrade, parse_degradations
-    from volfm.metrics.synthesis import synthesis_metrics
-
     dm_h = raw.get("datamodule_hyper_parameters") or {}
     store = store or dm_h.get("store")
     if not store:
@@ -55,8 +57,6 @@ def evaluate_synthesis(task, raw: dict, ckpt, store=None, split: str = "test", d
     mean_img = task.mean_target[0].cpu().numpy() if task.mean_target.numel() else None
     names = None
     try:
-        from volfm.targets.labelmap import load_source_labels
-
         names = load_source_labels(store)
     except VolfmError:
         pass
@@ -71,7 +71,7 @@ def evaluate_synthesis(task, raw: dict, ckpt, store=None, split: str = "test", d
         rng = tuple(task.hparams.data_range) if task.hparams.data_range else (float(sel.min()), float(sel.max()))
         row = {"case_id": cid, "data_range": list(rng), "model": {}}
 
-        def score(img):
+        def score(img, tgt=tgt, mask=mask, rng=rng, lab=lab, cid=cid):
             m = synthesis_metrics(img, tgt, mask=mask, data_range=rng, labels=lab if lab is not None else None,
                                   names=names, case_id=cid)
             r = {k: m[k] for k in ("mae", "psnr", "ssim")}
@@ -125,12 +125,7 @@ def _print(r: dict) -> None:
 
 
 def _plot(r: dict, path: Path) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from volfm.preprocess.qc import _save_png
 
     s = r["summary"]
     conds = list(s["model"])

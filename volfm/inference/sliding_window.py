@@ -31,12 +31,15 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
+from volfm.preprocess.pipeline import to_source_grid
 
 __all__ = ["grid_starts", "importance_map", "SlidingWindowInferer", "predict_to_source", "scan_interval"]
 
@@ -286,12 +289,7 @@ class SlidingWindowInferer:
         n_win = len(starts)
         batches = range(0, n_win, self.batch_size)
         if self.progress:
-            try:
-                from tqdm.auto import tqdm
-
-                batches = tqdm(batches, desc="sliding window", unit="batch")
-            except ImportError:  # pragma: no cover
-                pass
+            batches = tqdm(batches, desc="sliding window", unit="batch")
         for bi, b0 in enumerate(batches):
             win = starts[b0:b0 + self.batch_size]
             k = bi % n_stage
@@ -410,8 +408,6 @@ def predict_to_source(pred, meta, input_name: str | None = None, order: str = "n
     outputs ("onehot_linear" also works for label maps). Returns a :class:`volfm.io.Volume`.
     Geometry is :func:`volfm.preprocess.pipeline.to_source_grid`'s.
     """
-    from volfm.preprocess.pipeline import to_source_grid
-
     if isinstance(meta, (str, Path)):
         meta = json.loads(Path(meta).read_text())
     if isinstance(pred, torch.Tensor):

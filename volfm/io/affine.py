@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import nibabel as nib
 import numpy as np
 
 # RAS <-> LPS flips the sign of the first two world axes; the matrix is its own inverse.
@@ -57,8 +58,6 @@ def is_oblique(affine: np.ndarray, tol: float = OBLIQUE_TOL) -> bool:
 
 def axcodes(affine: np.ndarray) -> str:
     """Closest anatomical orientation code of the array axes, e.g. 'RAS', 'LPS'."""
-    import nibabel as nib
-
     return "".join(nib.aff2axcodes(np.asarray(affine, dtype=np.float64)))
 
 

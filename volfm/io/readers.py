@@ -10,13 +10,20 @@ and the difference; ``prefer="qform"`` makes the qform win instead (ITK's choice
 """
 from __future__ import annotations
 
+import gzip
+import hashlib
 import io
 import math
+import threading
 import warnings
 import zlib
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import pydicom
+import SimpleITK as sitk
+from isal import igzip
 
 from volfm import VolfmError
 from volfm.io import affine as geo
@@ -98,8 +105,6 @@ def _corrupt(path, exc) -> VolumeReadError:
 
 def _gzip_truncation(path: Path) -> Exception | None:
     """The error a .gz file raises when decompressed to the end, or None when it decompresses cleanly."""
-    import gzip
-
     try:
         with gzip.open(path, "rb") as f:
             while f.read(1 << 20):
@@ -154,12 +159,6 @@ def _read_gz_in_memory(path: Path):
     if not path.name.lower().endswith(".gz"):
         return None
     try:
-        import hashlib
-        import threading
-
-        import nibabel as nib
-        from isal import igzip
-
         comp = path.read_bytes()
         digest: dict = {}
         hasher = threading.Thread(target=lambda: digest.setdefault("sha256", hashlib.sha256(comp).hexdigest()))
@@ -191,8 +190,6 @@ def _read_gz_in_memory(path: Path):
 
 
 def _read_nifti(path: Path, prefer: str) -> Volume:
-    import nibabel as nib
-
     fast = _read_gz_in_memory(path)
     try:
         img = fast[0] if fast else nib.load(str(path))
@@ -226,8 +223,6 @@ def _read_nifti(path: Path, prefer: str) -> Volume:
 
 
 def _sitk_to_volume(image, path, meta) -> Volume:
-    import SimpleITK as sitk
-
     arr = sitk.GetArrayFromImage(image)  # (K, J, I[, C]) for 3D, (T, K, J, I) for 4D
     dim = image.GetDimension()
     if dim == 3:
@@ -250,8 +245,6 @@ def _sitk_to_volume(image, path, meta) -> Volume:
 
 
 def _read_sitk_file(path: Path) -> Volume:
-    import SimpleITK as sitk
-
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -262,8 +255,6 @@ def _read_sitk_file(path: Path) -> Volume:
 
 
 def _read_dicom_series(folder: Path, series_id: str | None) -> Volume:
-    import SimpleITK as sitk
-
     reader = sitk.ImageSeriesReader()
     shown = sitk.ProcessObject_GetGlobalWarningDisplay()
     sitk.ProcessObject_SetGlobalWarningDisplay(False)  # GDCM's multi-line warnings; we raise one-line errors
@@ -332,10 +323,6 @@ def _slice_axis_from_positions(affine: np.ndarray, positions: np.ndarray, folder
 def _slice_headers(files) -> tuple[np.ndarray | None, bool]:
     """Per-slice ImagePositionPatient (LPS, in file order; None if any is missing) and whether the
     slices differ in (RescaleSlope, RescaleIntercept)."""
-    try:
-        import pydicom
-    except ImportError:  # pragma: no cover - pydicom is a dependency
-        return None, False
     pairs, positions = set(), []
     for f in files:
         try:
@@ -368,10 +355,6 @@ def dicom_pet_meta(first_file) -> dict:
     SUVbw = activity * weight[g] / (injected dose [Bq] decayed to the series start). Missing tags
     leave ``suv_factor`` out, with the reason in ``suv_missing``.
     """
-    try:
-        import pydicom
-    except ImportError:  # pragma: no cover - pydicom is a dependency
-        return {}
     try:
         ds = pydicom.dcmread(str(first_file), stop_before_pixels=True)
     except Exception:  # noqa: BLE001 - tags are optional extras; the pixels were read by SimpleITK
@@ -408,8 +391,6 @@ def write_nifti(volume: Volume, path, dtype=None) -> Path:
     A sheared affine cannot be a qform: the qform code is then 0 and only the sform carries it.
     Multi-channel volumes are written 4D (I, J, K, C). The write is atomic.
     """
-    import nibabel as nib
-
     path = Path(path)
     arr = volume.array if dtype is None else volume.array.astype(dtype)
     arr, out_dtype = _nifti_storable(arr)
@@ -444,8 +425,6 @@ def _nifti_storable(arr: np.ndarray) -> tuple[np.ndarray, np.dtype]:
 
 def describe_nifti_header(path) -> dict:
     """sform/qform codes and the affines they hold, for ``volfm inspect``."""
-    import nibabel as nib
-
     img = nib.load(str(path))
     h = img.header
     sform, scode = h.get_sform(coded=True)

@@ -57,7 +57,7 @@ class Volume:
     def source(self) -> str:
         return str(self.meta.get("path", "<in-memory volume>"))
 
-    def replace(self, **changes) -> "Volume":
+    def replace(self, **changes) -> Volume:
         """A copy with some fields replaced; meta is shallow-copied so edits do not leak back."""
         changes.setdefault("meta", dict(self.meta))
         return replace(self, **changes)

@@ -20,7 +20,7 @@ Shapes and layout conventions (shared by both paths):
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ __all__ = [
     "triton_usable",
 ]
 
-PatchSize = Union[int, Sequence[int]]
+PatchSize = int | Sequence[int]
 
 
 def triton_interpret_enabled() -> bool:
@@ -57,7 +57,7 @@ def triton_interpret_enabled() -> bool:
 _INTERPRET = triton_interpret_enabled()
 
 
-def triton_usable(device: Union[torch.device, str]) -> bool:
+def triton_usable(device: torch.device | str) -> bool:
     """True when the Triton kernels can run on tensors of ``device``."""
     device = torch.device(device)
     if not HAS_TRITON:
@@ -67,7 +67,7 @@ def triton_usable(device: Union[torch.device, str]) -> bool:
     return device.type == "cpu" and _INTERPRET
 
 
-def normalize_patch_size(patch_size: PatchSize) -> Tuple[int, int, int]:
+def normalize_patch_size(patch_size: PatchSize) -> tuple[int, int, int]:
     if isinstance(patch_size, int):
         ps = (patch_size,) * 3
     else:
@@ -100,7 +100,7 @@ def _check_shapes(x: torch.Tensor, weight: torch.Tensor, patch_size: PatchSize):
     return (pd, ph, pw), (D // pd, H // ph, W // pw), E, K
 
 
-def _pos_2d(pos_embed: Optional[torch.Tensor], N: int, E: int) -> Optional[torch.Tensor]:
+def _pos_2d(pos_embed: torch.Tensor | None, N: int, E: int) -> torch.Tensor | None:
     if pos_embed is None:
         return None
     if pos_embed.dim() == 3 and pos_embed.shape[0] == 1:
@@ -113,9 +113,9 @@ def _pos_2d(pos_embed: Optional[torch.Tensor], N: int, E: int) -> Optional[torch
 def patch_embed_torch(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     patch_size: PatchSize,
-    pos_embed: Optional[torch.Tensor] = None,
+    pos_embed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference patch embedding: reshape/permute into patches + ``F.linear``. Returns (B, N, E)."""
     (pd, ph, pw), (gd, gh, gw), E, K = _check_shapes(x, weight, patch_size)
@@ -464,9 +464,9 @@ class PatchEmbedFunction(torch.autograd.Function):
 def patch_embed_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     patch_size: PatchSize,
-    pos_embed: Optional[torch.Tensor] = None,
+    pos_embed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused Triton patch embedding; same contract as :func:`patch_embed_torch`."""
     patch, (gd, gh, gw), E, K = _check_shapes(x, weight, patch_size)

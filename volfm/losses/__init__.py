@@ -4,7 +4,13 @@
 - ``multilabel``: masked BCE / focal loss for ICD codes, positive weights from counts.
 - ``image``: adversarial (LSGAN, hinge, BCE) and perceptual losses for synthesis.
 """
-from volfm.losses.contrastive import ContrastiveLogits, LogitScale, contrastive_logits, contrastive_loss, gather_with_grad
+from volfm.losses.contrastive import (
+           ContrastiveLogits,
+           LogitScale,
+           contrastive_logits,
+           contrastive_loss,
+           gather_with_grad,
+)
 from volfm.losses.image import ADVERSARIAL_KINDS, PerceptualLoss3d, adversarial_loss
 from volfm.losses.multilabel import multilabel_loss, pos_weight_from_counts
 

@@ -3,8 +3,8 @@ volfm encoder)."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +76,8 @@ class PerceptualLoss3d(nn.Module):
         weights: one per layer; default equal weights summing to 1.
     """
 
-    def __init__(self, encoder: Union[nn.Module, str, Path], layers: Sequence[int] = (1, 2, 3),
-                 weights: Optional[Sequence[float]] = None):
+    def __init__(self, encoder: nn.Module | str | Path, layers: Sequence[int] = (1, 2, 3),
+                 weights: Sequence[float] | None = None):
         super().__init__()
         if isinstance(encoder, (str, Path)):
             encoder = load_encoder(encoder)
@@ -104,7 +104,7 @@ class PerceptualLoss3d(nn.Module):
         self.encoder.requires_grad_(False)
         self.encoder.eval()
 
-    def train(self, mode: bool = True) -> "PerceptualLoss3d":
+    def train(self, mode: bool = True) -> PerceptualLoss3d:
         super().train(mode)
         self.encoder.eval()  # frozen: never leaves eval mode
         return self

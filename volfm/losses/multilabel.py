@@ -1,6 +1,8 @@
 """Multi-label losses (ICD codes): masked BCE with logits, focal loss, positive weights from counts."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor

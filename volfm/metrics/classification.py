@@ -18,7 +18,7 @@ Protocol, as used by every volfm report:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

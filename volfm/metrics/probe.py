@@ -21,14 +21,19 @@ Protocol (what :func:`linear_probe` reports):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from volfm import VolfmError
-from volfm.metrics.classification import _class_names, _labels, _scores, multilabel_metrics
+from volfm.metrics.classification import (
+    _class_names,
+    _labels,
+    _scores,
+    multilabel_metrics,
+)
 
 __all__ = ["C_GRID", "LinearProbe", "fit_linear_probe", "linear_probe"]
 

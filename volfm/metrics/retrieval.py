@@ -12,7 +12,7 @@ ties (float32 embeddings carry ~1e-7 relative precision, so smaller differences 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -43,9 +43,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance
 
 from volfm import VolfmError
 
@@ -169,9 +171,6 @@ def segmentation_metrics(pred, target, num_classes: int, spacing, class_names=No
     "status"}}, "mean_dice", "mean_<hd key>", "present", "missed", "false_positive", "spacing",
     "percentile", "ignore_empty"}`` with plain Python numbers.
     """
-    import torch
-    from monai.metrics import compute_dice, compute_hausdorff_distance
-
     where = _where(case_id)
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
         raise VolfmError(f"{where}num_classes must be an integer >= 2 (background included), got {num_classes!r}")

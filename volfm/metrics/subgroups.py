@@ -19,11 +19,12 @@ Protocol of :func:`subgroup_breakdown`:
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from volfm import VolfmError
+from volfm.store.cohort import write_table
 
 __all__ = ["MISSING", "ALL", "parse_column_spec", "band_label", "subgroup_breakdown", "format_table", "write_csv"]
 
@@ -223,6 +224,4 @@ def format_table(rows: Sequence[dict], digits: int = 3) -> str:
 
 def write_csv(rows: Sequence[dict], path) -> None:
     """Write ``rows`` as CSV (TSV for a .tsv/.tab path), atomically; NaN is written as ``nan``."""
-    from volfm.store.cohort import write_table
-
     write_table(path, list(rows))

@@ -60,9 +60,10 @@ and lists, so ``json.dumps`` writes them.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from volfm import VolfmError
 
@@ -90,6 +91,7 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
 # ----------------------------------------------------------------------------------- inputs
+
 from volfm.metrics.segmentation import _to_numpy, _where  # noqa: E402 - one copy of the input checks
 
 
@@ -179,8 +181,6 @@ def _gaussian_1d(w: int, sigma: float) -> np.ndarray:
 
 def _filter_valid(x: np.ndarray, g: np.ndarray) -> np.ndarray:
     """Separable filtering of a (N, I, J, K) float64 array with ``g`` along I, J, K, valid part only (no padding)."""
-    from scipy import ndimage as ndi
-
     r = (len(g) - 1) // 2
     for axis in (1, 2, 3):
         x = ndi.correlate1d(x, g, axis=axis, mode="constant")  # padded values only reach the cropped rim

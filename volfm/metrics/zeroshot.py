@@ -20,17 +20,22 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
+import torch
 import yaml
 from scipy.special import expit
 
 from volfm import VolfmError
 from volfm.configs import PROMPTS_DIR
 from volfm.io.yamlfile import UniqueKeyLoader
-from volfm.metrics.classification import best_threshold_f1, binary_f1, multilabel_metrics
+from volfm.metrics.classification import (
+    best_threshold_f1,
+    binary_f1,
+    multilabel_metrics,
+)
 from volfm.metrics.retrieval import _l2_normalise
 
 __all__ = [
@@ -216,8 +221,6 @@ def _embeddings(x, what: str) -> np.ndarray:
 
 
 def _encode(encode_text: Callable, texts: list[str], batch_size: int) -> np.ndarray:
-    import torch
-
     parts = []
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):

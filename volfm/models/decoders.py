@@ -24,10 +24,17 @@ eval mode only the full-resolution tensor.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence, Union
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks import (
+    UnetOutBlock,
+    UnetrBasicBlock,
+    UnetrPrUpBlock,
+    UnetrUpBlock,
+)
+from monai.networks.layers.utils import get_norm_layer
 from torch import nn
 
 from volfm import VolfmError
@@ -35,7 +42,7 @@ from volfm import VolfmError
 __all__ = ["UNetDecoder", "UNETRDecoder", "SegmentationModel", "match_spatial_size", "unetr_upsample_factors"]
 
 Triple = tuple[int, int, int]
-NormSpec = Union[str, tuple, None]
+NormSpec = str | tuple | None
 
 
 def _reductions(feature_info: Sequence[dict]) -> list[Triple]:
@@ -71,7 +78,6 @@ def _norm_layer(norm: NormSpec, channels: int) -> nn.Module:
         return nn.Identity()
     if norm == "instance":  # nnU-Net: affine instance norm
         return nn.InstanceNorm3d(channels, affine=True)
-    from monai.networks.layers.utils import get_norm_layer
 
     try:
         return get_norm_layer(name=norm, spatial_dims=3, channels=channels)
@@ -142,7 +148,7 @@ class UNetDecoder(nn.Module):
         feature_info: Sequence[dict],
         in_chans: int,
         num_classes: int,
-        channels: Optional[Sequence[int]] = None,
+        channels: Sequence[int] | None = None,
         deep_supervision: bool = False,
         norm: NormSpec = "instance",
     ):
@@ -186,7 +192,7 @@ class UNetDecoder(nn.Module):
         self.output_reductions: list[Triple] = [(1, 1, 1)] + (reds[:-1] if self.deep_supervision else [])
         _he_init(self)
 
-    def forward(self, features: Sequence[torch.Tensor], x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, features: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         n = len(self.stages)
         if len(features) != n:
             raise VolfmError(f"UNetDecoder was built for {n} encoder maps, got {len(features)}")
@@ -250,7 +256,7 @@ class UNETRDecoder(nn.Module):
         feature_info: Sequence[dict],
         in_chans: int,
         num_classes: int,
-        embed_dim: Optional[int] = None,
+        embed_dim: int | None = None,
         feature_size: int = 16,
         deep_supervision: bool = False,
         norm: NormSpec = "instance",
@@ -258,7 +264,6 @@ class UNETRDecoder(nn.Module):
         conv_block: bool = True,
     ):
         super().__init__()
-        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 
         reds = _reductions(feature_info)
         if len(reds) != 4 or len(set(reds)) != 1:
@@ -301,7 +306,7 @@ class UNETRDecoder(nn.Module):
             self.output_reductions += [tuple(lo * u**k for lo, u in zip(last, up))  # type: ignore[misc]
                                        for k in range(3)]
 
-    def forward(self, features: Sequence[torch.Tensor], x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, features: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if len(features) != 4:
             raise VolfmError(f"UNETRDecoder takes 4 token maps, got {len(features)}")
         grid = tuple(features[0].shape[2:])
@@ -379,7 +384,7 @@ class SegmentationModel(nn.Module):
     def output_reductions(self) -> list[Triple]:
         return self.decoder.output_reductions
 
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         return self.decoder(self.encoder.forward_intermediates(x), x)
 
     def encoder_parameters(self) -> Iterator[nn.Parameter]:

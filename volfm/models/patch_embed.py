@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ class PatchEmbed3d(nn.Module):
         self,
         in_chans: int,
         embed_dim: int,
-        patch_size: Union[int, Sequence[int]] = 16,
+        patch_size: int | Sequence[int] = 16,
         bias: bool = True,
         backend: str = "auto",
     ) -> None:
@@ -44,7 +44,7 @@ class PatchEmbed3d(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.in_chans = int(in_chans)
         self.embed_dim = int(embed_dim)
-        self.patch_size: Tuple[int, int, int] = normalize_patch_size(patch_size)
+        self.patch_size: tuple[int, int, int] = normalize_patch_size(patch_size)
         self.backend = backend
         self.weight = nn.Parameter(torch.empty(self.embed_dim, self.in_chans, *self.patch_size))
         if bias:
@@ -61,7 +61,7 @@ class PatchEmbed3d(nn.Module):
             bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def grid_size(self, input_shape: Sequence[int]) -> Tuple[int, int, int]:
+    def grid_size(self, input_shape: Sequence[int]) -> tuple[int, int, int]:
         """Token grid (D/pd, H/ph, W/pw) for an input shape (D, H, W) or (..., D, H, W)."""
         spatial = tuple(int(s) for s in input_shape[-3:])
         if len(spatial) != 3:
@@ -78,7 +78,7 @@ class PatchEmbed3d(nn.Module):
             return "triton" if x.is_cuda and triton_usable(x.device) else "torch"
         return self.backend
 
-    def forward(self, x: torch.Tensor, pos_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected input (B, {self.in_chans}, D, H, W), got {tuple(x.shape)}")
         fn = patch_embed_triton if self.resolved_backend(x) == "triton" else patch_embed_torch

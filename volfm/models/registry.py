@@ -10,11 +10,8 @@ Saving and loading weights (safetensors, task checkpoints, LoRA merging) is :mod
 from __future__ import annotations
 
 import difflib
-import json
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
-import torch
 from torch import nn
 
 from volfm import VolfmError

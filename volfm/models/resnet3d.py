@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -286,8 +287,6 @@ def _load_2d_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise VolfmError(f"2D ResNet weights {path} do not exist; give a local .pth/.pt or .safetensors file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)

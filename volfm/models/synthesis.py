@@ -16,10 +16,9 @@
 """
 from __future__ import annotations
 
-import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,11 @@ from torch import nn
 from volfm import VolfmError
 from volfm.models.decoders import SegmentationModel, _norm_layer
 from volfm.models.registry import META_KWARGS, META_NAME, create_encoder
-from volfm.models.weights import load_encoder, load_encoder_weights, load_state_dict_checked, read_encoder_metadata
+from volfm.models.weights import (
+    load_encoder_weights,
+    load_state_dict_checked,
+    read_encoder_metadata,
+)
 
 __all__ = [
     "SynthesisGenerator",
@@ -43,7 +46,7 @@ ACTIVATIONS = (None, "relu", "sigmoid", "tanh")
 _ACTIVATION_FNS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
 
 
-def _encoder_in_chans(encoder: nn.Module) -> Optional[int]:
+def _encoder_in_chans(encoder: nn.Module) -> int | None:
     if hasattr(encoder, "in_chans"):
         return int(encoder.in_chans)
     kwargs = getattr(encoder, "encoder_kwargs", None)
@@ -91,7 +94,7 @@ def adapt_input_channels(state: dict[str, torch.Tensor], model: nn.Module, *, so
     return out
 
 
-def _checkpoint_encoder_record(path: Path) -> tuple[Optional[str], dict]:
+def _checkpoint_encoder_record(path: Path) -> tuple[str | None, dict]:
     """(registry name, kwargs) of the encoder a volfm checkpoint was saved from, (None, {}) if unrecorded."""
     if path.suffix == ".safetensors":
         meta = read_encoder_metadata(path)
@@ -146,9 +149,9 @@ class SynthesisGenerator(SegmentationModel):
     encoder came from the registry.
     """
 
-    def __init__(self, encoder: Union[nn.Module, str], out_chans: int = 1, in_chans_source: int = 1,
+    def __init__(self, encoder: nn.Module | str, out_chans: int = 1, in_chans_source: int = 1,
                  cond_chans: int = 0, residual: bool = True, decoder: str = "auto",
-                 final_activation: Optional[str] = None, encoder_kwargs: Optional[dict] = None, **decoder_kwargs):
+                 final_activation: str | None = None, encoder_kwargs: dict | None = None, **decoder_kwargs):
         out_chans, in_chans_source, cond_chans = int(out_chans), int(in_chans_source), int(cond_chans)
         if out_chans < 1 or in_chans_source < 1 or cond_chans < 0:
             raise VolfmError(f"SynthesisGenerator needs out_chans >= 1, in_chans_source >= 1 and cond_chans >= 0, got "
@@ -197,7 +200,7 @@ class SynthesisGenerator(SegmentationModel):
         }
 
     @classmethod
-    def from_config(cls, config: dict) -> "SynthesisGenerator":
+    def from_config(cls, config: dict) -> SynthesisGenerator:
         """A fresh (untrained) generator from ``self.config`` of a generator whose encoder came from the registry."""
         cfg = dict(config)
         if not cfg.get("encoder"):
@@ -207,10 +210,10 @@ class SynthesisGenerator(SegmentationModel):
         return cls(cfg.pop("encoder"), encoder_kwargs=cfg.pop("encoder_kwargs", None), **cfg, **decoder_kwargs)
 
     @classmethod
-    def from_pretrained_encoder(cls, path: Union[str, Path], encoder: Optional[str] = None, *,
-                                encoder_kwargs: Optional[dict] = None, pretrained_in_chans: Optional[int] = None,
+    def from_pretrained_encoder(cls, path: str | Path, encoder: str | None = None, *,
+                                encoder_kwargs: dict | None = None, pretrained_in_chans: int | None = None,
                                 strict: bool = True, out_chans: int = 1, in_chans_source: int = 1,
-                                cond_chans: int = 0, **kwargs) -> "SynthesisGenerator":
+                                cond_chans: int = 0, **kwargs) -> SynthesisGenerator:
         """A generator whose encoder starts from a volfm checkpoint (encoder ``.safetensors`` or task ``.ckpt``,
         read by :func:`~volfm.models.weights.load_encoder_weights`).
 
@@ -248,7 +251,7 @@ class SynthesisGenerator(SegmentationModel):
                                     strict=True)
         return cls(enc, out_chans=out_chans, in_chans_source=in_chans_source, cond_chans=cond_chans, **kwargs)
 
-    def _input(self, source: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+    def _input(self, source: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         if source.ndim != 5 or source.shape[1] != self.in_chans_source:
             raise VolfmError(f"SynthesisGenerator expects a source (B, {self.in_chans_source}, I, J, K), got shape "
                              f"{tuple(source.shape)}")
@@ -266,7 +269,7 @@ class SynthesisGenerator(SegmentationModel):
                              f"size, {self.cond_chans} channel(s))")
         return torch.cat([source, cond.to(source.dtype)], dim=1)
 
-    def forward(self, source: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, source: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         x = self._input(source, cond)
         out = self.decoder(self.encoder.forward_intermediates(x), x)
         if self.residual:
@@ -303,7 +306,7 @@ class PatchDiscriminator3d(nn.Module):
     """
 
     def __init__(self, in_chans: int, base_channels: int = 32, n_layers: int = 3,
-                 norm: Union[str, tuple, None] = "instance", spectral_norm: bool = False):
+                 norm: str | tuple | None = "instance", spectral_norm: bool = False):
         super().__init__()
         if int(in_chans) < 1 or int(base_channels) < 1 or int(n_layers) < 1:
             raise VolfmError(f"PatchDiscriminator3d needs in_chans, base_channels and n_layers >= 1, got {in_chans}, "
@@ -349,7 +352,7 @@ class PatchDiscriminator3d(nn.Module):
             out.append(n)
         return tuple(out)  # type: ignore[return-value]
 
-    def forward(self, x: torch.Tensor, image: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, 1, *output_size)`` for ``x`` = the concatenation ``(source, target-or-fake)``,
         or for ``cat(x, image)`` when ``image`` is given."""
         if image is not None:

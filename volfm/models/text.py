@@ -13,15 +13,28 @@ from __future__ import annotations
 
 import json
 import string
-from typing import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
-from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from tokenizers.models import WordPiece
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    PreTrainedTokenizerFast,
+)
 
 from volfm import VolfmError
 
@@ -122,7 +135,7 @@ class TextEncoder(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides) -> "TextEncoder":
+    def from_pretrained(cls, directory: str | Path, **overrides) -> TextEncoder:
         """Load what :meth:`save_pretrained` wrote (settings can be overridden: ``max_length``, ``pooling``)."""
         settings_path = Path(directory).expanduser() / SETTINGS_FILE
         settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
@@ -137,7 +150,7 @@ class TextEncoder(nn.Module):
                 "max_length": self.max_length, "pooling": self.pooling, "pooler": not _has_no_pooler(self.model)}
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "TextEncoder":
+    def from_spec(cls, spec: dict) -> TextEncoder:
         """Rebuild (randomly initialised) from :meth:`to_spec`; then load the state dict."""
 
 

@@ -15,7 +15,7 @@ tokens); ``num_features`` = E; ``feature_info`` reduction = the patch size.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -158,8 +158,8 @@ class ViT3d(nn.Module):
 
     def __init__(
         self,
-        img_size: Union[int, Sequence[int]] = (224, 224, 160),
-        patch_size: Union[int, Sequence[int]] = 16,
+        img_size: int | Sequence[int] = (224, 224, 160),
+        patch_size: int | Sequence[int] = 16,
         in_chans: int = 1,
         embed_dim: int = 768,
         depth: int = 12,
@@ -182,14 +182,14 @@ class ViT3d(nn.Module):
             raise VolfmError("global_pool='cls' needs cls_token=True")
         if depth < 1:
             raise VolfmError(f"depth must be >= 1 (got {depth})")
-        self.patch_size: Tuple[int, int, int] = normalize_patch_size(patch_size)
+        self.patch_size: tuple[int, int, int] = normalize_patch_size(patch_size)
         img = (int(img_size),) * 3 if isinstance(img_size, int) else tuple(int(s) for s in img_size)
         if len(img) != 3 or any(s < 1 for s in img):
             raise VolfmError(f"img_size must be a positive int or 3 positive ints (I, J, K), got {img_size!r}")
         if any(s % p for s, p in zip(img, self.patch_size)):
             raise VolfmError(f"img_size {img} is not divisible by patch_size {self.patch_size}")
-        self.img_size: Tuple[int, int, int] = img
-        self.grid_size: Tuple[int, int, int] = tuple(s // p for s, p in zip(img, self.patch_size))  # type: ignore[assignment]
+        self.img_size: tuple[int, int, int] = img
+        self.grid_size: tuple[int, int, int] = tuple(s // p for s, p in zip(img, self.patch_size))  # type: ignore[assignment]
         self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.depth = depth
@@ -231,7 +231,7 @@ class ViT3d(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def _check_input(self, x: torch.Tensor) -> Tuple[int, int, int]:
+    def _check_input(self, x: torch.Tensor) -> tuple[int, int, int]:
         if x.ndim != 5 or x.shape[1] != self.in_chans:
             raise VolfmError(
                 f"ViT3d expects input (B, {self.in_chans}, I, J, K), got shape {tuple(x.shape)}; "
@@ -250,7 +250,7 @@ class ViT3d(nn.Module):
             return self.pos_embed
         return interpolate_pos_embed(self.pos_embed, self.grid_size, grid)
 
-    def _tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         grid = self._check_input(x)
         tokens = self.patch_embed(x, pos_embed=self.pos_embed_for(grid).to(x.dtype))
         if self.cls_token is not None:
@@ -267,7 +267,7 @@ class ViT3d(nn.Module):
         t = tokens[:, self.num_prefix_tokens:]
         return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *grid)
 
-    def forward_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """All tokens after the final norm, (B, P + N, E) (CLS first when present), and the token grid."""
         tokens, grid = self._tokens(x)
         for blk in self.blocks:
@@ -275,7 +275,7 @@ class ViT3d(nn.Module):
         return self.norm(tokens), grid
 
     def forward_intermediates(
-        self, x: torch.Tensor, indices: Optional[Sequence[int]] = None, norm: bool = True
+        self, x: torch.Tensor, indices: Sequence[int] | None = None, norm: bool = True
     ) -> list[torch.Tensor]:
         """Token maps (B, E, gi, gj, gk) after the blocks ``indices`` (default: 4 evenly spaced, the
         last one included; negative indices count from the end). ``norm`` applies the final
@@ -310,7 +310,7 @@ class ViT3d(nn.Module):
 
 
 # name -> (embed_dim, depth, num_heads)
-VIT_CONFIGS: dict[str, Tuple[int, int, int]] = {
+VIT_CONFIGS: dict[str, tuple[int, int, int]] = {
     "vit_tiny_3d": (192, 12, 3),
     "vit_small_3d": (384, 12, 6),
     "vit_base_3d": (768, 12, 12),

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -23,8 +24,6 @@ __all__ = ["load_encoder", "load_encoder_weights", "load_state_dict_checked", "m
 
 def save_encoder(model: nn.Module, path: str | Path) -> Path:
     """Write ``model``'s state dict to ``path`` (safetensors) with its registry name and kwargs."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     metadata = {"format": "pt"}
     name = getattr(model, "encoder_name", None)
@@ -49,8 +48,6 @@ def save_encoder(model: nn.Module, path: str | Path) -> Path:
 
 def read_encoder_metadata(path: str | Path) -> dict[str, str]:
     """The safetensors metadata of an encoder checkpoint (empty dict when there is none)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise VolfmError(f"encoder checkpoint {path} does not exist")
@@ -98,8 +95,6 @@ def load_encoder(path_or_model: str | Path | nn.Module, path: str | Path | None 
     ``load_encoder(path)`` rebuilds the encoder from the name and kwargs in the file's metadata;
     ``load_encoder(model, path)`` loads the weights into an existing model.
     """
-    from safetensors.torch import load_file
-
     if isinstance(path_or_model, nn.Module):
         model = path_or_model
         if path is None:

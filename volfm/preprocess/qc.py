@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 
 from volfm.io import affine as geo
@@ -28,10 +30,7 @@ def render_case_png(path, image: np.ndarray, affine: np.ndarray, label: np.ndarr
 
     extra: more (name, array) images on the same grid (e.g. paired modalities), one row each.
     """
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rows = [("", image)] + list(extra or [])
     sp = geo.spacing_from_affine(affine)
@@ -63,10 +62,7 @@ def render_case_png(path, image: np.ndarray, affine: np.ndarray, label: np.ndarr
 
 def render_patch_batch_png(path, images, labels=None, titles=None, cols: int = 4) -> Path:
     """A grid of training patches: the middle axial slice of each (C, I, J, K) patch, label overlaid."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     n = len(images)
     rows = max(1, (n + cols - 1) // cols)
@@ -92,8 +88,6 @@ def render_patch_batch_png(path, images, labels=None, titles=None, cols: int = 4
 
 def _save_png(fig, path) -> Path:
     """Lay out, write atomically as PNG and close a figure."""
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

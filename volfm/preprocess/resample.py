@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from volfm.io import affine as geo
 from volfm.io.volume import Volume
@@ -178,8 +179,6 @@ def _general(src: torch.Tensor, m: np.ndarray, shape, order, slab_voxels=8_000_0
     tol = 1e-6
     coeffs = None
     if order == "bspline":
-        from scipy import ndimage
-
         coeffs = [ndimage.spline_filter(c.numpy().astype(np.float64), order=3, mode="mirror") for c in src]
     for i0 in range(0, shape[0], step):
         ii = torch.arange(i0, min(shape[0], i0 + step), dtype=torch.float64)
@@ -193,8 +192,6 @@ def _general(src: torch.Tensor, m: np.ndarray, shape, order, slab_voxels=8_000_0
             comps.append(c)
         valid[i0:i0 + ii.shape[0]] = ok
         if coeffs is not None:
-            from scipy import ndimage
-
             pts = np.stack([c.numpy().astype(np.float64).ravel() for c in comps])
             for ch, co in enumerate(coeffs):
                 v = ndimage.map_coordinates(co, pts, order=3, mode="mirror", prefilter=False)
@@ -244,7 +241,6 @@ def _blur_general(src: torch.Tensor, m: np.ndarray, order: str) -> torch.Tensor:
     sigmas = antialias_sigmas(np.sqrt((np.asarray(m[:3, :3], np.float64) ** 2).sum(axis=1)))
     if not any(s > 0 for s in sigmas):
         return src
-    from scipy import ndimage
 
     x = src.numpy()
     for ax, sigma in enumerate(sigmas):
@@ -282,8 +278,6 @@ def _resample_array(src: torch.Tensor, m: np.ndarray, shape, order: str, antiali
         return _general(src, m, shape, order)
     perm, scale = pm
     if order == "bspline":
-        from scipy import ndimage
-
         src = torch.from_numpy(np.stack([ndimage.spline_filter(c.numpy().astype(np.float64), order=3, mode="mirror")
                                          for c in src]).astype(np.float32))
     return _separable(src, perm, scale, m[:3, 3], shape, order, antialias)

@@ -6,7 +6,10 @@ target grid the Pipeline resamples every input onto.
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
+from nibabel import orientations as nor
 
 from volfm import VolfmError
 from volfm.io import affine as geo
@@ -14,24 +17,18 @@ from volfm.io.volume import Volume
 
 
 def _ornt_transform(affine: np.ndarray, orientation: str):
-    from nibabel import orientations as nor
-
     if sorted(orientation.upper()) not in (sorted(c) for c in _valid_codes()):
         raise ValueError(f"orientation must be a 3-letter code such as RAS or LPS, got {orientation!r}")
     return nor.ornt_transform(nor.io_orientation(affine), nor.axcodes2ornt(tuple(orientation.upper())))
 
 
 def _valid_codes():
-    import itertools
-
     for a, b, c in itertools.product("LR", "PA", "IS"):
         yield a + b + c
 
 
 def reoriented_grid(affine: np.ndarray, shape, orientation: str = "RAS") -> tuple[np.ndarray, tuple]:
     """Affine and shape after permuting/flipping array axes to the closest ``orientation``."""
-    from nibabel import orientations as nor
-
     t = _ornt_transform(affine, orientation)
     new_affine = np.asarray(affine, np.float64) @ nor.inv_ornt_aff(t, tuple(shape[:3]))
     new_shape = [0, 0, 0]
@@ -42,8 +39,6 @@ def reoriented_grid(affine: np.ndarray, shape, orientation: str = "RAS") -> tupl
 
 def reorient(volume: Volume, orientation: str = "RAS") -> Volume:
     """Permute/flip array axes so they run closest to ``orientation`` (exact; no interpolation)."""
-    from nibabel import orientations as nor
-
     t = _ornt_transform(volume.affine, orientation)
     arr = nor.apply_orientation(np.moveaxis(volume.array, 0, -1), t)
     arr = np.ascontiguousarray(np.moveaxis(arr, -1, 0))

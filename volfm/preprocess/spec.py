@@ -28,7 +28,6 @@ import yaml
 
 from volfm import VolfmError
 from volfm.configs import SPECS_DIR
-from volfm.preprocess.intensity import INTENSITY_FUNCTIONS
 
 TOP_KEYS = {"name", "description", "orientation", "spacing", "oblique", "shear", "nonfinite", "channels",
             "antialias", "crop", "inputs", "reference"}

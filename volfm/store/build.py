@@ -19,14 +19,35 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
+from tqdm.auto import tqdm
 
 from volfm import VolfmError, __version__
-from volfm.store.cohort import CohortError, load_cohort, read_table, table_from_dir, write_table
-from volfm.store.layout import MANIFEST_FIRST, StoreError, read_case_meta, remove_stale_temp, write_case_dir
 from volfm.io.atomic import write_text_atomic
 from volfm.preprocess.pipeline import Pipeline
+from volfm.preprocess.qc import render_case_png
 from volfm.preprocess.spec import load_spec, spec_hash
+from volfm.store.cohort import (
+    CohortError,
+    load_cohort,
+    read_table,
+    table_from_dir,
+    write_table,
+)
+from volfm.store.foreground import (
+    FG_MAX_PER_CLASS,
+    case_seed,
+    foreground_locations,
+    save_foreground_locations,
+)
+from volfm.store.layout import (
+    MANIFEST_FIRST,
+    StoreError,
+    read_case_meta,
+    remove_stale_temp,
+    write_case_dir,
+)
 
 
 def shard_of(case_id: str, n: int) -> int:
@@ -51,8 +72,6 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def _init_worker(threads: int):
-    import torch
-
     torch.set_num_threads(threads)
     # geometry warnings are recorded per case in meta.json and the manifest; library noise is not
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -104,8 +123,6 @@ def process_case(spec: dict, row: dict, store: str, write_qc: bool = True) -> di
 def _foreground_files(spec: dict, case, case_id: str) -> dict:
     """Per-class foreground voxel locations of each label, so label-weighted patch sampling never scans
     the label at training time (nnU-Net keeps the same in its preprocessed data)."""
-    from volfm.store.foreground import FG_MAX_PER_CLASS, case_seed, foreground_locations, save_foreground_locations
-
     out = {}
     for name, cfg in spec["inputs"].items():
         if cfg["kind"] == "label" and name in case.arrays and case.arrays[name].shape[0] == 1:
@@ -117,8 +134,6 @@ def _foreground_files(spec: dict, case, case_id: str) -> dict:
 
 
 def _write_qc(root: Path, case_id: str, case, spec: dict):
-    from volfm.preprocess.qc import render_case_png
-
     ref = spec["reference"]
     labels = [n for n, c in spec["inputs"].items() if c["kind"] == "label" and n in case.arrays]
     others = [(n, case.arrays[n][0]) for n, c in spec["inputs"].items()
@@ -211,8 +226,6 @@ def run_cohort(spec_path, out, cohort=None, input_dir=None, workers: int = 1, sh
     t0 = time.perf_counter()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(todo), desc=f"preprocess {spec['name']}", unit="case")
     workers = max(1, int(workers))
     if workers == 1 or len(todo) <= 1:

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from volfm import VolfmError
+from volfm.io.atomic import atomic_path
 from volfm.io.readers import IMAGE_SUFFIXES
 
 KNOWN_META = ("icd_codes", "report", "split")
@@ -41,8 +42,6 @@ def read_table(path) -> list[dict]:
 
 
 def write_table(path, rows: list[dict], columns: list[str] | None = None) -> None:
-    from volfm.io.atomic import atomic_path
-
     columns = columns or list(dict.fromkeys(k for r in rows for k in r))
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:

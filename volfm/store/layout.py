@@ -22,6 +22,7 @@ import yaml
 
 from volfm import VolfmError
 from volfm.io.atomic import save_npy_atomic, write_json_atomic
+from volfm.store.cohort import read_table
 
 MANIFEST_FIRST = ["case_id", "status", "error", "shape", "spacing", "elapsed_s", "warnings"]
 
@@ -97,7 +98,6 @@ class CohortStore:
             hint = " (a sharded run: join shards with volfm preprocess --merge --out STORE)" \
                 if (self.root / "manifests").is_dir() else ""
             raise StoreError(f"{self.root}: not a volfm store (no manifest.csv){hint}")
-        from volfm.store.cohort import read_table
 
         self.rows = read_table(self.root / "manifest.csv")
         self.spec_doc = {}

@@ -43,13 +43,14 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage as ndi
+from tqdm import tqdm
 
 from volfm import VolfmError
-from volfm.store.splits import SPLIT_FRACTIONS  # noqa: F401 - re-exported
-from volfm.store.splits import assign_splits as _assign_splits
 from volfm.io import Volume, write_nifti
 from volfm.io.affine import world_to_voxel
 from volfm.io.atomic import atomic_path, write_json_atomic, write_text_atomic
+from volfm.store.splits import SPLIT_FRACTIONS  # noqa: F401 - re-exported
+from volfm.store.splits import assign_splits as _assign_splits
 
 
 class FindingSpec(NamedTuple):
@@ -1130,8 +1131,6 @@ def make_ct_cohort(out_dir, n_cases: int, seed: int = 0, shape=DEFAULT_SHAPE, wo
     label paths relative to the CSV's folder, POSIX separators). Case i depends only on (seed, i), so the
     result is the same for any ``workers``.
     """
-    from tqdm import tqdm
-
     n_cases = int(n_cases)
     if n_cases < 1:
         raise VolfmError(f"n_cases must be at least 1, got {n_cases!r}")

@@ -30,13 +30,18 @@ import math
 from functools import lru_cache
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+from tqdm import tqdm
 
 from volfm import VolfmError
-from volfm.store.splits import SPLIT_FRACTIONS  # noqa: F401 - re-exported
-from volfm.store.splits import assign_splits as _assign_splits
 from volfm.io import Volume, write_nifti
 from volfm.io.atomic import atomic_path, write_json_atomic, write_text_atomic
+from volfm.store.splits import SPLIT_FRACTIONS  # noqa: F401 - re-exported
+from volfm.store.splits import assign_splits as _assign_splits
 
 TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -96,9 +101,6 @@ def template_paths(data_dir=None) -> dict[str, Path]:
 @lru_cache(maxsize=1)
 def _raw_template(data_dir: str | None):
     """(channels (4, I, J, K) float32 = [gm, wm, brain mask, T1 residual], affine, brain centroid mm)."""
-    import nibabel as nib
-    from scipy import ndimage as ndi
-
     paths = template_paths(data_dir)
     maps, affine = {}, None
     for key, path in paths.items():
@@ -143,9 +145,6 @@ def _raw_template(data_dir: str | None):
 @lru_cache(maxsize=2)
 def _template_for_spacing(data_dir: str | None, spacing: tuple[float, float, float]):
     """The cached template pre-smoothed against aliasing at ``spacing``, as a (1, 4, I, J, K) tensor."""
-    import torch
-    from scipy import ndimage as ndi
-
     chans, affine, centroid = _raw_template(data_dir)
     tsp = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     sigma = np.sqrt(np.maximum(np.asarray(spacing) ** 2 - tsp ** 2, 0.0)) * _FWHM_TO_SIGMA / tsp
@@ -220,10 +219,6 @@ def make_mripet_case(seed_or_rng, case_id: str, spacing=2.0, *, orientation: str
     Returns {"mri": Volume, "pet": Volume, "label": Volume, "metadata": dict}; the three volumes share
     shape and affine. MRI is integer-valued float32 (scanner units), PET float32 SUV, label uint8.
     """
-    import torch
-    import torch.nn.functional as F
-    from scipy import ndimage as ndi
-
     sp = _spacing3(spacing)
     if orientation is not None and orientation not in ORIENTATIONS:
         raise VolfmError(f"orientation must be one of {', '.join(ORIENTATIONS)}, got {orientation!r}")
@@ -373,8 +368,6 @@ def make_mripet_cohort(out_dir, n_cases: int, seed: int = 0, spacing=2.0, progre
     out_dir/label/<id>.nii.gz (uint8), out_dir/labels.json, out_dir/README.txt, out_dir/cohort.csv.
     CSV paths are relative to the CSV's folder (POSIX separators). Case i depends only on (seed, i).
     """
-    from tqdm import tqdm
-
     if int(n_cases) < 1:
         raise VolfmError(f"n_cases must be at least 1, got {n_cases!r}")
     n_cases = int(n_cases)

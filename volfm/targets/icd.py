@@ -27,8 +27,9 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable, Sequence
+from importlib.metadata import version
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import simple_icd_10_cm as _icd
@@ -66,7 +67,6 @@ def _icd_release() -> str:
 
 def _lib_version() -> str:
     try:
-        from importlib.metadata import version
         return version("simple_icd_10_cm")
     except Exception:  # pragma: no cover - only provenance
         return "unknown"
@@ -359,7 +359,7 @@ class IcdVocabulary:
     @classmethod
     def build(cls, code_lists: Iterable, level: str = "category", mapping=None,
               mapping_columns: Sequence[str] | None = None, min_count: int = 1,
-              source: str = "training cases") -> "IcdVocabulary":
+              source: str = "training cases") -> IcdVocabulary:
         """Build the vocabulary from each training case's codes.
 
         code_lists: one entry per case: a list of codes or a raw ';'-separated manifest cell (None/'' for
@@ -570,7 +570,7 @@ class IcdVocabulary:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "") -> "IcdVocabulary":
+    def from_dict(cls, d: dict, source: str = "") -> IcdVocabulary:
         where = f" in {source}" if source else ""
         if not isinstance(d, dict) or d.get("format") != _FORMAT:
             raise VolfmError(f"not an ICD vocabulary{where} (expected 'format': {_FORMAT!r}); write one with "
@@ -601,7 +601,7 @@ class IcdVocabulary:
         write_json_atomic(path, self.to_dict())
 
     @classmethod
-    def from_json(cls, path) -> "IcdVocabulary":
+    def from_json(cls, path) -> IcdVocabulary:
         path = Path(path)
         if not path.is_file():
             raise VolfmError(f"ICD vocabulary file {path} does not exist; build one with IcdVocabulary.build "

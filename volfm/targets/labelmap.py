@@ -40,14 +40,16 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import yaml
 
 from volfm import VolfmError
+from volfm.io.atomic import write_text_atomic
 from volfm.io.yamlfile import UniqueKeyLoader  # SafeLoader that rejects duplicate keys
+from volfm.store.cohort import read_table
 
 __all__ = ["LabelMap", "load_source_labels", "normalize_source_labels", "DEFAULT_IGNORE_INDEX"]
 
@@ -135,8 +137,6 @@ def _read_labels_file(path: Path) -> dict[str, int]:
 
 def _store_label_candidates(store: Path) -> list[Path]:
     """labels.json next to the source label files of a store (their folder, then its parent)."""
-    from volfm.store.cohort import read_table
-
     spec = {}
     if (store / "spec.yaml").is_file():
         try:
@@ -260,7 +260,7 @@ class LabelMap:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_yaml(cls, path_or_dict, source_labels=None) -> "LabelMap":
+    def from_yaml(cls, path_or_dict, source_labels=None) -> LabelMap:
         """Read a label map from a YAML file or an already-parsed dict; ``source_labels`` as in the module doc."""
         if isinstance(path_or_dict, Mapping):
             doc, origin = dict(path_or_dict), "label map"
@@ -305,7 +305,7 @@ class LabelMap:
 
     @classmethod
     def from_names(cls, names: Sequence[str], source_labels, ignore: Sequence = (),
-                   ignore_index: int = DEFAULT_IGNORE_INDEX) -> "LabelMap":
+                   ignore_index: int = DEFAULT_IGNORE_INDEX) -> LabelMap:
         """Pick organs by name from a multi-organ source map: ``from_names(["spleen"], LABELS)``.
 
         Classes are background plus ``names`` in order; every other source label becomes background.
@@ -439,8 +439,6 @@ class LabelMap:
         """YAML text of :meth:`to_dict`; written (atomically) to ``path`` when given."""
         text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
         if path is not None:
-            from volfm.io.atomic import write_text_atomic
-
             write_text_atomic(Path(path), text)
         return text
 

@@ -21,10 +21,7 @@ Tokenizers (WordPiece trained on the cohort's reports, JSON round trip) live wit
 """
 from __future__ import annotations
 
-import json
 import re
-import string
-from typing import Iterable
 
 import numpy as np
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from volfm.inference.sliding_window import SlidingWindowInferer
+
 
 @torch.no_grad()
 def sliding_window(task, net, image, patch_size=None) -> torch.Tensor:
     """``net``'s output (C_out, I, J, K) over ``image`` (C, I, J, K), windows of ``patch_size`` (default the
     DataModule's training patch size, else the whole volume), with the task's ``sw_overlap`` and
     ``sw_batch_size``; the task is put in eval mode for the call and restored after."""
-    from volfm.inference.sliding_window import SlidingWindowInferer
-
     dm_patch = None
     if task._trainer is not None and getattr(task.trainer, "datamodule", None) is not None:
         dm_patch = task.trainer.datamodule.hparams.get("patch_size")

@@ -25,16 +25,39 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import nn
 
-try:
-    import lightning.pytorch as pl
-except ImportError:  # pragma: no cover
-    import pytorch_lightning as pl
-
 from volfm import VolfmError
+from volfm.data.dataset import parse_icd_codes
+from volfm.losses import (
+    LogitScale,
+    contrastive_loss,
+    multilabel_loss,
+    pos_weight_from_counts,
+)
+from volfm.metrics.classification import multilabel_metrics
+from volfm.metrics.retrieval import retrieval_metrics
+from volfm.metrics.zeroshot import (
+    finding_truth,
+    load_prompts,
+    zero_shot_metrics,
+    zero_shot_scores,
+)
+from volfm.models import create_encoder, load_encoder_weights, save_encoder
+from volfm.models.heads import MultiLabelHead, ProjectionHead
+from volfm.models.text import (
+    TextEncoder,
+    build_text_encoder,
+    tokenizer_from_json,
+    tokenizer_to_json,
+    train_wordpiece_tokenizer,
+)
+from volfm.targets.icd import IcdVocabulary
+from volfm.targets.reports import report_views
+from volfm.tasks.optim import adamw_warmup_decay
 
 __all__ = ["PretrainTask", "IcdPretrainTask", "ReportContrastiveTask"]
 
@@ -83,7 +106,6 @@ class PretrainTask(pl.LightningModule):
         args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         self.save_hyperparameters(args)
-        from volfm.models import create_encoder
 
         if icd_weight < 0 or contrastive_weight < 0 or icd_weight + contrastive_weight <= 0:
             raise VolfmError(f"loss weights icd_weight={icd_weight}, contrastive_weight={contrastive_weight}: give at "
@@ -125,16 +147,11 @@ class PretrainTask(pl.LightningModule):
         return list(dm.datasets["train"].dataset.rows)
 
     def _build_icd(self, vocab) -> None:
-        from volfm.models.heads import MultiLabelHead
-
         self.vocab = vocab
         head = MultiLabelHead(self.num_features, len(vocab), dropout=self.hparams.head_dropout)
         self.icd_head = head.to(self.device)
 
     def _build_text(self, text_encoder) -> None:
-        from volfm.models.heads import ProjectionHead
-        from volfm.losses import LogitScale
-
         h = self.hparams
         self.text = text_encoder.to(self.device)
         self.image_proj = ProjectionHead(self.num_features, h.embed_dim, h.projection).to(self.device)
@@ -142,12 +159,8 @@ class PretrainTask(pl.LightningModule):
         self.logit_scale = LogitScale(h.init_temperature, learnable=h.learn_temperature).to(self.device)
 
     def setup(self, stage: str) -> None:
-        from volfm.data.dataset import parse_icd_codes
-
         h = self.hparams
         if stage == "fit" and h.pretrained and not getattr(self, "_pretrained_loaded", False):
-            from volfm.models import load_encoder_weights
-
             load_encoder_weights(self.encoder, h.pretrained)
             self._pretrained_loaded = True
             _rank_zero_print(self, f"encoder weights loaded from {h.pretrained}")
@@ -158,8 +171,6 @@ class PretrainTask(pl.LightningModule):
         need_text = self.use_contrastive and self.text is None
         rows = self._train_rows() if (need_vocab or need_text or (self.use_icd and h.random_labels)) else []
         if need_vocab:
-            from volfm.targets.icd import IcdVocabulary
-
             dm = self.trainer.datamodule
             source = f"{getattr(dm, 'hparams', {}).get('store', 'the store')} (train split)"
             vocab = IcdVocabulary.build([parse_icd_codes(r.get("icd_codes")) for r in rows], level=h.icd_level,
@@ -167,8 +178,6 @@ class PretrainTask(pl.LightningModule):
             self._build_icd(vocab)
             _rank_zero_print(self, vocab.summary().replace("\n", "\n  "))
         if self.use_icd and h.pos_weight and self.icd_pos_weight.numel() == 0:
-            from volfm.losses import pos_weight_from_counts
-
             pos = torch.tensor([self.vocab.counts[c] for c in self.vocab.classes], dtype=torch.float32)
             n_cases = int(self.vocab.stats.get("cases") or len(rows) or 1)
             self.icd_pos_weight = pos_weight_from_counts(pos, n_cases).to(self.device)
@@ -177,9 +186,6 @@ class PretrainTask(pl.LightningModule):
             self._shuffled_codes = {r["case_id"]: parse_icd_codes(rows[j].get("icd_codes")) for r, j in zip(rows, perm)}
             _rank_zero_print(self, "random_labels: ICD code lists permuted among the training cases (a control run)")
         if need_text:
-            from volfm.models.text import tokenizer_from_json, tokenizer_to_json, train_wordpiece_tokenizer
-            from volfm.models.text import build_text_encoder
-
             if h.text_model is not None and not Path(h.text_model).expanduser().is_dir():
                 raise VolfmError(f"text_model {h.text_model}: no such local folder; give a folder written by "
                                  "save_pretrained (nothing is downloaded), or leave text_model unset for the built-in "
@@ -227,14 +233,10 @@ class PretrainTask(pl.LightningModule):
         rebuilt here is the one that trains on resume."""
         self._pretrained_loaded = True
         if self.use_icd and info.get("icd_vocab") is not None:
-            from volfm.targets.icd import IcdVocabulary
-
             vocab = IcdVocabulary.from_dict(info["icd_vocab"])
             if self.vocab is None or list(self.vocab.classes) != list(vocab.classes):
                 self._build_icd(vocab)
         if self.use_contrastive and info.get("text") is not None:
-            from volfm.models.text import TextEncoder
-
             if self.text is None or self.text.to_spec() != info["text"]:
                 self._build_text(TextEncoder.from_spec(info["text"]))
 
@@ -247,8 +249,6 @@ class PretrainTask(pl.LightningModule):
     def on_fit_end(self) -> None:
         """Also write the encoder alone as safetensors next to the logs (what fine-tuning loads); without a
         logger there is no run folder, and the checkpoint itself serves (load_encoder_weights reads both)."""
-        from volfm.models import save_encoder
-
         if not self.trainer.loggers:
             return
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
@@ -280,8 +280,6 @@ class PretrainTask(pl.LightningModule):
 
     def _report_texts(self, batch: dict, train: bool) -> tuple[list[int], list[str]]:
         """Indices of the cases that have a report, and the text each contributes."""
-        from volfm.targets.reports import report_views
-
         reports = batch.get("report") or [""] * len(batch["case_id"])
         mode = self.hparams.report_mode if train else ("whole" if self.hparams.report_mode == "random_section"
                                                        else self.hparams.report_mode)
@@ -306,8 +304,6 @@ class PretrainTask(pl.LightningModule):
         return n
 
     def _step(self, batch: dict, train: bool) -> tuple[torch.Tensor, dict, dict]:
-        from volfm.losses import contrastive_loss, multilabel_loss
-
         h = self.hparams
         image = batch["image"]
         feats = self.image_features(image)
@@ -375,16 +371,12 @@ class PretrainTask(pl.LightningModule):
             acc.setdefault("image_emb", []).append(img)
             acc.setdefault("text_emb", []).append(txt)
             if self.hparams.prompts:
-                from volfm.metrics.zeroshot import finding_truth
-
                 acc.setdefault("finding_truth", []).append(
                     torch.from_numpy(finding_truth(batch.get("icd_codes") or [[]] * n, self._get_prompts()))
                     .to(torch.uint8).to(self.device))
 
     def _get_prompts(self):
         if self._prompts is None:
-            from volfm.metrics.zeroshot import load_prompts
-
             self._prompts = load_prompts(self.hparams.prompts)
         return self._prompts
 
@@ -401,8 +393,6 @@ class PretrainTask(pl.LightningModule):
         return full if keys is None else full[keys]
 
     def _epoch_metrics(self, prefix: str) -> dict:
-        from volfm.metrics.classification import multilabel_metrics
-
         h = self.hparams
         out = {}
         self._eval_keys = None
@@ -416,8 +406,6 @@ class PretrainTask(pl.LightningModule):
             out[f"{prefix}/icd_classes_scored"] = float(m["n_classes_scored"])
         img, txt = self._gathered("image_emb"), self._gathered("text_emb")
         if img is not None:
-            from volfm.metrics.retrieval import retrieval_metrics
-
             ok = ~np.isnan(txt).any(axis=1)  # retrieval: cases with a report; zero-shot: every case
             if ok.sum() >= 2:
                 r = retrieval_metrics(img[ok], txt[ok], ks=tuple(h.retrieval_ks))
@@ -426,8 +414,6 @@ class PretrainTask(pl.LightningModule):
                         out[f"{prefix}/{short}_R@{k}"] = r[direction][f"R@{k}"]
             truth = self._gathered("finding_truth")
             if truth is not None and h.prompts and len(img) >= 2:
-                from volfm.metrics.zeroshot import zero_shot_metrics, zero_shot_scores
-
                 with torch.no_grad():
                     scores, names = zero_shot_scores(img, self.text_embedding, self._get_prompts())
                 z = zero_shot_metrics(scores, truth.astype(bool), names)
@@ -463,8 +449,6 @@ class PretrainTask(pl.LightningModule):
 
     # --------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
-        from volfm.tasks.optim import adamw_warmup_decay
-
         h = self.hparams
         text_ids = {id(p) for p in self.text.parameters()} if self.text is not None else set()
         return adamw_warmup_decay(self, lambda name, p: (h.text_lr or h.lr) if id(p) in text_ids else h.lr,

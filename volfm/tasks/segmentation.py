@@ -19,19 +19,28 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
+from monai.losses import DiceCELoss
+from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-try:
-    import lightning.pytorch as pl
-except ImportError:  # pragma: no cover
-    import pytorch_lightning as pl
-
 from volfm import VolfmError
+from volfm.metrics.segmentation import (
+    aggregate_segmentation_metrics,
+    hd_key,
+    segmentation_metrics,
+)
+from volfm.models import create_encoder, load_encoder_weights
+from volfm.models.decoders import SegmentationModel
+from volfm.targets.labelmap import LabelMap, load_source_labels
+from volfm.tasks.checkpoint import gather_objects
+from volfm.tasks.inference import sliding_window
+from volfm.tasks.optim import adamw_warmup_decay
 
 __all__ = ["SegmentationTask", "FINETUNE_MODES"]
 
@@ -68,7 +77,6 @@ class SegmentationTask(pl.LightningModule):
         self.save_hyperparameters()
         if finetune not in FINETUNE_MODES:
             raise VolfmError(f"finetune must be one of {', '.join(FINETUNE_MODES)}, got {finetune!r}")
-        from volfm.models import create_encoder
 
         self.encoder_name = encoder
         # state-dict keys encoder.* / decoder.*: load_encoder_weights reads any volfm checkpoint's encoder.*
@@ -88,8 +96,6 @@ class SegmentationTask(pl.LightningModule):
         return self.__dict__.get("_net")
 
     def _resolve_labelmap(self):
-        from volfm.targets.labelmap import LabelMap, load_source_labels
-
         h = self.hparams
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         store = getattr(dm, "hparams", {}).get("store") if dm is not None else None
@@ -115,8 +121,6 @@ class SegmentationTask(pl.LightningModule):
         return LabelMap.from_yaml(h.labels, source_labels=source)
 
     def _build(self, labelmap) -> None:
-        from volfm.models.decoders import SegmentationModel
-
         h = self.hparams
         self.labelmap = labelmap
         lut = torch.as_tensor(labelmap.lut.astype(np.int64))
@@ -153,10 +157,6 @@ class SegmentationTask(pl.LightningModule):
 
     def _lora_wrap(self, enc: nn.Module) -> nn.Module:
         """Frozen encoder with trainable LoRA adapters (peft) on the matching Conv3d/Linear layers."""
-        try:
-            from peft import LoraConfig, inject_adapter_in_model
-        except ImportError as exc:  # pragma: no cover - peft is a dependency
-            raise VolfmError("finetune: lora needs the peft package (pip install peft)") from exc
         h = self.hparams
         targets = list(h.lora_targets) if h.lora_targets else self._default_lora_targets(enc)
         if not targets:
@@ -182,8 +182,6 @@ class SegmentationTask(pl.LightningModule):
     def setup(self, stage: str) -> None:
         h = self.hparams
         if h.pretrained and not getattr(self, "_pretrained_loaded", False) and stage == "fit":
-            from volfm.models import load_encoder_weights
-
             load_encoder_weights(self.encoder, h.pretrained)
             self._pretrained_loaded = True
             if self._trainer is None or self.trainer.is_global_zero:
@@ -214,7 +212,6 @@ class SegmentationTask(pl.LightningModule):
         self._pretrained_loaded = True
         if info.get("labelmap") is None:
             return
-        from volfm.targets.labelmap import LabelMap
 
         saved = LabelMap.from_yaml(info["labelmap"])
         if self.labelmap is None:
@@ -250,8 +247,6 @@ class SegmentationTask(pl.LightningModule):
         return self.lut[lab]
 
     def _loss(self, out, target: torch.Tensor) -> torch.Tensor:
-        from monai.losses import DiceCELoss
-
         if not hasattr(self, "_dice_ce"):
             self._dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
         if isinstance(out, (list, tuple)):  # deep supervision: weights 1, 1/2, 1/4, ... normalised (nnU-Net)
@@ -279,14 +274,10 @@ class SegmentationTask(pl.LightningModule):
     def predict_volume(self, image, patch_size=None) -> np.ndarray:
         """Class indices (I, J, K) uint8 for one stored-grid image (C, I, J, K), by sliding-window
         inference with ``patch_size`` (default: the training patch size)."""
-        from volfm.tasks.inference import sliding_window
-
         logits = sliding_window(self, self.model, image, patch_size)
         return logits.argmax(0).to(torch.uint8).cpu().numpy()
 
     def _eval_step(self, batch: dict, prefix: str) -> None:
-        from volfm.metrics.segmentation import segmentation_metrics
-
         target = self._target(batch)
         for i, cid in enumerate(batch["case_id"]):
             pred = self.predict_volume(batch["image"][i].cpu().numpy())
@@ -297,10 +288,6 @@ class SegmentationTask(pl.LightningModule):
             self._val.append(m)
 
     def _epoch_end(self, prefix: str) -> None:
-        from volfm.metrics.segmentation import aggregate_segmentation_metrics, hd_key
-
-        from volfm.tasks.checkpoint import gather_objects
-
         local, self._val = self._val, []
         if self.trainer.sanity_checking:
             return
@@ -340,8 +327,6 @@ class SegmentationTask(pl.LightningModule):
 
     # --------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
-        from volfm.tasks.optim import adamw_warmup_decay
-
         h = self.hparams
         enc_ids = {id(p) for p in self.encoder.parameters()}
         scale = h.encoder_lr_scale if h.finetune in ("full", "partial") else 1.0

@@ -16,19 +16,23 @@ meaningful reference when both modalities share a scale) and the mean training t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
+from monai.losses import SSIMLoss
 from torch import nn
 
-try:
-    import lightning.pytorch as pl
-except ImportError:  # pragma: no cover
-    import pytorch_lightning as pl
-
 from volfm import VolfmError
+from volfm.losses.image import PerceptualLoss3d, adversarial_loss
+from volfm.metrics.synthesis import synthesis_metrics
+from volfm.models import create_encoder, load_encoder, load_encoder_weights
+from volfm.models.synthesis import PatchDiscriminator3d, SynthesisGenerator
+from volfm.tasks.checkpoint import gather_objects, load_task
+from volfm.tasks.inference import sliding_window
+from volfm.tasks.optim import warmup_decay
 
 __all__ = ["SynthesisTask"]
 
@@ -51,8 +55,6 @@ class SynthesisTask(pl.LightningModule):
                  weight_decay: float = 1e-5, sw_overlap: float = 0.5, sw_batch_size: int = 2, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
-        from volfm.models import create_encoder
-        from volfm.models.synthesis import SynthesisGenerator
 
         if min(l1_weight, ssim_weight, adversarial_weight, perceptual_weight) < 0:
             raise VolfmError("loss weights must be >= 0")
@@ -72,14 +74,10 @@ class SynthesisTask(pl.LightningModule):
         self.__dict__["_gen"] = gen  # registered through encoder/decoder (state keys encoder.* / decoder.*)
         self.discriminator = None
         if adversarial_weight > 0:
-            from volfm.models.synthesis import PatchDiscriminator3d
-
             self.discriminator = PatchDiscriminator3d(2, base_channels=disc_channels, n_layers=disc_layers)
             self.automatic_optimization = False
         self.perceptual = None
         if perceptual_weight > 0:
-            from volfm.losses.image import PerceptualLoss3d
-
             self.perceptual = PerceptualLoss3d(self._load_frozen(perceptual_encoder))
         self.source_name, self.target_name = "mri", "pet"
         self.register_buffer("mean_target", torch.empty(0), persistent=True)
@@ -88,9 +86,6 @@ class SynthesisTask(pl.LightningModule):
 
     @staticmethod
     def _load_frozen(path) -> nn.Module:
-        from volfm.models import load_encoder
-        from volfm.tasks.checkpoint import load_task
-
         p = Path(path)
         if p.suffix == ".safetensors":
             return load_encoder(p)
@@ -110,8 +105,6 @@ class SynthesisTask(pl.LightningModule):
                              "target arrays")
         self.source_name, self.target_name = dm.source, dm.target
         if h.pretrained and stage == "fit" and not getattr(self, "_pretrained_loaded", False):
-            from volfm.models import load_encoder_weights
-
             load_encoder_weights(self.encoder, h.pretrained)
             self._pretrained_loaded = True
         if stage == "fit" and self.mean_target.numel() == 0:
@@ -163,8 +156,6 @@ class SynthesisTask(pl.LightningModule):
             loss = loss + h.l1_weight * l1
             logs["l1"] = l1.detach()
         if h.ssim_weight:
-            from monai.losses import SSIMLoss
-
             lo, hi = self._range(real)
             s = SSIMLoss(spatial_dims=3, data_range=1.0, win_size=7 if min(real.shape[2:]) < 22 else 11)(
                 ((fake - lo) / (hi - lo)).clamp(0, 1), ((real - lo) / (hi - lo)).clamp(0, 1))
@@ -175,8 +166,6 @@ class SynthesisTask(pl.LightningModule):
             loss = loss + h.perceptual_weight * p
             logs["perceptual"] = p.detach()
         if h.adversarial_weight:
-            from volfm.losses.image import adversarial_loss
-
             g = adversarial_loss(self.discriminator(torch.cat([src, fake], 1)), True, h.gan_kind,
                                  for_discriminator=False)
             loss = loss + h.adversarial_weight * g
@@ -202,7 +191,6 @@ class SynthesisTask(pl.LightningModule):
             self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=bs)
             self.log("train_loss", loss, prog_bar=True, batch_size=bs)
             return loss
-        from volfm.losses.image import adversarial_loss
 
         opt_g, opt_d = self.optimizers()
         # discriminator: real pairs vs generated pairs (generator output detached)
@@ -228,16 +216,12 @@ class SynthesisTask(pl.LightningModule):
     @torch.no_grad()
     def predict_volume(self, image, patch_size=None) -> np.ndarray:
         """The synthesised target (I, J, K) float32 for one stored-grid source image (C, I, J, K)."""
-        from volfm.tasks.inference import sliding_window
-
         out = sliding_window(self, self.generator, image, patch_size)
         return out[0].cpu().numpy().astype(np.float32)
 
     output_kind = "image"
 
     def _eval_step(self, batch: dict) -> None:
-        from volfm.metrics.synthesis import synthesis_metrics
-
         h = self.hparams
         for i, cid in enumerate(batch["case_id"]):
             src = batch[self.source_name][i].cpu().numpy()
@@ -261,8 +245,6 @@ class SynthesisTask(pl.LightningModule):
             self._val.append(row)
 
     def _epoch_end(self, prefix: str) -> None:
-        from volfm.tasks.checkpoint import gather_objects
-
         local, self._val = self._val, []
         if self.trainer.sanity_checking:
             return
@@ -299,7 +281,6 @@ class SynthesisTask(pl.LightningModule):
         gen_params = [p for p in list(self.encoder.parameters()) + list(self.decoder.parameters()) if p.requires_grad]
         opt_g = torch.optim.AdamW(gen_params, lr=h.lr, betas=(0.5, 0.999) if self.discriminator else (0.9, 0.999),
                                   weight_decay=h.weight_decay)
-        from volfm.tasks.optim import warmup_decay
 
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sch_g = torch.optim.lr_scheduler.LambdaLR(opt_g, warmup_decay(total, 0, "poly"))
