@@ -10,19 +10,26 @@ import yaml
 
 from volfm import VolfmError
 from volfm.cli.main import main
+from volfm.data.datamodules import PretrainDataModule
+from volfm.models import create_encoder, load_encoder_weights
 from volfm.preprocess.spec import load_spec
 from volfm.store.build import run_cohort
 from volfm.synth.ct import make_ct_cohort
-from volfm.tasks import IcdPretrainTask, ReportContrastiveTask
+from volfm.tasks import ContrastiveConfig, EncoderConfig, IcdHeadConfig, PretrainTask
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-TINY = ["--model.init_args.encoder", "resnet18_3d", "--model.init_args.encoder_kwargs",
+TINY = ["--model.init_args.encoder.name", "resnet18_3d", "--model.init_args.encoder.kwargs",
         '{"in_chans": 1, "base_channels": 8}', "--data.init_args.patch_size", "[32, 32, 32]",
         "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4", "--data.init_args.val_batch_size", "4",
         "--trainer.precision", "32-true", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
         "--trainer.enable_progress_bar", "false"]
-TEXT = ["--model.init_args.text_config", '{"vocab_size": 500, "hidden_size": 32, "num_layers": 1, "num_heads": 2, '
-        '"intermediate_size": 64}', "--model.init_args.embed_dim", "16", "--model.init_args.text_max_length", "128"]
+TEXT = ["--model.init_args.contrastive.text_config", '{"vocab_size": 500, "hidden_size": 32, "num_layers": 1, '
+        '"num_heads": 2, "intermediate_size": 64}', "--model.init_args.contrastive.embed_dim", "16",
+        "--model.init_args.contrastive.text_max_length", "128"]
+ICD1 = ["--model.init_args.icd.min_count", "1"]  # only for recipes with an ICD head: it would switch one on
+ENC = EncoderConfig("resnet18_3d", {"in_chans": 1, "base_channels": 8})
+SMALL_TEXT = ContrastiveConfig(text_config={"vocab_size": 300, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                                            "intermediate_size": 64}, embed_dim=16)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +64,8 @@ def _fit(recipe, store, root, *extra):
                                     "demo/icd_pretrain.yaml", "demo/report_contrastive.yaml",
                                     "demo/multitask_pretrain.yaml"])
 def test_every_recipe_fast_dev_run(recipe, store, tmp_path):
-    extra = TEXT if "icd" not in recipe else []
-    _fit(recipe, store, tmp_path, "--trainer.fast_dev_run", "true", "--trainer.callbacks", "[]",
-         "--model.init_args.icd_min_count", "1", *extra)
+    extra = (TEXT if "icd" not in recipe else []) + (ICD1 if "report" not in recipe else [])
+    _fit(recipe, store, tmp_path, "--trainer.fast_dev_run", "true", "--trainer.callbacks", "[]", *extra)
 
 
 def test_print_config_and_unknown_key(store, capsys):
@@ -67,17 +73,20 @@ def test_print_config_and_unknown_key(store, capsys):
         main(["fit", "--config", str(RECIPES / "icd_pretrain.yaml"), "--print_config"])
     assert ok.value.code == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert cfg["model"]["class_path"] == "volfm.tasks.IcdPretrainTask"
+    assert cfg["model"]["class_path"] == "volfm.tasks.PretrainTask"
+    assert cfg["model"]["init_args"]["icd"]["level"] == "category" and cfg["model"]["init_args"]["contrastive"] is None
+    # model.init_args.patch_size is linked from data.init_args.patch_size, so the recipe cannot set it apart
+    assert "patch_size" not in cfg["model"]["init_args"] and cfg["data"]["init_args"]["patch_size"] == [224, 224, 160]
     assert cfg["trainer"]["use_distributed_sampler"] is False
     with pytest.raises(SystemExit) as bad:
-        main(["fit", "--config", str(RECIPES / "icd_pretrain.yaml"), "--model.init_args.icd_levle", "block"])
+        main(["fit", "--config", str(RECIPES / "icd_pretrain.yaml"), "--model.init_args.icd.levle", "block"])
     assert bad.value.code != 0
-    assert "icd_levle" in capsys.readouterr().err
+    assert "levle" in capsys.readouterr().err
 
 
 def _trained(store, root, recipe, *extra, epochs=1):
     _fit(recipe, store, root, "--trainer.max_epochs", str(epochs), "--trainer.callbacks", "[]",
-         "--trainer.enable_checkpointing", "true", "--model.init_args.icd_min_count", "1", *extra)
+         "--trainer.enable_checkpointing", "true", *extra)
     ckpts = sorted(Path(root).rglob("*.ckpt"))
     assert ckpts, "fit wrote no checkpoint"
     return ckpts[-1]
@@ -86,17 +95,18 @@ def _trained(store, root, recipe, *extra, epochs=1):
 @pytest.fixture(scope="module")
 def multitask_ckpt(store, tmp_path_factory):
     root = tmp_path_factory.mktemp("mt")
-    return _trained(store, root, "demo/multitask_pretrain.yaml", *TEXT)
+    return _trained(store, root, "demo/multitask_pretrain.yaml", *TEXT, *ICD1)
 
 
 def test_checkpoint_rebuilds_vocabulary_tokenizer_and_heads(multitask_ckpt, store):
     """load_from_checkpoint needs neither the store nor a tokenizer folder, and gives the same numbers."""
     raw = torch.load(str(multitask_ckpt), map_location="cpu", weights_only=True)
     info = raw["volfm"]
-    assert info["task"] == "volfm.tasks.pretrain.ReportContrastiveTask"
+    assert info["task"] == "volfm.tasks.pretrain.PretrainTask" and info["patch_size"] == [32, 32, 32]
     assert "K76.0" in info["icd_vocab"]["classes"] or "R16.0" in info["icd_vocab"]["classes"]
-    task = ReportContrastiveTask.load_from_checkpoint(str(multitask_ckpt), map_location="cpu", weights_only=True)
+    task = PretrainTask.load_from_checkpoint(str(multitask_ckpt), map_location="cpu", weights_only=True)
     task.eval()
+    assert task.icd_cfg.level == "full" and task.con_cfg.embed_dim == 16 and task.patch_size == (32, 32, 32)
     assert list(task.vocab.classes) == list(info["icd_vocab"]["classes"])
     assert task.icd_head[-1].out_features == len(task.vocab)
     x = torch.rand(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -112,13 +122,10 @@ def test_checkpoint_rebuilds_vocabulary_tokenizer_and_heads(multitask_ckpt, stor
 
 
 def test_staged_pretraining_starts_from_the_icd_encoder(store, tmp_path):
-    icd = _trained(store, tmp_path / "icd", "demo/icd_pretrain.yaml")
+    icd = _trained(store, tmp_path / "icd", "demo/icd_pretrain.yaml", *ICD1)
     enc = torch.load(str(icd), map_location="cpu", weights_only=True)["state_dict"]
-    task = ReportContrastiveTask(encoder="resnet18_3d", encoder_kwargs={"in_chans": 1, "base_channels": 8},
-                                 pretrained=str(icd), text_config={"vocab_size": 300, "hidden_size": 32,
-                                                                   "num_layers": 1, "num_heads": 2,
-                                                                   "intermediate_size": 64}, embed_dim=16)
-    from volfm.data.datamodules import PretrainDataModule
+    task = PretrainTask(encoder=EncoderConfig("resnet18_3d", {"in_chans": 1, "base_channels": 8}, str(icd)),
+                        icd=None, contrastive=SMALL_TEXT)
 
     dm = PretrainDataModule(str(store), patch_size=(32, 32, 32), num_workers=0, batch_size=4)
     trainer = pl.Trainer(accelerator="cpu", max_steps=0, logger=False, enable_checkpointing=False,
@@ -127,18 +134,12 @@ def test_staged_pretraining_starts_from_the_icd_encoder(store, tmp_path):
     for k, v in task.encoder.state_dict().items():
         torch.testing.assert_close(v, enc[f"encoder.{k}"], msg=k)
     # an encoder of another width cannot take these weights: the error lists the mismatched keys
-    from volfm.models import create_encoder, load_encoder_weights
-
     with pytest.raises(VolfmError, match="shape-mismatched keys"):
         load_encoder_weights(create_encoder("resnet18_3d", base_channels=16), icd)
 
 
 def test_empty_reports_are_skipped_for_contrastive_and_kept_for_icd(store):
-    task = ReportContrastiveTask(encoder="resnet18_3d", encoder_kwargs={"in_chans": 1, "base_channels": 8},
-                                 icd_weight=1.0, text_config={"vocab_size": 300, "hidden_size": 32, "num_layers": 1,
-                                                              "num_heads": 2, "intermediate_size": 64},
-                                 embed_dim=16, icd_min_count=1)
-    from volfm.data.datamodules import PretrainDataModule
+    task = PretrainTask(encoder=ENC, icd=IcdHeadConfig(min_count=1), contrastive=SMALL_TEXT)
 
     dm = PretrainDataModule(str(store), patch_size=(32, 32, 32), num_workers=0, batch_size=4)
     trainer = pl.Trainer(accelerator="cpu", max_steps=0, logger=False, enable_checkpointing=False,
@@ -160,16 +161,14 @@ def test_empty_reports_are_skipped_for_contrastive_and_kept_for_icd(store):
 
 
 def test_vocabulary_reports_bad_codes_without_crashing(store, capsys):
-    task = IcdPretrainTask(encoder="resnet18_3d", encoder_kwargs={"in_chans": 1, "base_channels": 8}, icd_min_count=1,
-                           icd_level="full")
-    from volfm.data.datamodules import PretrainDataModule
+    task = PretrainTask(encoder=ENC, icd=IcdHeadConfig(min_count=1, level="full"))
 
     dm = PretrainDataModule(str(store), patch_size=(32, 32, 32), num_workers=0, batch_size=4)
     trainer = pl.Trainer(accelerator="cpu", max_steps=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
     trainer.fit(task, datamodule=dm)
     stats = task.vocab.stats
-    train_ids = {r["case_id"] for r in dm.datasets["train"].dataset.rows}
+    train_ids = {r["case_id"] for r in dm.train_rows()}
     if "ct_0002" in train_ids:
         assert stats["malformed"]["count"] >= 1 and stats["unknown"]["count"] >= 1
     assert set(task.vocab.classes) <= {"R16.0", "R16.1", "K76.0", "N28.1", "N20.0", "K80.20", "J90", "R18.8",
@@ -179,21 +178,20 @@ def test_vocabulary_reports_bad_codes_without_crashing(store, capsys):
 def test_missing_text_model_path_fails_fast_without_download(store, tmp_path, capsys):
     rc = main(["fit", "--config", str(RECIPES / "demo/report_contrastive.yaml"), "--data.init_args.store", str(store),
                "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", *TINY,
-               "--trainer.fast_dev_run", "true", "--model.init_args.text_model", "emilyalsentzer/Bio_ClinicalBERT"])
+               "--trainer.fast_dev_run", "true", "--model.init_args.contrastive.text_model",
+               "emilyalsentzer/Bio_ClinicalBERT"])
     err = capsys.readouterr().err
     assert rc == 2 and "emilyalsentzer/Bio_ClinicalBERT: no such local folder" in err and "nothing is downloaded" in err
 
 
 def test_random_label_control_permutes_codes_among_training_cases(store):
-    task = IcdPretrainTask(encoder="resnet18_3d", encoder_kwargs={"in_chans": 1, "base_channels": 8}, icd_min_count=1,
-                           random_labels=True)
-    from volfm.data.datamodules import PretrainDataModule
+    task = PretrainTask(encoder=ENC, icd=IcdHeadConfig(min_count=1, random_labels=True))
 
     dm = PretrainDataModule(str(store), patch_size=(32, 32, 32), num_workers=0, batch_size=4)
     trainer = pl.Trainer(accelerator="cpu", max_steps=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
     trainer.fit(task, datamodule=dm)
-    rows = dm.datasets["train"].dataset.rows
+    rows = dm.train_rows()
     own = {r["case_id"]: sorted(c for c in (r.get("icd_codes") or "").split(";") if c) for r in rows}
     shuffled = {k: sorted(v) for k, v in task._shuffled_codes.items()}
     assert sorted(map(tuple, shuffled.values())) == sorted(map(tuple, own.values()))  # same multiset of code lists
@@ -232,19 +230,16 @@ def test_multitask_fit_under_ddp_on_two_cpu_processes(store, tmp_path):
     ranks, validation metrics over both ranks' cases, a checkpoint that loads."""
     _fit("demo/multitask_pretrain.yaml", store, tmp_path, *TEXT, "--trainer.strategy", "ddp_spawn",
          "--trainer.devices", "2", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-         "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "true", "--model.init_args.icd_min_count", "1",
+         "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "true", *ICD1,
          "--data.init_args.batch_size", "2")
     ckpt = sorted(tmp_path.rglob("*.ckpt"))[-1]
-    task = ReportContrastiveTask.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
+    task = PretrainTask.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
     assert task.icd_head is not None and task.text is not None
 
 
 def test_a_batch_without_reports_still_uses_every_parameter(store):
     """(Under DDP an unused parameter on one rank breaks the gradient all-reduce.)"""
-    task = ReportContrastiveTask(encoder="resnet18_3d", encoder_kwargs={"in_chans": 1, "base_channels": 8},
-                                 text_config={"vocab_size": 300, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
-                                              "intermediate_size": 64}, embed_dim=16)
-    from volfm.data.datamodules import PretrainDataModule
+    task = PretrainTask(encoder=ENC, icd=None, contrastive=SMALL_TEXT)
 
     dm = PretrainDataModule(str(store), patch_size=(32, 32, 32), num_workers=0, batch_size=4)
     trainer = pl.Trainer(accelerator="cpu", max_steps=0, logger=False, enable_checkpointing=False,
@@ -260,11 +255,10 @@ def test_a_batch_without_reports_still_uses_every_parameter(store):
 
 def test_test_with_ckpt_path_uses_the_checkpoints_tokenizer_and_vocabulary(multitask_ckpt, store, tmp_path):
     raw = torch.load(str(multitask_ckpt), map_location="cpu", weights_only=True)
-    task = ReportContrastiveTask(encoder="resnet18_3d", encoder_kwargs={"in_chans": 1, "base_channels": 8},
-                                 icd_weight=1.0, icd_level="full", icd_min_count=1,
-                                 text_config={"vocab_size": 500, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
-                                              "intermediate_size": 64}, embed_dim=16, text_max_length=128)
-    from volfm.data.datamodules import PretrainDataModule
+    task = PretrainTask(encoder=ENC, icd=IcdHeadConfig(level="full", min_count=1),
+                        contrastive=ContrastiveConfig(text_config={"vocab_size": 500, "hidden_size": 32, "num_layers": 1,
+                                                                   "num_heads": 2, "intermediate_size": 64},
+                                                      embed_dim=16, text_max_length=128))
 
     dm = PretrainDataModule(str(store), patch_size=(32, 32, 32), num_workers=0, batch_size=4)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,

@@ -17,11 +17,12 @@ from volfm.preprocess.pipeline import Pipeline
 from volfm.preprocess.spec import load_spec
 from volfm.store.build import run_cohort
 from volfm.synth.ct import LABEL_IDS, make_ct_case, make_ct_cohort
-from volfm.tasks import SegmentationTask
+from volfm.tasks import EncoderConfig, SegmentationTask
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 TINY_ENC = {"in_chans": 1, "base_channels": 8}
-TINY = ["--model.init_args.encoder", "resnet18_3d", "--model.init_args.encoder_kwargs", '{"in_chans": 1, "base_channels": 8}',
+TINY = ["--model.init_args.encoder.name", "resnet18_3d", "--model.init_args.encoder.kwargs",
+        '{"in_chans": 1, "base_channels": 8}',
         "--data.init_args.patch_size", "[16, 16, 16]", "--data.init_args.num_workers", "0",
         "--data.init_args.batch_size", "2", "--data.init_args.samples_per_volume", "1",
         "--trainer.precision", "32-true", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
@@ -44,8 +45,11 @@ def store(tmp_path_factory):
     return root / "store"
 
 
-def _task(**kw) -> SegmentationTask:
-    return SegmentationTask(encoder="resnet18_3d", encoder_kwargs=TINY_ENC, labels=["spleen"], **kw)
+def _task(pretrained=None, **finetune) -> SegmentationTask:
+    """A tiny spleen task; ``finetune`` keys as in FinetuneConfig, passed as a plain dict (as a checkpoint does)."""
+    ft = {"mode": finetune.pop("finetune", "full"), **finetune}
+    return SegmentationTask(encoder=EncoderConfig("resnet18_3d", TINY_ENC, pretrained), labels=["spleen"], finetune=ft,
+                            patch_size=(16, 16, 16))
 
 
 def _setup(task, store, **dm_kw):
@@ -115,7 +119,7 @@ def test_labels_from_a_yaml_label_map_merge_kidneys(store, tmp_path):
     lm = tmp_path / "map.yaml"
     lm.write_text(yaml.safe_dump({"source": LABEL_IDS, "classes": {"kidney": ["kidney_left", "kidney_right"],
                                                                   "spleen": "spleen"}}))
-    task = SegmentationTask(encoder="resnet18_3d", encoder_kwargs=TINY_ENC, labels=str(lm))
+    task = SegmentationTask(encoder=EncoderConfig("resnet18_3d", TINY_ENC), labels=str(lm))
     _setup(task, store)
     assert task.class_names == ["background", "kidney", "spleen"]
     lab = torch.tensor([[[[[0, 3, 4, 2, 1]]]]], dtype=torch.uint8)
@@ -187,7 +191,7 @@ def test_prediction_is_written_in_the_oblique_anisotropic_source_grid(tmp_path, 
     oracle = _OracleTask.__new__(_OracleTask)
     oracle.__dict__ = task.__dict__
     oracle.oracle = liver[::-1].copy() if flip else liver
-    monkeypatch.setattr(vp, "load_task", lambda ckpt: (oracle, {"datamodule_hyper_parameters": {"store": str(store)}}))
+    monkeypatch.setattr(vp, "load_predictor", lambda ckpt: (oracle, {"datamodule_hyper_parameters": {"store": str(store)}}))
     summary = vp.predict_files("unused.ckpt", src, tmp_path / "out", progress=False)
     assert not summary["failures"]
     written, source = nib.load(summary["outputs"][0]["output"]), nib.load(str(src))
@@ -229,7 +233,7 @@ def test_validating_a_checkpoint_with_other_labels_is_refused(store, tmp_path):
                  "--trainer.limit_train_batches", "1", "--trainer.enable_checkpointing", "true",
                  "--trainer.limit_val_batches", "0"]) == 0
     ckpt = sorted(ck.rglob("*.ckpt"))[-1]
-    task = SegmentationTask(encoder="resnet18_3d", encoder_kwargs=TINY_ENC, labels=["liver"])
+    task = SegmentationTask(encoder=EncoderConfig("resnet18_3d", TINY_ENC), labels=["liver"])
     dm = SegmentationDataModule(str(store), patch_size=(16, 16, 16), num_workers=0)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                          use_distributed_sampler=False, default_root_dir=str(tmp_path))

@@ -3,6 +3,7 @@ reported next to the model, and predict writes the synthesised image in the sour
 import json
 from pathlib import Path
 
+import lightning.pytorch as pl
 import nibabel as nib
 import numpy as np
 import pytest
@@ -10,12 +11,15 @@ import torch
 import yaml
 
 from volfm.cli.main import main
+from volfm.data.datamodules import PairedModalityDataModule
+from volfm.models import create_encoder, save_encoder
 from volfm.preprocess.spec import load_spec
 from volfm.store.build import run_cohort
 from volfm.synth.mripet import make_mripet_cohort
+from volfm.tasks import DiscriminatorConfig, EncoderConfig, SynthesisLossConfig, SynthesisTask
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-TINY = ["--model.init_args.encoder", "resnet18_3d", "--model.init_args.encoder_kwargs",
+TINY = ["--model.init_args.encoder.name", "resnet18_3d", "--model.init_args.encoder.kwargs",
         '{"in_chans": 1, "base_channels": 8}', "--data.init_args.patch_size", "[16, 16, 16]",
         "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "2", "--data.init_args.samples_per_volume", "1",
         "--trainer.precision", "32-true", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
@@ -43,16 +47,11 @@ def test_recipes_fast_dev_run(recipe, store, tmp_path):
 
 
 def test_adversarial_and_perceptual_options_train_generator_and_discriminator(store, tmp_path):
-    import lightning.pytorch as pl
-
-    from volfm.data.datamodules import PairedModalityDataModule
-    from volfm.models import create_encoder, save_encoder
-    from volfm.tasks import SynthesisTask
-
     frozen = save_encoder(create_encoder("resnet18_3d", base_channels=8), tmp_path / "perc.safetensors")
-    task = SynthesisTask(encoder="resnet18_3d", encoder_kwargs={"in_chans": 1, "base_channels": 8},
-                         adversarial_weight=0.1, perceptual_weight=0.1, perceptual_encoder=str(frozen),
-                         ssim_weight=0.5, disc_channels=8, disc_layers=1)
+    task = SynthesisTask(encoder=EncoderConfig("resnet18_3d", {"in_chans": 1, "base_channels": 8}),
+                         losses=SynthesisLossConfig(adversarial=0.1, perceptual=0.1, perceptual_encoder=str(frozen),
+                                                    ssim=0.5),
+                         discriminator=DiscriminatorConfig(channels=8, layers=1), patch_size=(16, 16, 16))
     dm = PairedModalityDataModule(str(store), label="label", patch_size=(16, 16, 16), num_workers=0, batch_size=2,
                                   whole_volume_eval=True)
     before = {n: p.detach().clone() for n, p in task.named_parameters()}

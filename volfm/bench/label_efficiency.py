@@ -54,14 +54,14 @@ import matplotlib.pyplot as plt
 import torch
 
 from volfm import VolfmError
-from volfm.bench.preprocess import _ints, write_results
+from volfm.bench.common import ints_arg, write_results
 from volfm.data.datamodules import SegmentationDataModule
 from volfm.data.dataset import StoreDataset
 from volfm.models import create_encoder, load_encoder_weights
 from volfm.models.registry import META_KWARGS, META_NAME
 from volfm.models.weights import read_encoder_metadata
 from volfm.targets.labelmap import LabelMap, load_source_labels
-from volfm.tasks import SegmentationTask
+from volfm.tasks import EncoderConfig, FinetuneConfig, OptimConfig, SegmentationTask
 
 PROG = "volfm bench label-efficiency"
 INITS = ("scratch", "pretrained")
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30, help="training epochs per run (default 30)")
     p.add_argument("--steps-per-epoch", type=int,
                    help="optimiser steps per epoch, the same for every k (default ceil(2 x n_train / batch-size))")
-    p.add_argument("--patch", type=_ints, default=[32, 32, 32], help="training patch / sliding window (32,32,32)")
+    p.add_argument("--patch", type=ints_arg, default=[32, 32, 32], help="training patch / sliding window (32,32,32)")
     p.add_argument("--batch-size", type=int, default=8, help="patches per step (default 8)")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
     p.add_argument("--seeds", type=_seeds, default=[0], help="seeds, e.g. 0,1,2 (default 0)")
@@ -232,18 +232,6 @@ def preflight(args) -> dict:
 
 # --- one run ---------------------------------------------------------------------------------------
 
-def _bench_task_class():
-    class _BenchTask(SegmentationTask):
-        """SegmentationTask that keeps the per-case test metrics (the task itself keeps only the means)."""
-        case_metrics: list = []
-
-        def on_test_epoch_end(self) -> None:
-            self.case_metrics = list(self._val)
-            super().on_test_epoch_end()
-
-    return _BenchTask
-
-
 def _finite(v):
     try:
         v = float(v)
@@ -276,10 +264,11 @@ def run_one(args, plan: dict, k: int, init: str, seed: int) -> dict:
     t0 = time.perf_counter()
     with _quiet():
         lightning.seed_everything(seed, verbose=False)
-        task = _bench_task_class()(encoder=plan["encoder"], encoder_kwargs=plan["encoder_kwargs"],
-                                   pretrained=args.pretrained if init == "pretrained" else None,
-                                   labels=list(args.labels), finetune=args.finetune,
-                                   encoder_lr_scale=args.encoder_lr_scale, lr=args.lr, seed=seed)
+        task = SegmentationTask(
+            encoder=EncoderConfig(plan["encoder"], dict(plan["encoder_kwargs"]),
+                                  args.pretrained if init == "pretrained" else None),
+            labels=list(args.labels), finetune=FinetuneConfig(mode=args.finetune, encoder_lr_scale=args.encoder_lr_scale),
+            optim=OptimConfig(lr=args.lr, weight_decay=1e-5), patch_size=tuple(args.patch), seed=seed)
         # val_split = test split: validation never runs here (check_val_every_n_epoch > epochs), so this
         # only spares stores without a 'val' split from an error; nothing is selected or tuned on it
         dm = SegmentationDataModule(str(args.store), patch_size=tuple(args.patch), num_train_cases=k,
@@ -295,14 +284,14 @@ def run_one(args, plan: dict, k: int, init: str, seed: int) -> dict:
         trainer.fit(task, datamodule=dm)
         fit_s = time.perf_counter() - t0
         loss = trainer.callback_metrics.get("train_loss")
-        train_ids = dm.datasets["train"].dataset.case_ids
+        train_ids = dm.train_dataset().case_ids
         steps = int(trainer.global_step)
         trainer.test(task, datamodule=dm, verbose=False)
     seconds = time.perf_counter() - t0
     m = task.last_metrics
     classes = plan["classes"]
     per_case = []
-    for c in task.case_metrics:
+    for c in task.last_case_metrics:
         per_case.append({"case_id": c.get("case_id"),
                          "dice": {n: _finite(c["classes"][n]["dice"]) for n in classes},
                          HD: {n: _finite(c["classes"][n][HD]) for n in classes},
@@ -311,7 +300,7 @@ def run_one(args, plan: dict, k: int, init: str, seed: int) -> dict:
             "train_case_ids": list(train_ids), "samples_per_volume": spv,
             "patches_per_epoch": plan["patches_per_epoch"], "train_steps": steps,
             "train_patches": steps * args.batch_size,
-            "pretrained_loaded": bool(getattr(task, "_pretrained_loaded", False)),
+            "pretrained_loaded": task.pretrained_loaded,
             "final_train_loss": _finite(loss.item()) if loss is not None else None,
             "test_mean_dice": _finite(m.get("test/mean_dice")), f"test_mean_{HD}": _finite(m.get(f"test/mean_{HD}")),
             "dice": {n: _finite(m.get(f"test/dice_{n}")) for n in classes},

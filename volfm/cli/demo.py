@@ -1,8 +1,23 @@
-"""`volfm demo`: the pipeline end to end on embedded synthetic cohorts, on CPU, in minutes.
+"""`volfm demo`: the whole pipeline end to end on embedded synthetic cohorts, on CPU.
 
-Each issue grows this demo by a step; today: synthesise a CT cohort (organ labels, findings with
-ICD-10-CM codes, sectioned reports) and a paired MRI/PET cohort, preprocess both into stores
-(Merlin's CT spec; the brain MRI spec), and show where the store, manifest and QC images are.
+The steps (each prints what it did and where its output is):
+
+ 1. synthesise a CT cohort (organ labels, findings with ICD-10-CM codes, sectioned reports);
+ 2. preprocess it with Merlin's spec (``ct_merlin``) into a store with QC pictures;
+ 3. draw training patches from the store (nnU-Net-style foreground oversampling) and picture a batch;
+ 4. run every registered encoder on a preprocessed volume (shapes, parameters);
+ 5. synthesise a paired brain MRI/PET cohort;
+ 6. preprocess it with ``mri_brain`` (z-scored MRI, PET on the same grid);
+ 7. synthesise and preprocess a larger CT cohort for pretraining (``ct_merlin_demo``, 48^3);
+ 8. ICD-code pretext training (``recipes/demo/icd_pretrain.yaml``);
+ 9. the same run with shuffled codes (random-label control);
+10. CT-report contrastive training staged from the ICD encoder (``recipes/demo/report_contrastive.yaml``);
+11. ``volfm evaluate`` of both checkpoints (ICD head, linear probe, retrieval, zero-shot findings, subgroups);
+12. segmentation of a new organ from 5 labelled cases from the contrastive encoder, then ``volfm predict`` on raw
+    test images in their own grids;
+13. MRI -> PET synthesis (``recipes/demo/synth_mri2pet.yaml``) and its evaluation against baselines.
+
+``--pretrain-cases 0`` skips steps 7-12, ``--synthesis-cases 0`` skips step 13.
 """
 from __future__ import annotations
 
@@ -20,23 +35,20 @@ import yaml
 from torch.utils.data import DataLoader
 
 from volfm.cli.inspect import inspect_store
-from volfm.cli.main import main as cli_main
-from volfm.cli.main import print_summary
+from volfm.cli.lightning import run_lightning
 from volfm.cli.predict import predict_files
 from volfm.configs import RECIPES_DIR
 from volfm.data.datamodules import collate_cases
 from volfm.data.dataset import StoreDataset
 from volfm.data.samplers import LabelWeightedPatchSampler, PatchDataset
-from volfm.evaluate.pretrain import evaluate_checkpoint
-from volfm.evaluate.synthesis import evaluate_synthesis
+from volfm.evaluate import evaluate
 from volfm.models import create_encoder, list_encoders
 from volfm.preprocess.qc import render_patch_batch_png
 from volfm.preprocess.spec import load_spec
-from volfm.store.build import run_cohort
+from volfm.store.build import print_summary, run_cohort
 from volfm.store.cohort import read_table
 from volfm.synth.ct import FINDINGS, LABEL_IDS, make_ct_cohort
 from volfm.synth.mripet import make_mripet_cohort
-from volfm.tasks.checkpoint import load_task
 
 
 def _step(title: str):
@@ -105,11 +117,9 @@ def _fit(recipe: str, store, run_dir, *overrides) -> Path:
     """``volfm fit --config recipes/demo/<recipe>`` into ``run_dir``; returns the run's log folder."""
     recipe_path = RECIPES_DIR / "demo" / recipe
     run_dir = Path(run_dir)
-    rc = cli_main(["fit", "--config", str(recipe_path), "--data.init_args.store", str(store),
+    run_lightning(["fit", "--config", str(recipe_path), "--data.init_args.store", str(store),
                    "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
                    "--trainer.enable_progress_bar", "false", *overrides])
-    if rc != 0:
-        raise RuntimeError(f"volfm fit --config {recipe_path} failed (exit {rc})")
     return max(run_dir.glob("csv/version_*"), key=lambda p: p.stat().st_mtime)
 
 
@@ -138,24 +148,24 @@ def _pretrain(out: Path, n_cases: int, epochs: int, workers: int) -> dict:
 
     _step("9. control: the same run with each training case's ICD codes swapped with another case's (random labels)")
     ctl_dir = _fit("icd_pretrain.yaml", store, out / "runs" / "icd_random_labels", *common,
-                   "--model.init_args.random_labels", "true")
+                   "--model.init_args.icd.random_labels", "true")
     ctl = _val_history(ctl_dir, "val/icd_macro_auroc")
     print(f"random-label control, ICD macro AUROC per epoch: {' '.join(f'{v:.2f}' for v in ctl)}")
 
     _step("10. CT-report contrastive learning, staged from the ICD encoder (recipes/demo/report_contrastive.yaml)")
     clip_dir = _fit("report_contrastive.yaml", store, out / "runs" / "contrastive", *common,
-                    "--model.init_args.pretrained", str(icd_dir / "encoder.safetensors"))
+                    "--model.init_args.encoder.pretrained", str(icd_dir / "encoder.safetensors"))
     zs = _val_history(clip_dir, "val/zeroshot_macro_auroc")
     print(f"zero-shot findings macro AUROC on the validation split, per epoch: {' '.join(f'{v:.2f}' for v in zs)}")
 
     _step("11. evaluation on the test split (volfm evaluate): ICD head, linear probe, retrieval, zero-shot, subgroups")
     eval_dir = out / "eval_pretrain"
     print("ICD pretext checkpoint:")
-    evaluate_checkpoint(icd_dir / "checkpoints" / "last.ckpt", store=store, out=out / "eval_icd",
-                        num_workers=workers, progress=False)
+    evaluate(icd_dir / "checkpoints" / "last.ckpt", store=store, out=out / "eval_icd", num_workers=workers,
+             progress=False)
     print("\ncontrastive checkpoint:")
-    evaluate_checkpoint(clip_dir / "checkpoints" / "last.ckpt", store=store, out=eval_dir, subgroups=["sex"],
-                        num_workers=workers, progress=False)
+    evaluate(clip_dir / "checkpoints" / "last.ckpt", store=store, out=eval_dir, subgroups=["sex"],
+             num_workers=workers, progress=False)
     seg_dir, seg_dice = _segment(out, store, table, clip_dir / "encoder.safetensors", epochs=min(24, 2 * epochs),
                                  workers=workers)
     return {"icd_dir": icd_dir, "clip_dir": clip_dir, "eval_dir": eval_dir, "icd_auroc": icd, "control_auroc": ctl,
@@ -167,7 +177,7 @@ def _segment(out: Path, store, table, pretrained, epochs: int, workers: int, org
     _step(f"12. segmentation of a new organ ({organ}) from 5 labelled cases, encoder from the contrastive run "
           "(recipes/demo/seg_finetune.yaml)")
     seg_dir = _fit("seg_finetune.yaml", store, out / "runs" / "seg", "--trainer.max_epochs", str(epochs),
-                   "--data.init_args.num_workers", str(workers), "--model.init_args.pretrained", str(pretrained),
+                   "--data.init_args.num_workers", str(workers), "--model.init_args.encoder.pretrained", str(pretrained),
                    "--model.init_args.labels", f"[{organ}]", "--trainer.check_val_every_n_epoch", str(max(1, epochs // 2)))
     dice = _val_history(seg_dir, f"val/dice_{organ}")
     print(f"validation Dice ({organ}, sliding window over whole volumes): {' '.join(f'{v:.2f}' for v in dice)}")
@@ -263,9 +273,8 @@ def _synthesis(out: Path, n_cases: int, epochs: int, workers: int) -> dict:
                    "--trainer.check_val_every_n_epoch", str(max(1, epochs // 2)))
     psnr = _val_history(run_dir, "val/psnr")
     print(f"validation PSNR per check: {' '.join(f'{v:.2f}' for v in psnr)}")
-    task, raw = load_task(run_dir / "checkpoints" / "last.ckpt")
     eval_dir = out / "eval_synthesis"
-    evaluate_synthesis(task, raw, run_dir / "checkpoints" / "last.ckpt", store=store, out=eval_dir, progress=False)
+    evaluate(run_dir / "checkpoints" / "last.ckpt", store=store, out=eval_dir, progress=False)
     return {"run_dir": run_dir, "eval_dir": eval_dir}
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from volfm import VolfmError, __version__
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test")  # handled by LightningCLI (volfm.cli.lightning)
+
 # Each subcommand imports its own module when it runs (the `# noqa: PLC0415` lines below): measured on the
 # 2-core dev machine, `import volfm.cli.inspect` takes 0.7 s, `volfm.store.build` 3.4 s, while the training
 # stack (lightning, transformers, monai, peft: `import volfm.tasks`) takes 12 s, which `volfm inspect FILE` or
@@ -42,21 +44,8 @@ def _cmd_synth(args) -> int:
     return 0
 
 
-def print_summary(summary: dict, log=print) -> None:
-    rate = f", {summary['cases_per_min']:.1f} cases/min" if summary.get("cases_per_min") else ""
-    log(f"{summary['ok']} ok, {summary['failed']} failed, {summary['skipped']} already done "
-        f"({summary['processed']} processed in {summary['elapsed_s']:.1f} s{rate})")
-    log(f"store:    {summary['store']}")
-    log(f"manifest: {summary['manifest']}")
-    log(f"QC:       {Path(summary['store']) / 'qc'}")
-    for cid, note in summary.get("warnings", []):
-        log(f"warning {cid}: {note}")
-    for cid, err in summary["failures"]:
-        log(f"FAILED {cid}: {err}")
-
-
 def _cmd_preprocess(args) -> int:
-    from volfm.store.build import merge_shards, parse_shard, run_cohort  # noqa: PLC0415 - deferred, see BENCHMARKS
+    from volfm.store.build import merge_shards, parse_shard, print_summary, run_cohort  # noqa: PLC0415 - deferred, see BENCHMARKS
 
     if args.merge:
         summary = merge_shards(args.out)
@@ -94,15 +83,26 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from volfm.evaluate.pretrain import main as evaluate_main  # noqa: PLC0415 - deferred, see BENCHMARKS
+    from volfm.evaluate import evaluate  # noqa: PLC0415 - deferred, see BENCHMARKS
 
-    return evaluate_main(args)
+    evaluate(args.ckpt, store=args.store, split=args.split, train_split=args.train_split,
+             subgroups=args.subgroups or (), prompts=args.prompts, degradations=args.degrade, out=args.out,
+             batch_size=args.batch_size, num_workers=args.workers, device=args.device, progress=not args.quiet)
+    return 0
 
 
 def _cmd_predict(args) -> int:
-    from volfm.cli.predict import main as predict_main  # noqa: PLC0415 - deferred, see BENCHMARKS
+    from volfm.cli.predict import predict_files  # noqa: PLC0415 - deferred, see BENCHMARKS
 
-    return predict_main(args)
+    s = predict_files(args.ckpt_path, args.input, args.out, config=args.config, store=args.store, device=args.device,
+                      qc=not args.no_qc, progress=not args.quiet, target=args.target)
+    for r in s["outputs"]:
+        extra = "".join(f", {k} {v:.3f}" for k, v in (r.get("metrics") or {}).items())
+        print(f"{r['input']} -> {r['output']} {tuple(r['shape'])} ({r['seconds']} s{extra})")
+    for r in s["failures"]:
+        print(f"FAILED {r['input']}: {r['error']}")
+    print(f"{len(s['outputs'])} written, {len(s['failures'])} failed; summary: {Path(args.out) / 'predictions.json'}")
+    return 1 if s["failures"] else 0
 
 
 def _cmd_bench(args) -> int:
@@ -200,22 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test")
-
-
-def run_lightning(argv: list[str] | None) -> int:
-    """``volfm fit|validate|test --config recipe.yaml [--trainer.max_epochs 3 ...]``: LightningCLI, so
-    ``--print_config``, class_path/init_args and dotted overrides work as in Lightning; an unknown key is
-    a LightningCLI (jsonargparse) error that names it."""
-    from lightning.pytorch.cli import LightningCLI  # noqa: PLC0415 - deferred, see BENCHMARKS
-
-    # args=None: LightningCLI reads sys.argv itself; given args (volfm.cli.main.main([...]) from Python or the
-    # demo) take precedence, which is what its warning about sys.argv would question
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    LightningCLI(None, None, subclass_mode_model=True, subclass_mode_data=True, args=argv,
-                 save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "volfm"},
-                 auto_configure_optimizers=False)
-    return 0
 
 
 def main(argv=None) -> int:
@@ -225,6 +209,8 @@ def main(argv=None) -> int:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
+                from volfm.cli.lightning import run_lightning  # noqa: PLC0415 - deferred, see BENCHMARKS
+
                 return run_lightning(None if from_sys else argv)
         except VolfmError as exc:
             print(f"volfm {argv[0]}: error: {' '.join(str(exc).split(chr(10)))}", file=sys.stderr)

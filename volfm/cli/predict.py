@@ -34,9 +34,9 @@ from volfm.metrics.synthesis import synthesis_metrics
 from volfm.preprocess.pipeline import Pipeline
 from volfm.preprocess.qc import render_case_png
 from volfm.preprocess.resample import resample_to_grid
-from volfm.tasks.checkpoint import load_task as _load
+from volfm.tasks import load_task
 
-__all__ = ["predict_files", "main"]
+__all__ = ["predict_files"]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -77,9 +77,9 @@ def _config_data(config) -> dict:
     return ((doc.get("data") or {}).get("init_args") or {}) if isinstance(doc, dict) else {}
 
 
-def load_task(ckpt):
+def load_predictor(ckpt):
     """The volfm task stored in a checkpoint (eval mode, CPU) and the raw checkpoint; it must predict images."""
-    task, raw = _load(ckpt, "a segmentation .ckpt written by volfm fit")
+    task, raw = load_task(ckpt, "a segmentation .ckpt written by volfm fit")
     if not hasattr(task, "predict_volume"):
         raise VolfmError(f"{ckpt} holds a {type(task).__name__}, which does not predict images; volfm predict takes "
                          "segmentation (or synthesis) checkpoints")
@@ -130,7 +130,7 @@ def _qc_png(path: Path, f: Path, vol, tgt, label_out: bool, task) -> Path:
 
 def predict_files(ckpt, inputs, out, config=None, store=None, device: str | None = None, qc: bool = True,
                   progress: bool = True, target=None) -> dict:
-    task, raw = load_task(ckpt)
+    task, raw = load_predictor(ckpt)
     # what the model was trained with wins over the recipe's defaults: --store, then the checkpoint, then --config
     data = {**_config_data(config), **(raw.get("datamodule_hyper_parameters") or {})}
     store = Path(store or data.get("store") or "")
@@ -150,7 +150,7 @@ def predict_files(ckpt, inputs, out, config=None, store=None, device: str | None
     pipe = Pipeline(spec, source=str(spec_file))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     task = task.to(device)
-    patch = data.get("patch_size")
+    patch = task.patch_size or data.get("patch_size")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = _inputs(inputs)
@@ -186,15 +186,3 @@ def predict_files(ckpt, inputs, out, config=None, store=None, device: str | None
     summary = {"checkpoint": str(ckpt), "store": str(store), "outputs": results, "failures": failures}
     (out / "predictions.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def main(args) -> int:
-    s = predict_files(args.ckpt_path, args.input, args.out, config=args.config, store=args.store, device=args.device,
-                      qc=not args.no_qc, progress=not args.quiet, target=getattr(args, "target", None))
-    for r in s["outputs"]:
-        extra = "".join(f", {k} {v:.3f}" for k, v in (r.get("metrics") or {}).items())
-        print(f"{r['input']} -> {r['output']} {tuple(r['shape'])} ({r['seconds']} s{extra})")
-    for r in s["failures"]:
-        print(f"FAILED {r['input']}: {r['error']}")
-    print(f"{len(s['outputs'])} written, {len(s['failures'])} failed; summary: {Path(args.out) / 'predictions.json'}")
-    return 1 if s["failures"] else 0

@@ -124,6 +124,22 @@ class StoreDataModule(pl.LightningDataModule):
             raise VolfmError("sampler label_weighted needs a label array; use sampler: uniform")
         self.datasets: dict = {}
 
+    # -- what tasks may ask of the data (public inputs; tasks never reach into ``datasets``) ---------------
+    @property
+    def store(self) -> str:
+        """The store folder this DataModule reads."""
+        return str(self.hparams.store)
+
+    def train_dataset(self) -> StoreDataset:
+        """The training split's :class:`StoreDataset` (after ``num_train_cases`` / ``train_fraction``)."""
+        if "train" not in self.datasets:
+            self.setup("fit")
+        return self.datasets["train"].dataset
+
+    def train_rows(self) -> list[dict]:
+        """Manifest rows (codes, report, metadata) of the training cases, e.g. to build a code vocabulary."""
+        return list(self.train_dataset().rows)
+
     # -- construction ----------------------------------------------------------------------------
     def _store_dataset(self, split: str):
         h = self.hparams

@@ -35,7 +35,6 @@ from volfm import VolfmError
 from volfm.data.datamodules import collate_cases
 from volfm.data.dataset import StoreDataset
 from volfm.data.samplers import PatchDataset, WholeVolumeSampler
-from volfm.evaluate.synthesis import evaluate_synthesis
 from volfm.metrics.classification import multilabel_metrics
 from volfm.metrics.probe import linear_probe
 from volfm.metrics.retrieval import retrieval_metrics
@@ -48,20 +47,9 @@ from volfm.metrics.zeroshot import (
 )
 from volfm.preprocess.qc import _save_png
 from volfm.targets.icd import IcdVocabulary
-from volfm.tasks.checkpoint import load_task
 from volfm.tasks.pretrain import PretrainTask
-from volfm.tasks.synthesis import SynthesisTask
 
-__all__ = ["load_pretrain_task", "extract", "evaluate_checkpoint", "main"]
-
-
-def load_pretrain_task(ckpt: str | Path):
-    """The pretraining task saved in a checkpoint, on CPU, eval mode, and the raw checkpoint."""
-    task, raw = load_task(ckpt, "a .ckpt written by volfm fit with IcdPretrainTask or ReportContrastiveTask")
-    if not isinstance(task, PretrainTask):
-        raise VolfmError(f"{ckpt} holds a {type(task).__name__}, not a pretraining task; volfm evaluate takes "
-                         "IcdPretrainTask or ReportContrastiveTask checkpoints")
-    return task, raw
+__all__ = ["evaluate_pretraining", "extract"]
 
 
 def _loader(store, split, patch_size, batch_size, num_workers):
@@ -88,7 +76,7 @@ def extract(task, store, split, patch_size=None, batch_size: int = 4, num_worker
         if task.text is not None:
             out["image_emb"].append(task.image_embedding(f).float().cpu())
             reps = [(r or "").strip() for r in batch["report"]]
-            emb = torch.full((len(reps), task.hparams.embed_dim), float("nan"))
+            emb = torch.full((len(reps), task.con_cfg.embed_dim), float("nan"))
             keep = [i for i, r in enumerate(reps) if r]
             if keep:
                 emb[keep] = task.text_embedding([reps[i] for i in keep]).float().cpu()
@@ -106,16 +94,17 @@ def _finite(v):
     return v if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
-def evaluate_checkpoint(ckpt, store=None, split: str = "test", train_split: str = "train",
-                        subgroups: Sequence[str] = (), prompts: str | None = None, out=None, batch_size: int = 4,
-                        num_workers: int = 2, device: str | None = None, min_positives: int = 2,
-                        progress: bool = True) -> dict:
-    task, raw = load_pretrain_task(ckpt)
+def evaluate_pretraining(task: PretrainTask, raw: dict, ckpt, store=None, split: str = "test",
+                         train_split: str = "train", subgroups: Sequence[str] = (), prompts: str | None = None,
+                         out=None, batch_size: int = 4, num_workers: int = 2, device: str | None = None,
+                         min_positives: int = 2, progress: bool = True) -> dict:
+    """The pretraining protocol (module docstring) for ``task`` loaded from ``ckpt`` (``raw``: its checkpoint
+    dict, for the store it was trained on); writes into ``out`` when given and returns the report."""
     dm_h = raw.get("datamodule_hyper_parameters") or {}
     store = store or dm_h.get("store")
     if not store:
         raise VolfmError(f"{ckpt} does not record its store; pass --store")
-    patch = dm_h.get("patch_size")
+    patch = task.patch_size or dm_h.get("patch_size")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     test = extract(task, store, split, patch, batch_size, num_workers, device, progress)
     train = extract(task, store, train_split, patch, batch_size, num_workers, device, progress)
@@ -142,7 +131,7 @@ def evaluate_checkpoint(ckpt, store=None, split: str = "test", train_split: str 
         ok = ~np.isnan(test["text_emb"]).any(axis=1)
         if ok.sum() >= 2:
             report["retrieval"] = retrieval_metrics(test["image_emb"][ok], test["text_emb"][ok])
-        pset = load_prompts(prompts or task.hparams.prompts or "ct_findings")
+        pset = load_prompts(prompts or task.eval_cfg.prompts or "ct_findings")
         with torch.no_grad():
             zs_scores, zs_names = zero_shot_scores(test["image_emb"], lambda t: task.text_embedding(t).cpu(), pset)
         zs_truth = finding_truth(test["codes"], pset)
@@ -247,17 +236,3 @@ def _plot(r: dict, path: Path) -> None:
     fig.suptitle(f"{Path(r['checkpoint']).name} on split {r['split']}", fontsize=10)
     fig.tight_layout()
     _save_png(fig, path)
-
-
-def main(args) -> int:
-    task, raw = load_task(args.ckpt)
-    if isinstance(task, SynthesisTask):
-        evaluate_synthesis(task, raw, args.ckpt, store=args.store, split=args.split, degradations=args.degrade,
-                           out=args.out, device=args.device, progress=not args.quiet)
-        return 0
-    del task
-    evaluate_checkpoint(args.ckpt, store=args.store, split=args.split, train_split=args.train_split,
-                        subgroups=args.subgroups or (), prompts=args.prompts, out=args.out,
-                        batch_size=args.batch_size, num_workers=args.workers, device=args.device,
-                        progress=not args.quiet)
-    return 0

@@ -53,7 +53,7 @@ def evaluate_synthesis(task, raw: dict, ckpt, store=None, split: str = "test", d
     levels = [("clean", 0.0)] + parse_degradations(degradations or DEFAULT_DEGRADATIONS)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     task = task.to(device)
-    patch = dm_h.get("patch_size")
+    patch = task.patch_size or dm_h.get("patch_size")
     mean_img = task.mean_target[0].cpu().numpy() if task.mean_target.numel() else None
     names = None
     try:
@@ -68,7 +68,7 @@ def evaluate_synthesis(task, raw: dict, ckpt, store=None, split: str = "test", d
         lab = np.asarray(case[label])[0] if label else None
         mask = lab > 0 if lab is not None and (lab > 0).any() else None
         sel = tgt[mask] if mask is not None else tgt
-        rng = tuple(task.hparams.data_range) if task.hparams.data_range else (float(sel.min()), float(sel.max()))
+        rng = tuple(task.data_range) if task.data_range else (float(sel.min()), float(sel.max()))
         row = {"case_id": cid, "data_range": list(rng), "model": {}}
 
         def score(img, tgt=tgt, mask=mask, rng=rng, lab=lab, cid=cid):

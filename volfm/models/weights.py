@@ -150,7 +150,8 @@ def load_encoder_weights(model: nn.Module, path: str | Path, *, strict: bool = T
                          ".safetensors file")
     hp = (ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
     if any(".lora_A." in k for k in enc):
-        enc = merge_lora_state(enc, float(hp.get("lora_alpha", 16)) / float(hp.get("lora_r", 8)))
+        ft = hp.get("finetune") if isinstance(hp.get("finetune"), dict) else hp  # grouped, or flat (older volfm)
+        enc = merge_lora_state(enc, float(ft.get("lora_alpha", 16)) / float(ft.get("lora_r", 8)))
     info = (ckpt.get("volfm") or {}) if isinstance(ckpt, dict) else {}
     saved_as = (info.get("encoder") or {}).get("name") if isinstance(info.get("encoder"), dict) else None
     source = f"{path}" + (f" (saved from {saved_as!r})" if saved_as else "")

@@ -306,3 +306,16 @@ def merge_shards(out) -> dict:
 
 
 __all__ = ["run_cohort", "merge_shards", "process_case", "parse_shard", "shard_of", "CohortError"]
+
+
+def print_summary(summary: dict, log=print) -> None:
+    rate = f", {summary['cases_per_min']:.1f} cases/min" if summary.get("cases_per_min") else ""
+    log(f"{summary['ok']} ok, {summary['failed']} failed, {summary['skipped']} already done "
+        f"({summary['processed']} processed in {summary['elapsed_s']:.1f} s{rate})")
+    log(f"store:    {summary['store']}")
+    log(f"manifest: {summary['manifest']}")
+    log(f"QC:       {Path(summary['store']) / 'qc'}")
+    for cid, note in summary.get("warnings", []):
+        log(f"warning {cid}: {note}")
+    for cid, err in summary["failures"]:
+        log(f"FAILED {cid}: {err}")

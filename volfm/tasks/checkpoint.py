@@ -4,8 +4,6 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-import torch
-
 from volfm import VolfmError
 from volfm.models.weights import read_checkpoint
 
@@ -27,12 +25,3 @@ def load_task(ckpt, what: str = "a .ckpt written by volfm fit"):
         raise VolfmError(f"{ckpt} was written by task {info['task']}, which this volfm does not have ({exc})") from exc
     task = cls.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
     return task.eval(), raw
-
-
-def gather_objects(obj):
-    """``[obj of rank 0, obj of rank 1, ...]`` (a one-item list without torch.distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        out = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(out, obj)
-        return out
-    return [obj]

@@ -8,8 +8,8 @@ oversampling (the DataModule), Dice + cross-entropy (MONAI's DiceCELoss, deep su
 validation runs sliding-window inference over each whole stored volume and reports Dice and HD95 in
 millimetres per class (MONAI's metrics with the store's voxel spacing).
 
-Fine-tuning modes (``finetune``):
-    full     every parameter trains; the encoder at ``lr * encoder_lr_scale``
+Fine-tuning modes (``finetune.mode``):
+    full     every parameter trains; the encoder at ``optim.lr * finetune.encoder_lr_scale``
     frozen   the encoder is frozen (and kept in eval mode, so BatchNorm statistics stay); decoder only
     partial  only the last ``unfreeze_stages`` encoder stages (resnet3d layers / ViT blocks) train
     lora     LoRA adapters (peft) on the encoder's conv/linear layers named by ``lora_targets``; the
@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
@@ -35,14 +35,12 @@ from volfm.metrics.segmentation import (
     hd_key,
     segmentation_metrics,
 )
-from volfm.models import create_encoder, load_encoder_weights
 from volfm.models.decoders import SegmentationModel
 from volfm.targets.labelmap import LabelMap, load_source_labels
-from volfm.tasks.checkpoint import gather_objects
-from volfm.tasks.inference import sliding_window
+from volfm.tasks.base import DecoderConfig, EncoderConfig, EncoderTask, InferenceConfig, OptimConfig, as_config, gather_objects
 from volfm.tasks.optim import adamw_warmup_decay
 
-__all__ = ["SegmentationTask", "FINETUNE_MODES"]
+__all__ = ["FINETUNE_MODES", "FinetuneConfig", "SegmentationTask"]
 
 FINETUNE_MODES = ("full", "frozen", "partial", "lora")
 
@@ -56,37 +54,54 @@ def _stages(encoder: nn.Module) -> list[nn.Module]:
     raise VolfmError(f"partial fine-tuning does not know the stages of {type(encoder).__name__}; use full or lora")
 
 
-class SegmentationTask(pl.LightningModule):
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How the encoder trains (see the module docstring): ``mode`` full / frozen / partial / lora;
+    ``encoder_lr_scale`` multiplies the encoder's learning rate (full, partial); ``unfreeze_stages`` the last
+    stages that train (partial); ``lora_*`` the adapters' rank, alpha, dropout and target layer names (lora;
+    default: ViT attention/MLP linears, ResNet 3x3x3 block convs)."""
+
+    mode: str = "full"
+    encoder_lr_scale: float = 0.1
+    unfreeze_stages: int = 1
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | None = None
+
+
+class SegmentationTask(EncoderTask):
     """Dice+CE segmentation fine-tuning of a volfm encoder (see the module docstring).
 
     labels: the label map: a YAML path (volfm.targets.labelmap format), a list of source organ names to
         keep (each becomes a class, the rest background), a dict in the YAML format, or None (every
         source label is its own class). source_labels: the source dataset's name -> value map (a
-        labels.json, a cohort folder or a store; default: found from the store).
+        labels.json, a cohort folder or a store; default: found from the DataModule's store).
+    Groups: ``encoder`` (name, kwargs, ``pretrained``), ``decoder`` (auto / unet / unetr, kwargs, deep
+    supervision), ``finetune``, ``optim`` (AdamW, warm-up, poly decay), ``inference`` (sliding window).
     """
 
-    def __init__(self, encoder: str = "resnet18_3d", encoder_kwargs: dict | None = None,
-                 pretrained: str | None = None, decoder: str = "auto", decoder_kwargs: dict | None = None,
-                 deep_supervision: bool = False, labels: Any = None, source_labels: str | None = None,
-                 finetune: str = "full", encoder_lr_scale: float = 0.1, unfreeze_stages: int = 1,
-                 lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
-                 lora_targets: Sequence[str] | None = None, lr: float = 1e-3, weight_decay: float = 1e-5,
-                 warmup_fraction: float = 0.0, sw_overlap: float = 0.5, sw_batch_size: int = 2,
-                 hd_percentile: float = 95.0, seed: int = 0):
-        super().__init__()
-        self.save_hyperparameters()
-        if finetune not in FINETUNE_MODES:
-            raise VolfmError(f"finetune must be one of {', '.join(FINETUNE_MODES)}, got {finetune!r}")
-
-        self.encoder_name = encoder
-        # state-dict keys encoder.* / decoder.*: load_encoder_weights reads any volfm checkpoint's encoder.*
-        self.encoder = create_encoder(encoder, **(encoder_kwargs or {}))
+    def __init__(self, encoder: EncoderConfig | None = None, decoder: DecoderConfig | None = None,
+                 labels: Any = None, source_labels: str | None = None, finetune: FinetuneConfig | None = None,
+                 optim: OptimConfig | None = None, inference: InferenceConfig | None = None,
+                 hd_percentile: float = 95.0, patch_size: Sequence[int] | None = None, seed: int = 0):
+        super().__init__(encoder, optim, inference, patch_size, seed, default_encoder=EncoderConfig("resnet18_3d"),
+                         default_optim=OptimConfig(lr=1e-3, weight_decay=1e-5, warmup_fraction=0.0))
+        self.decoder_cfg = as_config(DecoderConfig, decoder, "decoder")
+        self.finetune_cfg = as_config(FinetuneConfig, finetune, "finetune")
+        self.labels, self.source_labels = labels, source_labels
+        self.hd_percentile = float(hd_percentile)
+        self.save_task_hparams(decoder=self.decoder_cfg, labels=labels, source_labels=source_labels,
+                               finetune=self.finetune_cfg, hd_percentile=self.hd_percentile)
+        if self.finetune_cfg.mode not in FINETUNE_MODES:
+            raise VolfmError(f"finetune.mode must be one of {', '.join(FINETUNE_MODES)}, got {self.finetune_cfg.mode!r}")
+        self.encoder_name = self.encoder_cfg.name
         self.decoder: nn.Module | None = None  # built in setup(), once the label map gives the class count
         self.labelmap = None
         self.register_buffer("lut", torch.zeros(256, dtype=torch.long), persistent=False)
         self.register_buffer("known", torch.zeros(256, dtype=torch.bool), persistent=False)
         self._val: list[dict] = []
-        self.last_metrics: dict = {}
+        self.last_case_metrics: list[dict] = []  # per-case metrics of the last validation/test epoch
 
     # ------------------------------------------------------------------------------------ building
     @property
@@ -96,58 +111,57 @@ class SegmentationTask(pl.LightningModule):
         return self.__dict__.get("_net")
 
     def _resolve_labelmap(self):
-        h = self.hparams
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        store = getattr(dm, "hparams", {}).get("store") if dm is not None else None
+        store = getattr(dm, "store", None) if dm is not None else None
         source = None
-        if h.source_labels:
-            source = load_source_labels(h.source_labels)
+        if self.source_labels:
+            source = load_source_labels(self.source_labels)
         elif store is not None:
             try:
                 source = load_source_labels(store)
             except VolfmError:
                 source = None
-        if h.labels is None:
+        if self.labels is None:
             if source is None:
                 raise VolfmError(f"no label names found for {store}: give model.init_args.labels (a label map YAML or "
                                  "organ names) and source_labels (the dataset's labels.json)")
             names = [n for n, v in sorted(source.items(), key=lambda kv: kv[1]) if v != 0]
             return LabelMap.from_names(names, source)
-        if isinstance(h.labels, (list, tuple)):
+        if isinstance(self.labels, (list, tuple)):
             if source is None:
                 raise VolfmError("labels given as organ names need source_labels (the dataset's labels.json: name -> "
                                  "value) or a store whose cohort has one")
-            return LabelMap.from_names(list(h.labels), source)
-        return LabelMap.from_yaml(h.labels, source_labels=source)
+            return LabelMap.from_names(list(self.labels), source)
+        return LabelMap.from_yaml(self.labels, source_labels=source)
 
     def _build(self, labelmap) -> None:
-        h = self.hparams
+        d = self.decoder_cfg
         self.labelmap = labelmap
         lut = torch.as_tensor(labelmap.lut.astype(np.int64))
         known = torch.zeros(256, dtype=torch.bool)
         known[list(labelmap.known_values)] = True
         self.lut, self.known = lut.to(self.device), known.to(self.device)
         if self.decoder is None:
-            net = SegmentationModel(self.encoder, labelmap.num_classes, decoder=h.decoder,
-                                    deep_supervision=h.deep_supervision, **(h.decoder_kwargs or {}))
+            net = SegmentationModel(self.encoder, labelmap.num_classes, decoder=d.name,
+                                    deep_supervision=d.deep_supervision, **dict(d.kwargs))
             self.decoder = net.decoder.to(self.device)
             self.__dict__["_net"] = net
         self._apply_finetune_mode()
 
     def _apply_finetune_mode(self) -> None:
-        h = self.hparams
+        f = self.finetune_cfg
         enc = self.encoder
-        if h.finetune == "full":
+        if f.mode == "full":
             return
-        if h.finetune == "lora":
+        if f.mode == "lora":
             if not getattr(self, "_lora_applied", False):
                 self._lora_wrap(enc)  # peft injects the adapters in place
                 self._lora_applied = True
             return
         enc.requires_grad_(False)
-        if h.finetune == "partial":
+        if f.mode == "partial":
             stages = _stages(enc)
-            n = int(h.unfreeze_stages)
+            n = int(f.unfreeze_stages)
             if not 1 <= n <= len(stages):
                 raise VolfmError(f"unfreeze_stages must be between 1 and {len(stages)} for {self.encoder_name}, got {n}")
             for st in stages[-n:]:
@@ -157,11 +171,11 @@ class SegmentationTask(pl.LightningModule):
 
     def _lora_wrap(self, enc: nn.Module) -> nn.Module:
         """Frozen encoder with trainable LoRA adapters (peft) on the matching Conv3d/Linear layers."""
-        h = self.hparams
-        targets = list(h.lora_targets) if h.lora_targets else self._default_lora_targets(enc)
+        f = self.finetune_cfg
+        targets = list(f.lora_targets) if f.lora_targets else self._default_lora_targets(enc)
         if not targets:
-            raise VolfmError(f"no layer of {self.encoder_name} matches lora_targets {h.lora_targets}")
-        cfg = LoraConfig(r=int(h.lora_r), lora_alpha=int(h.lora_alpha), lora_dropout=float(h.lora_dropout),
+            raise VolfmError(f"no layer of {self.encoder_name} matches finetune.lora_targets {f.lora_targets}")
+        cfg = LoraConfig(r=int(f.lora_r), lora_alpha=int(f.lora_alpha), lora_dropout=float(f.lora_dropout),
                          target_modules=targets)
         enc = inject_adapter_in_model(cfg, enc)
         for name, p in enc.named_parameters():
@@ -180,36 +194,24 @@ class SegmentationTask(pl.LightningModule):
         return names
 
     def setup(self, stage: str) -> None:
-        h = self.hparams
-        if h.pretrained and not getattr(self, "_pretrained_loaded", False) and stage == "fit":
-            load_encoder_weights(self.encoder, h.pretrained)
-            self._pretrained_loaded = True
-            if self._trainer is None or self.trainer.is_global_zero:
-                print(f"encoder weights loaded from {h.pretrained}", flush=True)
+        self.load_pretrained(stage)
         if self.labelmap is None:
             self._build(self._resolve_labelmap())
-            if self._trainer is None or self.trainer.is_global_zero:
-                print(f"label map: {self.labelmap.num_classes} classes {self.labelmap.class_names}", flush=True)
-                print(self.trainable_summary(), flush=True)
+            self.info(f"label map: {self.labelmap.num_classes} classes {self.labelmap.class_names}")
+            self.info(self.trainable_summary())
 
     def trainable_summary(self) -> str:
         enc = sum(p.numel() for p in self.encoder.parameters())
         enc_t = sum(p.numel() for p in self.encoder.parameters() if p.requires_grad)
         dec = sum(p.numel() for p in self.decoder.parameters())
-        return (f"fine-tuning mode {self.hparams.finetune}: encoder {enc_t / 1e6:.2f} M of {enc / 1e6:.2f} M parameters "
+        return (f"fine-tuning mode {self.finetune_cfg.mode}: encoder {enc_t / 1e6:.2f} M of {enc / 1e6:.2f} M parameters "
                 f"trainable, decoder {dec / 1e6:.2f} M")
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["volfm"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}",
-                               "encoder": {"name": self.encoder_name, "kwargs": dict(self.hparams.encoder_kwargs or {})},
-                               "labelmap": self.labelmap.to_dict() if self.labelmap is not None else None}
+    def checkpoint_record(self) -> dict:
+        return {"labelmap": self.labelmap.to_dict() if self.labelmap is not None else None}
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._restore(checkpoint.get("volfm") or {})
-
-    def _restore(self, info: dict) -> None:
-        """The checkpoint's label map (its weights fit only that one); ``pretrained`` is not loaded again."""
-        self._pretrained_loaded = True
+    def restore_record(self, info: dict) -> None:
+        """The checkpoint's label map (its weights fit only that one)."""
         if info.get("labelmap") is None:
             return
 
@@ -223,7 +225,7 @@ class SegmentationTask(pl.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if mode and self.hparams.finetune != "full":
+        if mode and self.finetune_cfg.mode != "full":
             # frozen layers keep their BatchNorm running statistics (frozen: all; partial: the frozen stages;
             # lora: every norm layer, the adapters sit on the convs)
             for m in self.encoder.modules():
@@ -274,7 +276,7 @@ class SegmentationTask(pl.LightningModule):
     def predict_volume(self, image, patch_size=None) -> np.ndarray:
         """Class indices (I, J, K) uint8 for one stored-grid image (C, I, J, K), by sliding-window
         inference with ``patch_size`` (default: the training patch size)."""
-        logits = sliding_window(self, self.model, image, patch_size)
+        logits = self.sliding_window(self.model, image, patch_size)
         return logits.argmax(0).to(torch.uint8).cpu().numpy()
 
     def _eval_step(self, batch: dict, prefix: str) -> None:
@@ -284,7 +286,7 @@ class SegmentationTask(pl.LightningModule):
             spacing = (batch.get("spacing") or [None] * len(batch["case_id"]))[i] or (1.0, 1.0, 1.0)
             m = segmentation_metrics(pred, target[i, 0].cpu().numpy(), self.labelmap.num_classes,
                                      spacing, class_names=self.labelmap.class_names,
-                                     percentile=self.hparams.hd_percentile, case_id=cid)
+                                     percentile=self.hd_percentile, case_id=cid)
             self._val.append(m)
 
     def _epoch_end(self, prefix: str) -> None:
@@ -300,8 +302,9 @@ class SegmentationTask(pl.LightningModule):
                     cases.append(c)
         if not cases:
             return
+        self.last_case_metrics = cases
         agg = aggregate_segmentation_metrics(cases)
-        hk = hd_key(self.hparams.hd_percentile)
+        hk = hd_key(self.hd_percentile)
         out = {}
         for name, c in agg["classes"].items():
             out[f"{prefix}/dice_{name}"] = c["dice"]["mean"]
@@ -327,8 +330,8 @@ class SegmentationTask(pl.LightningModule):
 
     # --------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
-        h = self.hparams
+        o, f = self.optim_cfg, self.finetune_cfg
         enc_ids = {id(p) for p in self.encoder.parameters()}
-        scale = h.encoder_lr_scale if h.finetune in ("full", "partial") else 1.0
-        return adamw_warmup_decay(self, lambda name, p: h.lr * (scale if id(p) in enc_ids else 1.0),
-                                  h.weight_decay, h.warmup_fraction, "poly")
+        scale = f.encoder_lr_scale if f.mode in ("full", "partial") else 1.0
+        return adamw_warmup_decay(self, lambda name, p: o.lr * (scale if id(p) in enc_ids else 1.0),
+                                  o.weight_decay, o.warmup_fraction, "poly")

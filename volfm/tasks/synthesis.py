@@ -1,9 +1,9 @@
 """Image-to-image synthesis (MRI -> PET, PET -> MRI): a volfm encoder + U-Net/UNETR decoder generator.
 
-Losses (weights from the recipe): L1 inside the brain/body mask (``l1_weight``), SSIM (MONAI's
-SSIMLoss, ``ssim_weight``), a conditional 3D PatchGAN (``adversarial_weight``; the discriminator has
-its own optimiser, manual optimisation), and a perceptual loss on the features of a frozen volfm
-encoder (``perceptual_weight``, ``perceptual_encoder``: a checkpoint path). Either direction: the
+Losses (weights from the recipe's ``losses`` group): L1 inside the brain/body mask (``l1``), SSIM (MONAI's
+SSIMLoss, ``ssim``), a conditional 3D PatchGAN (``adversarial``; the discriminator has its own optimiser,
+manual optimisation), and a perceptual loss on the features of a frozen volfm encoder (``perceptual``,
+``perceptual_encoder``: a checkpoint path). Either direction: the
 source and target array names come from the paired-modality DataModule (``data.init_args.source`` /
 ``target``).
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from monai.losses import SSIMLoss
@@ -28,61 +28,94 @@ from torch import nn
 from volfm import VolfmError
 from volfm.losses.image import PerceptualLoss3d, adversarial_loss
 from volfm.metrics.synthesis import synthesis_metrics
-from volfm.models import create_encoder, load_encoder, load_encoder_weights
+from volfm.models import load_encoder
 from volfm.models.synthesis import PatchDiscriminator3d, SynthesisGenerator
-from volfm.tasks.checkpoint import gather_objects, load_task
-from volfm.tasks.inference import sliding_window
+from volfm.tasks.base import DecoderConfig, EncoderConfig, EncoderTask, InferenceConfig, OptimConfig, as_config, gather_objects
+from volfm.tasks.checkpoint import load_task
 from volfm.tasks.optim import warmup_decay
 
-__all__ = ["SynthesisTask"]
+__all__ = ["DiscriminatorConfig", "SynthesisLossConfig", "SynthesisTask"]
 
 
-class SynthesisTask(pl.LightningModule):
+@dataclass(frozen=True)
+class SynthesisLossConfig:
+    """Loss weights: masked L1 (``l1``), SSIM (``ssim``), conditional PatchGAN (``adversarial``, ``gan_kind``
+    lsgan / hinge / bce) and perceptual (``perceptual`` with ``perceptual_encoder``: a volfm checkpoint or
+    encoder .safetensors whose frozen encoder compares features)."""
+
+    l1: float = 1.0
+    ssim: float = 0.0
+    adversarial: float = 0.0
+    perceptual: float = 0.0
+    perceptual_encoder: str | None = None
+    gan_kind: str = "lsgan"
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    """The 3D PatchGAN (used when ``losses.adversarial > 0``): base ``channels``, ``layers``, its own ``lr``
+    (default the generator's)."""
+
+    channels: int = 32
+    layers: int = 3
+    lr: float | None = None
+
+
+class SynthesisTask(EncoderTask):
     """Paired image-to-image synthesis (see the module docstring).
 
-    encoder / encoder_kwargs / pretrained: the generator's encoder (``pretrained`` loads encoder weights
-    from any volfm checkpoint, e.g. an ICD or contrastive encoder). residual: add the source to the
-    decoder output (sensible when source and target share a scale). final_activation: "relu" for PET.
+    Groups: ``encoder`` (the generator's encoder; ``pretrained`` loads encoder weights from any volfm
+    checkpoint, e.g. an ICD or contrastive encoder), ``decoder``, ``losses``, ``discriminator``, ``optim``
+    (AdamW, poly decay), ``inference``. residual: add the source to the decoder output (sensible when source
+    and target share a scale). final_activation: "relu" for PET. mask_label: losses and metrics inside
+    ``label > 0`` when the store has a label. data_range: the intensity range for SSIM/PSNR (default the
+    target's range).
     """
 
-    def __init__(self, encoder: str = "resnet18_3d", encoder_kwargs: dict | None = None,
-                 pretrained: str | None = None, decoder: str = "auto", decoder_kwargs: dict | None = None,
+    def __init__(self, encoder: EncoderConfig | None = None, decoder: DecoderConfig | None = None,
                  residual: bool = False, final_activation: str | None = None,
-                 l1_weight: float = 1.0, ssim_weight: float = 0.0, adversarial_weight: float = 0.0,
-                 perceptual_weight: float = 0.0, perceptual_encoder: str | None = None, gan_kind: str = "lsgan",
-                 disc_channels: int = 32, disc_layers: int = 3, mask_label: bool = True,
-                 data_range: Sequence[float] | None = None, lr: float = 2e-4, disc_lr: float | None = None,
-                 weight_decay: float = 1e-5, sw_overlap: float = 0.5, sw_batch_size: int = 2, seed: int = 0):
-        super().__init__()
-        self.save_hyperparameters()
-
-        if min(l1_weight, ssim_weight, adversarial_weight, perceptual_weight) < 0:
+                 losses: SynthesisLossConfig | None = None, discriminator: DiscriminatorConfig | None = None,
+                 mask_label: bool = True, data_range: Sequence[float] | None = None,
+                 optim: OptimConfig | None = None, inference: InferenceConfig | None = None,
+                 patch_size: Sequence[int] | None = None, seed: int = 0):
+        super().__init__(encoder, optim, inference, patch_size, seed, default_encoder=EncoderConfig("resnet18_3d"),
+                         default_optim=OptimConfig(lr=2e-4, weight_decay=1e-5, warmup_fraction=0.0))
+        self.decoder_cfg = as_config(DecoderConfig, decoder, "decoder")
+        self.loss_cfg = L = as_config(SynthesisLossConfig, losses, "losses")
+        self.disc_cfg = as_config(DiscriminatorConfig, discriminator, "discriminator")
+        self.residual, self.final_activation = bool(residual), final_activation
+        self.mask_label = bool(mask_label)
+        self.data_range = [float(v) for v in data_range] if data_range is not None else None
+        self.save_task_hparams(decoder=self.decoder_cfg, residual=self.residual, final_activation=final_activation,
+                               losses=L, discriminator=self.disc_cfg, mask_label=self.mask_label,
+                               data_range=self.data_range)
+        if min(L.l1, L.ssim, L.adversarial, L.perceptual) < 0:
             raise VolfmError("loss weights must be >= 0")
-        if l1_weight + ssim_weight + adversarial_weight + perceptual_weight <= 0:
-            raise VolfmError("give at least one positive loss weight (l1_weight, ssim_weight, ...)")
-        if perceptual_weight > 0 and not perceptual_encoder:
-            raise VolfmError("perceptual_weight > 0 needs perceptual_encoder: a volfm checkpoint whose frozen encoder "
-                             "compares features (e.g. the ICD or contrastive pretraining encoder)")
-        if data_range is not None and (len(data_range) != 2 or not data_range[0] < data_range[1]):
-            raise VolfmError(f"data_range must be [low, high] with low < high, got {data_range}")
-        kw = dict(encoder_kwargs or {})
-        self.encoder = create_encoder(encoder, **kw)
+        if L.l1 + L.ssim + L.adversarial + L.perceptual <= 0:
+            raise VolfmError("give at least one positive loss weight (losses.l1, losses.ssim, ...)")
+        if L.perceptual > 0 and not L.perceptual_encoder:
+            raise VolfmError("losses.perceptual > 0 needs losses.perceptual_encoder: a volfm checkpoint whose frozen "
+                             "encoder compares features (e.g. the ICD or contrastive pretraining encoder)")
+        if self.data_range is not None and (len(self.data_range) != 2 or not self.data_range[0] < self.data_range[1]):
+            raise VolfmError(f"data_range must be [low, high] with low < high, got {self.data_range}")
+        if self.decoder_cfg.deep_supervision:
+            raise VolfmError("decoder.deep_supervision is for segmentation; synthesis has one output")
         gen = SynthesisGenerator(self.encoder, out_chans=1, in_chans_source=int(getattr(self.encoder, "in_chans", 1)),
-                                 residual=residual, decoder=decoder, final_activation=final_activation,
-                                 **(decoder_kwargs or {}))
+                                 residual=self.residual, decoder=self.decoder_cfg.name, final_activation=final_activation,
+                                 **dict(self.decoder_cfg.kwargs))
         self.decoder = gen.decoder
         self.__dict__["_gen"] = gen  # registered through encoder/decoder (state keys encoder.* / decoder.*)
         self.discriminator = None
-        if adversarial_weight > 0:
-            self.discriminator = PatchDiscriminator3d(2, base_channels=disc_channels, n_layers=disc_layers)
+        if L.adversarial > 0:
+            self.discriminator = PatchDiscriminator3d(2, base_channels=self.disc_cfg.channels,
+                                                      n_layers=self.disc_cfg.layers)
             self.automatic_optimization = False
         self.perceptual = None
-        if perceptual_weight > 0:
-            self.perceptual = PerceptualLoss3d(self._load_frozen(perceptual_encoder))
+        if L.perceptual > 0:
+            self.perceptual = PerceptualLoss3d(self._load_frozen(L.perceptual_encoder))
         self.source_name, self.target_name = "mri", "pet"
         self.register_buffer("mean_target", torch.empty(0), persistent=True)
         self._val: list[dict] = []
-        self.last_metrics: dict = {}
 
     @staticmethod
     def _load_frozen(path) -> nn.Module:
@@ -98,24 +131,19 @@ class SynthesisTask(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
-        h = self.hparams
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "source"):
             raise VolfmError("SynthesisTask needs a PairedModalityDataModule (data: in the recipe) naming source and "
                              "target arrays")
         self.source_name, self.target_name = dm.source, dm.target
-        if h.pretrained and stage == "fit" and not getattr(self, "_pretrained_loaded", False):
-            load_encoder_weights(self.encoder, h.pretrained)
-            self._pretrained_loaded = True
+        self.load_pretrained(stage)
         if stage == "fit" and self.mean_target.numel() == 0:
             self.mean_target = self._mean_training_target(dm).to(self.device)
 
     @staticmethod
     def _mean_training_target(dm) -> torch.Tensor:
         """Voxel-wise mean of the training targets (a baseline); empty when the cases differ in shape."""
-        if "train" not in dm.datasets:
-            dm.setup("fit")
-        ds = dm.datasets["train"].dataset
+        ds = dm.train_dataset()
         acc, n = None, 0
         for cid in ds.case_ids:
             a = np.asarray(ds.array(cid, dm.target), dtype=np.float64)
@@ -125,14 +153,11 @@ class SynthesisTask(pl.LightningModule):
             n += 1
         return torch.from_numpy((acc / max(n, 1)).astype(np.float32))
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["volfm"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}",
-                               "encoder": {"name": self.hparams.encoder,
-                                           "kwargs": dict(self.hparams.encoder_kwargs or {})},
-                               "source": self.source_name, "target": self.target_name}
+    def checkpoint_record(self) -> dict:
+        return {"source": self.source_name, "target": self.target_name}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._pretrained_loaded = True
+        super().on_load_checkpoint(checkpoint)
         info = checkpoint.get("volfm") or {}
         self.source_name = info.get("source", self.source_name)
         self.target_name = info.get("target", self.target_name)
@@ -143,38 +168,38 @@ class SynthesisTask(pl.LightningModule):
     # ------------------------------------------------------------------------------------ losses
     def _mask(self, batch: dict, like: torch.Tensor) -> torch.Tensor:
         lab = batch.get("label")
-        if self.hparams.mask_label and isinstance(lab, torch.Tensor):
+        if self.mask_label and isinstance(lab, torch.Tensor):
             return (lab > 0).to(like.dtype)
         return torch.ones_like(like)
 
     def _gen_loss(self, fake, real, src, mask) -> tuple[torch.Tensor, dict]:
-        h = self.hparams
+        L = self.loss_cfg
         logs = {}
         loss = fake.new_zeros(())
-        if h.l1_weight:
+        if L.l1:
             l1 = ((fake - real).abs() * mask).sum() / mask.sum().clamp_min(1.0)
-            loss = loss + h.l1_weight * l1
+            loss = loss + L.l1 * l1
             logs["l1"] = l1.detach()
-        if h.ssim_weight:
+        if L.ssim:
             lo, hi = self._range(real)
             s = SSIMLoss(spatial_dims=3, data_range=1.0, win_size=7 if min(real.shape[2:]) < 22 else 11)(
                 ((fake - lo) / (hi - lo)).clamp(0, 1), ((real - lo) / (hi - lo)).clamp(0, 1))
-            loss = loss + h.ssim_weight * s
+            loss = loss + L.ssim * s
             logs["ssim_loss"] = s.detach()
-        if h.perceptual_weight:
+        if L.perceptual:
             p = self.perceptual(fake, real)
-            loss = loss + h.perceptual_weight * p
+            loss = loss + L.perceptual * p
             logs["perceptual"] = p.detach()
-        if h.adversarial_weight:
-            g = adversarial_loss(self.discriminator(torch.cat([src, fake], 1)), True, h.gan_kind,
+        if L.adversarial:
+            g = adversarial_loss(self.discriminator(torch.cat([src, fake], 1)), True, L.gan_kind,
                                  for_discriminator=False)
-            loss = loss + h.adversarial_weight * g
+            loss = loss + L.adversarial * g
             logs["g_adv"] = g.detach()
         return loss, logs
 
     def _range(self, real: torch.Tensor) -> tuple[float, float]:
-        if self.hparams.data_range is not None:
-            return float(self.hparams.data_range[0]), float(self.hparams.data_range[1])
+        if self.data_range is not None:
+            return float(self.data_range[0]), float(self.data_range[1])
         lo, hi = float(real.min()), float(real.max())
         return lo, (hi if hi > lo else lo + 1.0)
 
@@ -196,8 +221,8 @@ class SynthesisTask(pl.LightningModule):
         # discriminator: real pairs vs generated pairs (generator output detached)
         d_real = self.discriminator(torch.cat([src, real], 1))
         d_fake = self.discriminator(torch.cat([src, fake.detach()], 1))
-        loss_d = 0.5 * (adversarial_loss(d_real, True, self.hparams.gan_kind)
-                        + adversarial_loss(d_fake, False, self.hparams.gan_kind))
+        loss_d = 0.5 * (adversarial_loss(d_real, True, self.loss_cfg.gan_kind)
+                        + adversarial_loss(d_fake, False, self.loss_cfg.gan_kind))
         opt_d.zero_grad()
         self.manual_backward(loss_d)
         opt_d.step()
@@ -216,21 +241,20 @@ class SynthesisTask(pl.LightningModule):
     @torch.no_grad()
     def predict_volume(self, image, patch_size=None) -> np.ndarray:
         """The synthesised target (I, J, K) float32 for one stored-grid source image (C, I, J, K)."""
-        out = sliding_window(self, self.generator, image, patch_size)
+        out = self.sliding_window(self.generator, image, patch_size)
         return out[0].cpu().numpy().astype(np.float32)
 
     output_kind = "image"
 
     def _eval_step(self, batch: dict) -> None:
-        h = self.hparams
         for i, cid in enumerate(batch["case_id"]):
             src = batch[self.source_name][i].cpu().numpy()
             tgt = batch[self.target_name][i, 0].cpu().numpy()
             lab = batch.get("label")
-            mask = (lab[i, 0].cpu().numpy() > 0) if (h.mask_label and isinstance(lab, torch.Tensor)) else None
+            mask = (lab[i, 0].cpu().numpy() > 0) if (self.mask_label and isinstance(lab, torch.Tensor)) else None
             if mask is not None and not mask.any():
                 mask = None
-            rng = h.data_range
+            rng = self.data_range
             if rng is None:
                 sel = tgt[mask] if mask is not None else tgt
                 rng = (float(sel.min()), float(sel.max()) if sel.max() > sel.min() else float(sel.min()) + 1.0)
@@ -277,15 +301,15 @@ class SynthesisTask(pl.LightningModule):
 
     # --------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
-        h = self.hparams
+        o = self.optim_cfg
         gen_params = [p for p in list(self.encoder.parameters()) + list(self.decoder.parameters()) if p.requires_grad]
-        opt_g = torch.optim.AdamW(gen_params, lr=h.lr, betas=(0.5, 0.999) if self.discriminator else (0.9, 0.999),
-                                  weight_decay=h.weight_decay)
+        opt_g = torch.optim.AdamW(gen_params, lr=o.lr, betas=(0.5, 0.999) if self.discriminator else (0.9, 0.999),
+                                  weight_decay=o.weight_decay)
 
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sch_g = torch.optim.lr_scheduler.LambdaLR(opt_g, warmup_decay(total, 0, "poly"))
         if self.discriminator is None:
             return {"optimizer": opt_g, "lr_scheduler": {"scheduler": sch_g, "interval": "step"}}
-        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=h.disc_lr or h.lr, betas=(0.5, 0.999),
-                                  weight_decay=h.weight_decay)
+        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=self.disc_cfg.lr or o.lr, betas=(0.5, 0.999),
+                                  weight_decay=o.weight_decay)
         return [opt_g, opt_d], [sch_g]

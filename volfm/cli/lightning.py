@@ -1,0 +1,31 @@
+"""``volfm fit | validate | test``: LightningCLI over recipe YAMLs (used by ``volfm.cli.main`` and the demo)."""
+from __future__ import annotations
+
+import warnings
+
+from lightning.pytorch.cli import LightningCLI
+
+__all__ = ["LIGHTNING_COMMANDS", "VolfmCLI", "run_lightning"]
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
+class VolfmCLI(LightningCLI):
+    """LightningCLI with volfm's links: the DataModule's ``patch_size`` is the model's ``patch_size``."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.init_args.patch_size", "model.init_args.patch_size")
+
+
+def run_lightning(argv: list[str] | None) -> int:
+    """``volfm fit|validate|test --config recipe.yaml [--trainer.max_epochs 3 ...]``: LightningCLI, so
+    ``--print_config``, class_path/init_args and dotted overrides work as in Lightning; an unknown key is
+    a LightningCLI (jsonargparse) error that names it. The model's ``patch_size`` is linked from the
+    DataModule's, so the checkpoint records the window size that inference uses."""
+    # args=None: LightningCLI reads sys.argv itself; given args (volfm.cli.main.main([...]) from Python or the
+    # demo) take precedence, which is what its warning about sys.argv would question
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    VolfmCLI(None, None, subclass_mode_model=True, subclass_mode_data=True, args=argv,
+             save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "volfm"},
+             auto_configure_optimizers=False)
+    return 0

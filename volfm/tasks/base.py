@@ -1,0 +1,217 @@
+"""What every volfm task shares: an encoder built by name, ``pretrained`` weights, the checkpoint record,
+rank-zero messages, sliding-window inference and the knob groups recipes fill.
+
+A task's constructor takes small groups of settings instead of dozens of flat arguments. Each group is a
+frozen dataclass that jsonargparse (LightningCLI) fills from the recipe, so a recipe reads
+
+    model:
+      class_path: volfm.tasks.SegmentationTask
+      init_args:
+        encoder: {name: resnet18_3d, kwargs: {in_chans: 1, base_channels: 16}, pretrained: runs/.../encoder.safetensors}
+        optim: {lr: 3.0e-3, weight_decay: 1.0e-5}
+        inference: {overlap: 0.5, batch_size: 4}
+
+and ``--model.init_args.encoder.pretrained PATH`` overrides one field. A group may also be given as a plain
+dict (that is how ``load_from_checkpoint`` passes the saved hyper-parameters back, which are stored as plain
+data so that ``torch.load(weights_only=True)`` reads them); an unknown key is an error naming it.
+
+``patch_size`` is the training patch size: ``volfm fit`` links it from the DataModule's ``patch_size``
+(``link_arguments`` in :mod:`volfm.cli.main`), so a checkpoint knows the sliding-window size it was trained
+with; ``None`` means whole volumes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import nn
+
+from volfm import VolfmError
+from volfm.inference import SlidingWindowInferer
+from volfm.models import create_encoder, load_encoder_weights
+from volfm.utils import did_you_mean, parse_triple
+
+__all__ = ["DecoderConfig", "EncoderConfig", "EncoderTask", "InferenceConfig", "OptimConfig", "as_config", "gather_objects",
+           "plain_data"]
+
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The image encoder: a registry ``name`` (``volfm.models.list_encoders()``), its ``kwargs``, and
+    ``pretrained``: any volfm checkpoint (a task .ckpt or an encoder .safetensors) whose encoder weights are
+    loaded before training starts."""
+
+    name: str = "resnet18_3d"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The dense decoder over the encoder's ``forward_intermediates``: ``name`` "auto" (U-Net for CNNs, UNETR
+    for ViTs), "unet" or "unetr", its ``kwargs``, and ``deep_supervision`` (segmentation only)."""
+
+    name: str = "auto"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    deep_supervision: bool = False
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a linear warm-up over ``warmup_fraction`` of the steps, then the task's decay schedule."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Sliding-window inference over whole stored volumes (validation, test, ``volfm predict``)."""
+
+    overlap: float = 0.5
+    batch_size: int = 2
+
+
+def as_config(cls: type[C], value: Any, what: str) -> C:
+    """``value`` (None, a ``cls``, or a mapping of its fields) as a ``cls``; None gives the defaults."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if not isinstance(value, Mapping):
+        raise VolfmError(f"{what} must be a mapping of {', '.join(f.name for f in dataclasses.fields(cls))}, "
+                         f"got {type(value).__name__} {value!r}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in value if k not in known]
+    if unknown:
+        raise VolfmError(f"{what}: unknown key {unknown[0]!r}{did_you_mean(str(unknown[0]), known)}; "
+                         f"known keys: {', '.join(known)}")
+    return cls(**value)
+
+
+def plain_data(value: Any) -> Any:
+    """Dataclasses, tuples and numpy scalars as plain dicts/lists/numbers (what a checkpoint may hold)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def gather_objects(obj):
+    """``[obj of rank 0, obj of rank 1, ...]`` (a one-item list without torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        out = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+class EncoderTask(pl.LightningModule):
+    """Base LightningModule of the volfm tasks (subclasses: pretraining, segmentation, synthesis).
+
+    Subclasses call ``super().__init__(encoder, optim, inference, patch_size, seed, default_optim=...)``, then
+    :meth:`save_task_hparams` with their own groups; add what their checkpoints need to carry in
+    :meth:`checkpoint_record` and restore it in :meth:`restore_record`. A task whose constructor has no
+    ``inference`` group (it never runs sliding windows) sets ``uses_sliding_window = False``.
+    """
+
+    uses_sliding_window = True
+
+    def __init__(self, encoder: EncoderConfig | Mapping | None = None, optim: OptimConfig | Mapping | None = None,
+                 inference: InferenceConfig | Mapping | None = None, patch_size: Sequence[int] | None = None,
+                 seed: int = 0, *, default_encoder: EncoderConfig | None = None,
+                 default_optim: OptimConfig | None = None):
+        super().__init__()
+        self.encoder_cfg = as_config(EncoderConfig, encoder if encoder is not None else default_encoder, "encoder")
+        self.optim_cfg = as_config(OptimConfig, optim if optim is not None else default_optim, "optim")
+        self.inference_cfg = as_config(InferenceConfig, inference, "inference")
+        self.patch_size = (parse_triple(patch_size, "patch_size", integer=True, at_least=1)
+                           if patch_size is not None else None)
+        self.seed = int(seed)
+        self._base_hparams = {"encoder": self.encoder_cfg, "optim": self.optim_cfg, "patch_size": self.patch_size,
+                              "seed": self.seed}
+        if self.uses_sliding_window:
+            self._base_hparams["inference"] = self.inference_cfg
+        # state-dict keys encoder.*: load_encoder_weights reads the encoder of any volfm checkpoint
+        self.encoder = create_encoder(self.encoder_cfg.name, **dict(self.encoder_cfg.kwargs))
+        self.num_features = int(getattr(self.encoder, "num_features", 0))
+        self._pretrained_loaded = False
+        self.last_metrics: dict = {}
+
+    def save_task_hparams(self, **groups: Any) -> None:
+        """Record the base groups and the subclass's ``groups`` as plain data (``self.hparams``, the checkpoint's
+        ``hyper_parameters``): ``load_from_checkpoint`` passes them back to ``__init__``."""
+        self.save_hyperparameters(plain_data({**self._base_hparams, **groups}))
+
+    # ------------------------------------------------------------------------------------------ messages
+    def info(self, text: str) -> None:
+        """Print on global rank zero only (every rank when there is no trainer)."""
+        if self._trainer is None or self.trainer.is_global_zero:
+            print(text, flush=True)
+
+    # ---------------------------------------------------------------------------------------- pretrained
+    def load_pretrained(self, stage: str) -> None:
+        """Load ``encoder.pretrained`` once, when fitting starts (not over a checkpoint being resumed)."""
+        path = self.encoder_cfg.pretrained
+        if stage == "fit" and path and not self._pretrained_loaded:
+            load_encoder_weights(self.encoder, path)
+            self._pretrained_loaded = True
+            self.info(f"encoder weights loaded from {path}")
+
+    @property
+    def pretrained_loaded(self) -> bool:
+        """Whether ``encoder.pretrained`` was loaded into the encoder (or a checkpoint's weights replaced it)."""
+        return self._pretrained_loaded
+
+    # --------------------------------------------------------------------------------------- checkpoints
+    def checkpoint_record(self) -> dict:
+        """What a subclass adds to ``checkpoint["volfm"]`` (plain data)."""
+        return {}
+
+    def restore_record(self, record: dict) -> None:
+        """Rebuild what :meth:`checkpoint_record` saved (called before the weights are loaded)."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["volfm"] = {
+            "task": f"{type(self).__module__}.{type(self).__qualname__}",
+            **plain_data({"encoder": {"name": self.encoder_cfg.name, "kwargs": dict(self.encoder_cfg.kwargs)},
+                          "patch_size": self.patch_size}),
+            **self.checkpoint_record(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # the encoder weights come from the checkpoint: ``pretrained`` is not loaded over them
+        self._pretrained_loaded = True
+        self.restore_record(checkpoint.get("volfm") or {})
+
+    # ----------------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def sliding_window(self, net: nn.Module, image, patch_size: Sequence[int] | None = None) -> torch.Tensor:
+        """``net``'s output (C_out, I, J, K) over one stored-grid ``image`` (C, I, J, K), in windows of
+        ``patch_size`` (default: the training patch size, else the whole volume) with the ``inference``
+        group's overlap and batch size; the task is in eval mode for the call and restored after."""
+        image = np.asarray(image, dtype=np.float32)
+        patch = tuple(patch_size or self.patch_size or image.shape[-3:])
+        inferer = SlidingWindowInferer(patch, overlap=self.inference_cfg.overlap,
+                                       batch_size=self.inference_cfg.batch_size, device=self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            return inferer(image, net)
+        finally:
+            self.train(was_training)
