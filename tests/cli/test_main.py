@@ -302,7 +302,6 @@ def test_synth_mripet_then_preprocess(tmp_path, capsys):
         assert (out / "qc" / f"{r['case_id']}.png").exists()
 
 
-@pytest.mark.skipif(not (REPO / "volfm" / "data" / "synth_ct.py").exists(), reason="volfm.synth.ct not there")
 def test_synth_ct_then_preprocess(tmp_path, capsys):
     d = tmp_path / "ct"
     assert main(["synth", "ct", "--out", str(d), "--cases", "2", "--shape", "48x48x24", "--quiet"]) == 0

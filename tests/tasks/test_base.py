@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from volfm import VolfmError
+from volfm.cli.main import main
 from volfm.tasks import (
     ContrastiveConfig,
     EncoderConfig,
@@ -84,3 +85,14 @@ def test_task_defaults_and_errors():
         SegmentationTask(encoder=TINY, patch_size=(16, 16))
     with pytest.raises(VolfmError, match="unknown encoder 'resnet18_3'"):
         SegmentationTask(encoder={"name": "resnet18_3"})
+
+
+def test_a_recipe_naming_a_replaced_task_class_says_what_replaced_it(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  class_path: volfm.tasks.IcdPretrainTask\n  init_args: {encoder: resnet18_3d}\n"
+                   "data:\n  class_path: volfm.data.PretrainDataModule\n  init_args: {store: nowhere}\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(old)])
+    assert exc.value.code != 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "volfm.tasks.IcdPretrainTask was replaced by volfm.tasks.PretrainTask with icd:" in err

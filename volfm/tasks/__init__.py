@@ -9,3 +9,17 @@ from volfm.tasks.synthesis import DiscriminatorConfig, SynthesisLossConfig, Synt
 __all__ = ["ContrastiveConfig", "DecoderConfig", "DiscriminatorConfig", "EncoderConfig", "EncoderTask", "FinetuneConfig",
            "IcdHeadConfig", "InferenceConfig", "OptimConfig", "PretrainEvalConfig", "PretrainTask", "SegmentationTask",
            "SynthesisLossConfig", "SynthesisTask", "load_task"]
+
+_REPLACED = {
+    "IcdPretrainTask": "volfm.tasks.PretrainTask with icd: {level: ..., min_count: ...} and contrastive: null "
+                       "(recipes/icd_pretrain.yaml)",
+    "ReportContrastiveTask": "volfm.tasks.PretrainTask with contrastive: {...} and icd: null, or both for multi-task "
+                             "(recipes/report_contrastive.yaml, recipes/multitask_pretrain.yaml)",
+}
+
+
+def __getattr__(name: str):
+    if name in _REPLACED:  # a recipe written for volfm 0.1 names a class that the settings groups replaced
+        raise AttributeError(f"volfm.tasks.{name} was replaced by {_REPLACED[name]}; task settings now come in groups "
+                             "(encoder, optim, ...): see recipes/README.md")
+    raise AttributeError(f"module 'volfm.tasks' has no attribute {name!r}")
