@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import yaml
 
-from volfm.data.dataset import StoreDataset, parse_icd_codes
+from volfm.data.dataset import StoreDataset
 from volfm.preprocess.spec import validate_spec
 from volfm.store.build import run_cohort
+from volfm.store.cohort import parse_icd_codes
 from volfm.store.layout import CohortStore, StoreError, write_case_dir
 from volfm.synth.ct import make_ct_cohort
 

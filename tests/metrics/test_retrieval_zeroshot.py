@@ -13,13 +13,13 @@ from volfm.metrics.zeroshot import (
     PROMPTS_DIR,
     finding_truth,
     load_prompts,
-    normalise_code,
     prompt_embeddings,
     validate_prompts,
     zero_shot_metrics,
     zero_shot_scores,
 )
 from volfm.synth.ct import FINDINGS, make_ct_case
+from volfm.targets.icd import normalize_code_prefix
 
 
 # ----------------------------------------------------------------------------------- retrieval
@@ -170,7 +170,7 @@ def test_finding_truth_prefixes_and_dots():
               "y": {"codes": ["b02.3"], "positive": ["p"], "negative": ["n"]}}
     t = finding_truth([["A01.12"], ["B0234"], ["A0"], ["B02"]], custom)
     assert t.tolist() == [[True, False], [False, True], [False, False], [False, False]]
-    assert normalise_code(" k80.20 ") == "K8020"
+    assert normalize_code_prefix(" k80.20 ") == "K8020"
     assert finding_truth([], custom).shape == (0, 2)
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from volfm.preprocess.resample import _inside_interval
+from volfm.preprocess.resample import inside_interval
 
 
 @pytest.mark.parametrize("d", [0.7321, -1.25, 2.0, 0.0, -0.5])
@@ -14,7 +14,7 @@ def test_inside_interval_equals_direct_evaluation(d):
     partial[0, 0] = -0.5
     partial[1, 1] = 19.5 - 3 * d
     lo, hi, n_k = -0.5, 19.5, 23
-    got = _inside_interval(partial, d, n_k, lo, hi)
+    got = inside_interval(partial, d, n_k, lo, hi)
     c = partial[:, :, None] + d * torch.arange(n_k, dtype=torch.float64)[None, None, :]
     want = (c >= lo) & (c <= hi)
     assert torch.equal(got, want)

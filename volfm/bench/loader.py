@@ -35,9 +35,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -52,7 +50,7 @@ from monai.data import CacheDataset
 from monai.data import DataLoader as MonaiDataLoader
 from torch.utils.data import DataLoader
 
-from volfm.bench.preprocess import _ints, _quiet_import, timed, write_results
+from volfm.bench.common import ints_arg, parse_skip, quiet_import, scratch_dir, timed, write_results
 from volfm.data.datamodules import collate_cases
 from volfm.data.dataset import StoreDataset
 from volfm.data.samplers import LabelWeightedPatchSampler, PatchDataset, extract_patch
@@ -373,9 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="volfm bench loader",
                                 description="random 3D patches/s: volfm store vs raw memmap, TorchIO Queue, MONAI")
     p.add_argument("--cases", type=int, default=50, help="synthetic CT cases (default 50)")
-    p.add_argument("--shape", type=_ints, default=[128, 128, 64], help="synthetic CT grid (default 128,128,64)")
+    p.add_argument("--shape", type=ints_arg, default=[128, 128, 64], help="synthetic CT grid (default 128,128,64)")
     p.add_argument("--spacing", type=float, default=1.5, help="store spacing in mm, isotropic (ct_seg: 1.5)")
-    p.add_argument("--patch", type=_ints, default=[96, 96, 96], help="patch size (default 96,96,96)")
+    p.add_argument("--patch", type=ints_arg, default=[96, 96, 96], help="patch size (default 96,96,96)")
     p.add_argument("--workers", type=int, default=2, help="loader worker processes (default 2)")
     p.add_argument("--batch-size", type=int, default=2, help="patches per batch (MONAI: items per batch)")
     p.add_argument("--samples-per-volume", type=int, default=4,
@@ -399,24 +397,18 @@ def main(argv=None) -> int:
     if args.workers < 0:
         print("volfm bench loader: --workers must be >= 0", file=sys.stderr)
         return 2
-    skip = {s.strip().lower() for s in args.skip.split(",") if s.strip()}
+    skip = parse_skip(args.skip)
     bad = skip - {"torchio", "monai"}
     if bad:
         print(f"volfm bench loader: --skip takes torchio,monai, got {', '.join(sorted(bad))}", file=sys.stderr)
         return 2
     warnings.filterwarnings("ignore")
-    tmp_owned = args.out is None
-    root = Path(tempfile.mkdtemp(prefix="volfm_bench_loader_")) if tmp_owned else Path(args.out)
-    root.mkdir(parents=True, exist_ok=True)
-    try:
+    with scratch_dir(args.out, "volfm_bench_loader_") as root:
         return _run(args, root, skip)
-    finally:
-        if tmp_owned:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def _run(args, root: Path, skip: set) -> int:
-    _quiet_import("monai.transforms", "monai.data", "torchio", "volfm.data.datamodules")
+    quiet_import("monai.transforms", "monai.data", "torchio", "volfm.data.datamodules")
     patch = "x".join(map(str, args.patch))
     print(f"volfm bench loader: random {patch} patches/s from {args.cases} synthetic CT cases "
           f"({'x'.join(map(str, args.shape))} -> ct_seg store @ {args.spacing:g} mm), {args.workers} workers, "

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 import volfm.kernels.patch_embed as pe
-from volfm.bench.preprocess import write_results
+from volfm.bench.common import write_results
 
 METHODS = ("triton", "linear", "cudnn")
 MODES = ("fwd", "fwd+bwd")

@@ -24,16 +24,11 @@ with 1 and ``--workers`` worker processes.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
-import io
-import json
 import logging
 import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -46,6 +41,7 @@ import torch
 import torchio as tio
 import yaml
 
+from volfm.bench.common import floats_arg, ints_arg, parse_skip, quiet_import, scratch_dir, timed, write_results
 from volfm.io.affine import (
     fov_center,
     sitk_geometry,
@@ -278,18 +274,6 @@ def describe_grids(grids, src_affine, src_shape, orientation="RAS") -> list[str]
 
 # --- timing ----------------------------------------------------------------------------------------
 
-def timed(fn, repeats: int, warmup: int = 1):
-    for _ in range(warmup):  # first-call chatter (e.g. MONAI's reader registration) stays out of the table
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            res = fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        res = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times, res
-
-
 def volfm_breakdown(path, pipe, repeats: int) -> dict:
     """Median seconds of volfm's stages, run one after another as Pipeline does."""
     cfg = pipe.spec["inputs"]["image"]
@@ -365,53 +349,18 @@ def cohort_throughput(root: Path, n_cases: int, shape, spacing, spec: dict, work
     return results
 
 
-def _quiet_import(*modules):
-    """Import peers up front so their import-time chatter does not land inside the table."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        for m in modules:
-            try:
-                importlib.import_module(m)
-            except ImportError:
-                pass
-
-
 # --- main ------------------------------------------------------------------------------------------
-
-def _ints(text):
-    v = [int(x) for x in str(text).replace("x", ",").split(",") if x.strip()]
-    if len(v) == 1:
-        v *= 3
-    if len(v) != 3 or min(v) < 2:
-        raise argparse.ArgumentTypeError(f"expected 3 sizes >= 2 like 512,512,300, got {text!r}")
-    return v
-
-
-def _floats(text):
-    v = [float(x) for x in str(text).replace("x", ",").split(",") if x.strip()]
-    if len(v) == 1:
-        v *= 3
-    if len(v) != 3 or min(v) <= 0:
-        raise argparse.ArgumentTypeError(f"expected 3 positive numbers like 1.5,1.5,3.0, got {text!r}")
-    return v
-
-
-def write_results(path, doc: dict) -> None:
-    """A benchmark's results as JSON (numpy scalars as floats), and where they went."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(doc, indent=2, default=float))
-    print(f"results: {path}")
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="volfm bench preprocess",
                                 description="volfm CT preprocessing vs SimpleITK, MONAI and TorchIO")
-    p.add_argument("--size", type=_ints, default=[512, 512, 300], help="volume size (default 512,512,300)")
-    p.add_argument("--spacing-in", type=_floats, default=[0.7, 0.7, 1.0], help="input spacing mm (0.7,0.7,1.0)")
-    p.add_argument("--target", type=_floats, default=[1.5, 1.5, 3.0], help="target spacing mm (Merlin 1.5,1.5,3.0)")
+    p.add_argument("--size", type=ints_arg, default=[512, 512, 300], help="volume size (default 512,512,300)")
+    p.add_argument("--spacing-in", type=floats_arg, default=[0.7, 0.7, 1.0], help="input spacing mm (0.7,0.7,1.0)")
+    p.add_argument("--target", type=floats_arg, default=[1.5, 1.5, 3.0], help="target spacing mm (Merlin 1.5,1.5,3.0)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per pipeline; the median is reported")
     p.add_argument("--workers", type=int, default=2, help="worker processes for the cohort part")
     p.add_argument("--cohort-cases", type=int, default=24, help="cases for the cohort part (0 skips it)")
-    p.add_argument("--cohort-size", type=_ints, default=[256, 256, 150], help="cohort volume size")
+    p.add_argument("--cohort-size", type=ints_arg, default=[256, 256, 150], help="cohort volume size")
     p.add_argument("--format", choices=["nii.gz", "nii"], default="nii.gz")
     p.add_argument("--out", help="folder for the temporary files (default: a temp dir, removed afterwards)")
     p.add_argument("--json", help="also write the results as JSON here")
@@ -427,15 +376,8 @@ def main(argv=None) -> int:
         return 2
     warnings.filterwarnings("ignore")
 
-    skip = {s.strip().lower() for s in args.skip.split(",") if s.strip()}
-    tmp_owned = args.out is None
-    root = Path(tempfile.mkdtemp(prefix="volfm_bench_")) if tmp_owned else Path(args.out)
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        return _run(args, root, skip, torch, sitk, Pipeline)
-    finally:
-        if tmp_owned:
-            shutil.rmtree(root, ignore_errors=True)
+    with scratch_dir(args.out, "volfm_bench_") as root:
+        return _run(args, root, parse_skip(args.skip), torch, sitk, Pipeline)
 
 
 def _run(args, root, skip, torch, sitk, Pipeline) -> int:
@@ -445,7 +387,7 @@ def _run(args, root, skip, torch, sitk, Pipeline) -> int:
     print(f"volfm bench preprocess: {'x'.join(map(str, size))} int16 @ {'x'.join(f'{s:g}' for s in sp_in)} mm "
           f"(LPS on disk, .{args.format}) -> RAS @ {'x'.join(f'{s:g}' for s in target)} mm, linear, "
           f"HU [{HU_MIN:g}, {HU_MAX:g}] -> [0, 1]")
-    _quiet_import("monai.transforms", "torchio")
+    quiet_import("monai.transforms", "torchio")
     print(f"threads: torch {threads['torch']} (volfm, MONAI, TorchIO), SimpleITK {threads['sitk']} "
           f"(SimpleITK, TorchIO's resampler), {threads['cpus']} CPUs; median of {args.repeats} after 1 warm-up; "
           "file in the OS page cache")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from volfm.bench.preprocess import _ints
+from volfm.bench.common import ints_arg, write_results
 from volfm.inference.sliding_window import SlidingWindowInferer
 
 METHODS = ("volfm", "MONAI", "MONAI-cl")  # MONAI-cl: MONAI with the model converted to channels_last_3d
@@ -44,8 +44,8 @@ MATCH_TOL = 1e-4
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="volfm bench sliding-window",
                                 description="volfm SlidingWindowInferer vs monai.inferers.sliding_window_inference")
-    p.add_argument("--size", type=_ints, default=[300, 300, 300], help="volume size (default 300,300,300)")
-    p.add_argument("--patch", type=_ints, default=[96, 96, 96], help="window size (default 96,96,96)")
+    p.add_argument("--size", type=ints_arg, default=[300, 300, 300], help="volume size (default 300,300,300)")
+    p.add_argument("--patch", type=ints_arg, default=[96, 96, 96], help="window size (default 96,96,96)")
     p.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1) (default 0.5)")
     p.add_argument("--mode", choices=["gaussian", "constant"], default="gaussian", help="blending (gaussian)")
     p.add_argument("--batch", type=int, default=4, help="windows per model call (default 4)")
@@ -285,7 +285,7 @@ def main(argv=None) -> int:
                "ratio_monai_over_volfm": ratio,
                "goals": {"at_least_as_fast": {"pass": fast, "ratio": ratio},
                          "identical": {"pass": same, "max_abs_diff": diff, "tol": MATCH_TOL}}}
-        Path(args.json).write_text(json.dumps(doc, indent=2))
+        write_results(args.json, doc)
     return 0
 
 

@@ -5,9 +5,7 @@ import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
-__all__ = ["LIGHTNING_COMMANDS", "VolfmCLI", "run_lightning"]
-
-LIGHTNING_COMMANDS = ("fit", "validate", "test")
+__all__ = ["VolfmCLI", "run_lightning"]
 
 
 class VolfmCLI(LightningCLI):

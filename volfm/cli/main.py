@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from volfm import VolfmError, __version__
+from volfm.utils import parse_triple_text
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")  # handled by LightningCLI (volfm.cli.lightning)
 
@@ -24,16 +25,11 @@ BENCHMARKS = {"preprocess": "volfm.bench.preprocess", "loader": "volfm.bench.loa
               "label-efficiency": "volfm.bench.label_efficiency"}
 
 
-def _triple(text: str):
-    parts = [float(x) for x in text.replace("x", ",").split(",") if x]
-    return parts * 3 if len(parts) == 1 else parts
-
-
 def _cmd_synth(args) -> int:
     if args.kind == "ct":
         from volfm.synth.ct import make_ct_cohort  # noqa: PLC0415 - deferred, see BENCHMARKS
 
-        shape = tuple(int(v) for v in _triple(args.shape)) if args.shape else (128, 128, 64)
+        shape = parse_triple_text(args.shape, "--shape", integer=True, at_least=8) if args.shape else (128, 128, 64)
         table = make_ct_cohort(args.out, args.cases, seed=args.seed, shape=shape, progress=not args.quiet)
     else:
         from volfm.synth.mripet import make_mripet_cohort  # noqa: PLC0415 - deferred, see BENCHMARKS

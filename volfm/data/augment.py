@@ -34,7 +34,6 @@ same augmentation, and the caller's RNG state is left untouched.
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -45,7 +44,8 @@ import torchio as tio
 import yaml
 
 from volfm import VolfmError
-from volfm.preprocess.spec import _is_number, _unknown
+from volfm.preprocess.spec import unknown_key_message
+from volfm.utils import did_you_mean, is_number
 
 
 class AugmentationError(VolfmError):
@@ -71,11 +71,6 @@ def _own_args(cls) -> list[str]:
 ALLOWED_ARGS = {name: _own_args(cls) + list(COMMON_ARGS) for name, cls in TRANSFORMS.items()}
 
 
-def _did_you_mean(word, allowed) -> str:
-    near = difflib.get_close_matches(str(word), list(allowed), n=1, cutoff=0.5)
-    return f" (did you mean '{near[0]}'?)" if near else ""
-
-
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -96,13 +91,13 @@ def _keys_arg(v, what: str, src: str, keys) -> list[str]:
     if keys is not None:
         for k in v:
             if k not in keys:
-                raise AugmentationError(f"{src}: {what}: unknown array '{k}'{_did_you_mean(k, keys)}; "
+                raise AugmentationError(f"{src}: {what}: unknown array '{k}'{did_you_mean(k, keys)}; "
                                         f"the case holds: {', '.join(keys)}")
     return list(v)
 
 
 def _probability(v, what: str, src: str) -> float:
-    if not _is_number(v) or not 0 <= v <= 1:
+    if not is_number(v) or not 0 <= v <= 1:
         raise AugmentationError(f"{src}: {what} must be a probability in [0, 1], got {v!r}")
     return float(v)
 
@@ -118,13 +113,13 @@ def _build_entry(entry, where: str, src: str, keys, in_one_of=False) -> tuple[ti
         if not in_one_of:
             raise AugmentationError(f"{src}: {where}: 'weight' only applies to entries inside a one_of group")
         weight = entry.pop("weight")
-        if not _is_number(weight) or weight <= 0:
+        if not is_number(weight) or weight <= 0:
             raise AugmentationError(f"{src}: {where}.weight must be a number > 0, got {weight!r}")
     if "one_of" in entry:
         extra = set(entry) - {"one_of", "p"}
         if extra:
             k = sorted(map(str, extra))[0]
-            raise AugmentationError(f"{src}: {_unknown(f'{where} (one_of group)', k, ['one_of', 'p', 'weight'])}")
+            raise AugmentationError(f"{src}: {unknown_key_message(f'{where} (one_of group)', k, ['one_of', 'p', 'weight'])}")
         items = entry["one_of"]
         if not isinstance(items, list) or not items:
             raise AugmentationError(f"{src}: {where}.one_of must be a non-empty list of transform entries")
@@ -138,12 +133,12 @@ def _build_entry(entry, where: str, src: str, keys, in_one_of=False) -> tuple[ti
         raise AugmentationError(f"{src}: {where} needs 'name' (one of {', '.join(TRANSFORMS)}) or 'one_of'")
     name = entry.pop("name")
     if not isinstance(name, str) or name not in TRANSFORMS:
-        raise AugmentationError(f"{src}: {where}: unknown transform {name!r}{_did_you_mean(name, TRANSFORMS)}; "
+        raise AugmentationError(f"{src}: {where}: unknown transform {name!r}{did_you_mean(name, TRANSFORMS)}; "
                                 f"allowed: {', '.join(TRANSFORMS)}")
     allowed = ALLOWED_ARGS[name]
     for k in entry:
         if k not in allowed:
-            raise AugmentationError(f"{src}: {where} ({name}): unknown argument '{k}'{_did_you_mean(k, allowed)}; "
+            raise AugmentationError(f"{src}: {where} ({name}): unknown argument '{k}'{did_you_mean(k, allowed)}; "
                                     f"allowed: {', '.join(allowed)}")
     kwargs = {}
     for k, v in entry.items():
@@ -221,7 +216,7 @@ def build_augmentation(cfg, source: str = "<config>", keys: Iterable[str] | None
                                     f"transform as a one-item list: - {{name: {cfg.get('name', '...')}, ...}}")
         if extra:
             bad = sorted(map(str, extra))[0]
-            raise AugmentationError(f"{source}: {_unknown('the augmentation config', bad, ['transforms', 'p'])}")
+            raise AugmentationError(f"{source}: {unknown_key_message('the augmentation config', bad, ['transforms', 'p'])}")
         p = _probability(cfg.get("p", 1.0), "p", source)
         cfg = cfg.get("transforms")
     if cfg is None:

@@ -1,4 +1,4 @@
-"""A map-style dataset over a volfm store (layout in DESIGN.md): one item per ok case of the chosen splits.
+"""A map-style dataset over a volfm store (layout in docs/ARCHITECTURE.md): one item per ok case of the chosen splits.
 
     ds = StoreDataset("stores/ct", split="train", arrays=("image",), label="label")
     case = ds[0]
@@ -19,18 +19,10 @@ from collections.abc import Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
+from volfm.store.cohort import parse_icd_codes
 from volfm.store.layout import CohortStore, StoreError
 
 DEFAULT_COLUMNS = ("icd_codes", "report")
-
-
-def parse_icd_codes(cell) -> list[str]:
-    """'K76.0; I10;' -> ['K76.0', 'I10'] (';'-separated, stripped, empty parts dropped)."""
-    if cell is None:
-        return []
-    if isinstance(cell, (list, tuple)):
-        return [str(c).strip() for c in cell if str(c).strip()]
-    return [c.strip() for c in str(cell).split(";") if c.strip()]
 
 
 def _as_list(v) -> list[str] | None:

@@ -33,7 +33,6 @@ sweep specification (e.g. from the CLI) into ``[("noise", 0.05), ("noise", 0.1),
 """
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable
 
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 
 from volfm import VolfmError
+from volfm.utils import did_you_mean
 
 __all__ = ["DEGRADATIONS", "LEVEL_RULES", "add_noise", "bias_field", "add_bias_field", "drop_slices", "degrade",
            "parse_degradations"]
@@ -206,9 +206,7 @@ LEVEL_RULES: dict[str, tuple[float, float, bool]] = {
 
 
 def _unknown(name) -> VolfmError:
-    near = difflib.get_close_matches(str(name), list(DEGRADATIONS), n=1, cutoff=0.5)
-    hint = f" (did you mean '{near[0]}'?)" if near else ""
-    return VolfmError(f"unknown degradation '{name}'{hint}; choose from {', '.join(DEGRADATIONS)}")
+    return VolfmError(f"unknown degradation '{name}'{did_you_mean(name, DEGRADATIONS)}; choose from {', '.join(DEGRADATIONS)}")
 
 
 def degrade(x, name: str, level: float, seed, **kwargs):

@@ -33,22 +33,11 @@ from volfm.store.foreground import (
     foreground_locations,
     load_foreground_locations,
 )
+from volfm.utils import parse_triple
 
 
 class SamplerError(ForegroundError):
     pass
-
-
-def _size3(size, what: str = "patch_size") -> tuple[int, int, int]:
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        size = (int(size),) * 3
-    try:
-        out = tuple(int(s) for s in size)
-    except TypeError:
-        raise SamplerError(f"{what} must be an int or 3 ints, got {size!r}") from None
-    if len(out) != 3 or any(s < 1 for s in out) or any(float(a) != b for a, b in zip(size, out)):
-        raise SamplerError(f"{what} must be an int or 3 positive ints, got {size!r}")
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ patches
@@ -59,7 +48,7 @@ def extract_patch(array: np.ndarray, start, size, pad_value=0) -> np.ndarray:
     ``start`` may be negative or beyond the end."""
     if array.ndim != 4:
         raise SamplerError(f"extract_patch expects a (C, I, J, K) array, got shape {array.shape}")
-    size = _size3(size, "size")
+    size = parse_triple(size, "size", integer=True, at_least=1, error=SamplerError)
     start = np.asarray(start, dtype=np.int64).reshape(-1)
     if start.shape != (3,):
         raise SamplerError(f"start must hold 3 voxel indices, got {start.tolist()}")
@@ -131,7 +120,7 @@ class UniformPatchSampler(PatchSampler):
     near the border cross it and are padded with the background value."""
 
     def __init__(self, patch_size):
-        self.patch_size = _size3(patch_size)
+        self.patch_size = parse_triple(patch_size, "patch_size", integer=True, at_least=1, error=SamplerError)
 
     def start_for(self, shape, rng: np.random.Generator) -> np.ndarray:
         centre = np.array([rng.integers(0, d) for d in shape], dtype=np.int64)
@@ -256,7 +245,7 @@ class WholeVolumeSampler(PatchSampler):
     (the window keeps the volume's centre; start = (shape - size) // 2, negative where padded)."""
 
     def __init__(self, size=None):
-        self.patch_size = None if size is None else _size3(size, "size")
+        self.patch_size = None if size is None else parse_triple(size, "size", integer=True, at_least=1, error=SamplerError)
 
     def sample(self, case: dict, rng: np.random.Generator | None = None) -> dict:
         shape = _grid_shape(case, list(_array_keys(case)))

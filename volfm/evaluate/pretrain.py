@@ -45,7 +45,7 @@ from volfm.metrics.zeroshot import (
     zero_shot_metrics,
     zero_shot_scores,
 )
-from volfm.preprocess.qc import _save_png
+from volfm.preprocess.qc import save_png
 from volfm.targets.icd import IcdVocabulary
 from volfm.tasks.pretrain import PretrainTask
 
@@ -235,4 +235,4 @@ def _plot(r: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"{Path(r['checkpoint']).name} on split {r['split']}", fontsize=10)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)

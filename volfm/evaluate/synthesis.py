@@ -28,7 +28,7 @@ from volfm import VolfmError
 from volfm.data.dataset import StoreDataset
 from volfm.data.degrade import degrade, parse_degradations
 from volfm.metrics.synthesis import synthesis_metrics
-from volfm.preprocess.qc import _save_png
+from volfm.preprocess.qc import save_png
 from volfm.targets.labelmap import load_source_labels
 
 __all__ = ["evaluate_synthesis"]
@@ -140,4 +140,4 @@ def _plot(r: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"{r['source']} -> {r['target']}, {r['n_cases']} {r['split']} cases (source degraded as labelled)",
                  fontsize=10)
-    _save_png(fig, path)
+    save_png(fig, path)

@@ -40,29 +40,17 @@ import torch
 from tqdm.auto import tqdm
 
 from volfm.preprocess.pipeline import to_source_grid
+from volfm.utils import parse_triple
 
 __all__ = ["grid_starts", "importance_map", "SlidingWindowInferer", "predict_to_source", "scan_interval"]
 
 MIN_WEIGHT = 1e-3  # MONAI's floor for the importance map (relative to its peak of ~1)
 
 
-def _triple(v, what: str, integer: bool = True) -> tuple:
-    if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
-        v = (v, v, v)
-    v = tuple(v)
-    if len(v) != 3:
-        raise ValueError(f"{what} must be a number or 3 numbers (one per spatial axis), got {v!r}")
-    if integer:
-        if not all(float(x).is_integer() and x >= 1 for x in v):
-            raise ValueError(f"{what} must be positive integers, got {v!r}")
-        return tuple(int(x) for x in v)
-    return tuple(float(x) for x in v)
-
-
 def scan_interval(patch_size, overlap) -> tuple[int, int, int]:
     """Step between window starts per axis: ``max(1, int(patch * (1 - overlap)))`` (as MONAI)."""
-    patch = _triple(patch_size, "patch_size")
-    ov = _triple(overlap, "overlap", integer=False)
+    patch = parse_triple(patch_size, "patch_size", integer=True, at_least=1)
+    ov = parse_triple(overlap, "overlap")
     for o in ov:
         if not 0.0 <= o < 1.0:
             raise ValueError(f"overlap must be in [0, 1) per axis, got {ov}")
@@ -85,8 +73,8 @@ def grid_starts(shape, patch_size, overlap=0.5, short_axis: str = "center") -> n
     MONAI pads), ``"start"`` puts it at 0 (padding after the end only).
     Windows are ordered with the last axis fastest (as MONAI's ``dense_patch_slices``).
     """
-    shape = _triple(shape, "shape")
-    patch = _triple(patch_size, "patch_size")
+    shape = parse_triple(shape, "shape", integer=True, at_least=1)
+    patch = parse_triple(patch_size, "patch_size", integer=True, at_least=1)
     step = scan_interval(patch, overlap)
     if short_axis not in ("center", "start"):
         raise ValueError(f"short_axis must be 'center' or 'start', got {short_axis!r}")
@@ -103,13 +91,13 @@ def importance_map(patch_size, mode: str = "gaussian", sigma_scale=0.125, device
     that every voxel of a window counts (computed exactly as MONAI's ``compute_importance_map``).
     "constant": all ones.
     """
-    patch = _triple(patch_size, "patch_size")
+    patch = parse_triple(patch_size, "patch_size", integer=True, at_least=1)
     device = torch.device(device or "cpu")
     if mode == "constant":
         return torch.ones(patch, dtype=torch.float32, device=device)
     if mode != "gaussian":
         raise ValueError(f"mode must be 'gaussian' or 'constant', got {mode!r}")
-    scales = _triple(sigma_scale, "sigma_scale", integer=False)
+    scales = parse_triple(sigma_scale, "sigma_scale")
     if not all(s > 0 for s in scales):
         raise ValueError(f"sigma_scale must be > 0, got {sigma_scale!r}")
     w = None
@@ -159,7 +147,7 @@ class SlidingWindowInferer:
                  pad_value: float = 0.0, device=None, accumulate_on: str = "auto", max_device_bytes=None,
                  progress: bool = False, amp=False, output_device="cpu", short_axis: str = "center",
                  memory_format: str = "auto"):
-        self.patch_size = _triple(patch_size, "patch_size")
+        self.patch_size = parse_triple(patch_size, "patch_size", integer=True, at_least=1)
         self.overlap = overlap
         scan_interval(self.patch_size, overlap)  # validates overlap
         if mode not in ("gaussian", "constant"):

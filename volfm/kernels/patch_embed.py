@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from volfm.utils import parse_triple
+
 try:  # Triton is optional: the torch path must work without it.
     import triton
     import triton.language as tl
@@ -68,13 +70,8 @@ def triton_usable(device: torch.device | str) -> bool:
 
 
 def normalize_patch_size(patch_size: PatchSize) -> tuple[int, int, int]:
-    if isinstance(patch_size, int):
-        ps = (patch_size,) * 3
-    else:
-        ps = tuple(int(p) for p in patch_size)
-    if len(ps) != 3 or any(p < 1 for p in ps):
-        raise ValueError(f"patch_size must be a positive int or a 3-tuple of positive ints, got {patch_size!r}")
-    return ps  # type: ignore[return-value]
+    """``patch_size`` (one size or 3) as 3 positive ints; a VolfmError (a ValueError) otherwise."""
+    return parse_triple(patch_size, "patch_size", integer=True, at_least=1)  # type: ignore[return-value]
 
 
 def _check_shapes(x: torch.Tensor, weight: torch.Tensor, patch_size: PatchSize):

@@ -31,6 +31,9 @@ __all__ = [
     "binary_f1",
     "macro_f1",
     "best_threshold_f1",
+    "as_binary_labels",
+    "as_scores",
+    "resolve_class_names",
 ]
 
 
@@ -43,7 +46,7 @@ def _to_numpy(x, name: str) -> np.ndarray:
         raise VolfmError(f"{name} is not array-like ({exc}); pass a numpy array or torch tensor") from exc
 
 
-def _labels(y, name: str) -> np.ndarray:
+def as_binary_labels(y, name: str) -> np.ndarray:
     """0/1 (or bool) labels as a bool array; anything else is a user error."""
     y = _to_numpy(y, name)
     if y.dtype == bool:
@@ -57,7 +60,8 @@ def _labels(y, name: str) -> np.ndarray:
     return y.astype(bool)
 
 
-def _scores(s, name: str) -> np.ndarray:
+def as_scores(s, name: str) -> np.ndarray:
+    """Numeric (or bool) scores as float64; non-numeric or NaN/inf values are a user error naming ``name``."""
     s = _to_numpy(s, name)
     if s.size and not np.issubdtype(s.dtype, np.number) and s.dtype != bool:
         raise VolfmError(f"{name} has dtype {s.dtype}; pass numeric scores (logits or probabilities)")
@@ -69,8 +73,8 @@ def _scores(s, name: str) -> np.ndarray:
 
 
 def _binary_pair(y_true, y_score, what: str = "y_score") -> tuple[np.ndarray, np.ndarray]:
-    y = _labels(y_true, "y_true").ravel()
-    s = _scores(y_score, what).ravel()
+    y = as_binary_labels(y_true, "y_true").ravel()
+    s = as_scores(y_score, what).ravel()
     if y.shape != s.shape:
         raise VolfmError(f"y_true has {y.size} values but {what} has {s.size}; pass one score per label")
     return y, s
@@ -142,7 +146,8 @@ def _as_2d(a: np.ndarray, name: str) -> np.ndarray:
     return a
 
 
-def _class_names(class_names, n_classes: int) -> list[str]:
+def resolve_class_names(class_names, n_classes: int) -> list[str]:
+    """``n_classes`` unique names: ``class_names`` checked, or ``class_0, class_1, ...`` for None."""
     if class_names is None:
         return [f"class_{i}" for i in range(n_classes)]
     names = [str(c) for c in class_names]
@@ -174,8 +179,8 @@ def multilabel_metrics(y_true, y_score, class_names: Sequence[str] | None = None
     - ``n_cases``, ``n_classes``, ``n_classes_scored``, ``n_classes_skipped``, ``skipped_classes``,
       ``min_positives``, ``min_negatives``, and ``note`` ("" or why values are missing/NaN).
     """
-    y = _as_2d(_labels(y_true, "y_true"), "y_true")
-    s = _as_2d(_scores(y_score, "y_score"), "y_score")
+    y = _as_2d(as_binary_labels(y_true, "y_true"), "y_true")
+    s = _as_2d(as_scores(y_score, "y_score"), "y_score")
     if y.shape != s.shape:
         raise VolfmError(f"y_true has shape {tuple(y.shape)} but y_score has {tuple(s.shape)}; "
                          "pass one score per label (cases x classes)")
@@ -183,7 +188,7 @@ def multilabel_metrics(y_true, y_score, class_names: Sequence[str] | None = None
         raise VolfmError(f"min_positives and min_negatives must be >= 1 (got {min_positives}, {min_negatives}); "
                          "AUROC needs both classes")
     n_cases, n_classes = y.shape
-    names = _class_names(class_names, n_classes)
+    names = resolve_class_names(class_names, n_classes)
     positives = y.sum(axis=0).astype(int)
     negatives = n_cases - positives
     scored = (positives >= min_positives) & (negatives >= min_negatives)
@@ -246,8 +251,8 @@ def binary_f1(y_true, y_pred, zero_division: float = 0.0) -> float:
     Both inputs are 0/1 or bool and are flattened. When there is no positive label and no positive
     prediction the ratio is 0/0 and ``zero_division`` is returned (0.0, as scikit-learn's default).
     """
-    y = _labels(y_true, "y_true").ravel()
-    p = _labels(y_pred, "y_pred").ravel()
+    y = as_binary_labels(y_true, "y_true").ravel()
+    p = as_binary_labels(y_pred, "y_pred").ravel()
     if y.shape != p.shape:
         raise VolfmError(f"y_true has {y.size} values but y_pred has {p.size}; pass one prediction per label")
     tp = int(np.sum(y & p))
@@ -261,8 +266,8 @@ def macro_f1(y_true, y_pred, zero_division: float = 0.0) -> float:
     positives nor positive predictions contributes ``zero_division``. To average only over some
     classes, pass those columns.
     """
-    y = _as_2d(_labels(y_true, "y_true"), "y_true")
-    p = _as_2d(_labels(y_pred, "y_pred"), "y_pred")
+    y = _as_2d(as_binary_labels(y_true, "y_true"), "y_true")
+    p = _as_2d(as_binary_labels(y_pred, "y_pred"), "y_pred")
     if y.shape != p.shape:
         raise VolfmError(f"y_true has shape {tuple(y.shape)} but y_pred has {tuple(p.shape)}; "
                          "pass one prediction per label")

@@ -29,10 +29,10 @@ import torch
 
 from volfm import VolfmError
 from volfm.metrics.classification import (
-    _class_names,
-    _labels,
-    _scores,
+    as_binary_labels,
+    as_scores,
     multilabel_metrics,
+    resolve_class_names,
 )
 
 __all__ = ["C_GRID", "LinearProbe", "fit_linear_probe", "linear_probe"]
@@ -66,7 +66,7 @@ class LinearProbe:
 
 
 def _features(x, name: str, dim: int | None = None) -> np.ndarray:
-    x = _scores(x, name)
+    x = as_scores(x, name)
     if x.ndim != 2:
         raise VolfmError(f"{name} has shape {tuple(x.shape)}; pass (N, D) features, one row per case")
     if dim is not None and x.shape[1] != dim:
@@ -76,7 +76,7 @@ def _features(x, name: str, dim: int | None = None) -> np.ndarray:
 
 
 def _targets(y, name: str, n: int) -> np.ndarray:
-    y = _labels(y, name)
+    y = as_binary_labels(y, name)
     if y.ndim == 1:
         y = y[:, None]
     if y.ndim != 2 or y.shape[0] != n:
@@ -122,7 +122,7 @@ def fit_linear_probe(train_x, train_y, C: float = 1.0, class_names: Sequence[str
     """
     x = _features(train_x, "train_x")
     y = _targets(train_y, "train_y", x.shape[0])
-    names = _class_names(class_names, y.shape[1])
+    names = resolve_class_names(class_names, y.shape[1])
     if not (np.isscalar(C) and not isinstance(C, (str, bool)) and C > 0 and math.isfinite(C)):
         raise VolfmError(f"C must be a positive number (got {C!r}); larger C = weaker L2 regularisation")
     if int(max_iter) < 1:
@@ -198,7 +198,7 @@ def linear_probe(train_x, train_y, test_x, test_y, class_names: Sequence[str] | 
     ty = _targets(test_y, "test_y", tx.shape[0])
     if ty.shape[1] != y.shape[1]:
         raise VolfmError(f"test_y has {ty.shape[1]} classes but train_y has {y.shape[1]}; use the same label columns")
-    names = _class_names(class_names, y.shape[1])
+    names = resolve_class_names(class_names, y.shape[1])
 
     try:
         grid = [float(C)] if np.isscalar(C) else [float(c) for c in C]

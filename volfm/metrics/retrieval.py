@@ -18,7 +18,7 @@ import numpy as np
 
 from volfm import VolfmError
 
-__all__ = ["retrieval_metrics", "retrieval_ranks", "chance_recall"]
+__all__ = ["retrieval_metrics", "retrieval_ranks", "chance_recall", "l2_normalize"]
 
 
 def _as_matrix(x, what: str) -> np.ndarray:
@@ -36,7 +36,8 @@ def _as_matrix(x, what: str) -> np.ndarray:
     return a
 
 
-def _l2_normalise(a: np.ndarray, what: str) -> np.ndarray:
+def l2_normalize(a: np.ndarray, what: str) -> np.ndarray:
+    """Rows of ``a`` scaled to unit L2 norm; an all-zero row is an error naming ``what``."""
     norms = np.linalg.norm(a, axis=1, keepdims=True)
     zero = np.flatnonzero(norms[:, 0] == 0)
     if zero.size:
@@ -57,8 +58,8 @@ def retrieval_ranks(image_emb, text_emb, tie_tol: float = 1e-6) -> tuple[np.ndar
 
     See the module docstring for the pessimistic tie rule.
     """
-    img = _l2_normalise(_as_matrix(image_emb, "image_emb"), "image_emb")
-    txt = _l2_normalise(_as_matrix(text_emb, "text_emb"), "text_emb")
+    img = l2_normalize(_as_matrix(image_emb, "image_emb"), "image_emb")
+    txt = l2_normalize(_as_matrix(text_emb, "text_emb"), "text_emb")
     if img.shape != txt.shape:
         raise VolfmError(f"image_emb {tuple(img.shape)} and text_emb {tuple(txt.shape)} must have the same shape "
                          "(N pairs x D); row i of each is pair i")

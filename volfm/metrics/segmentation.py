@@ -57,6 +57,8 @@ __all__ = [
     "segmentation_metrics",
     "batch_segmentation_metrics",
     "aggregate_segmentation_metrics",
+    "as_numeric_array",
+    "case_prefix",
 ]
 
 STATUSES = ("ok", "pred_empty", "target_empty", "both_empty")
@@ -67,11 +69,13 @@ def hd_key(percentile: float | None) -> str:
     return "hd_mm" if percentile is None else f"hd{float(percentile):g}_mm"
 
 
-def _where(case_id) -> str:
+def case_prefix(case_id) -> str:
+    """``"case <id>: "`` to start an error message with, or ``""`` when ``case_id`` is None."""
     return f"case {case_id}: " if case_id is not None else ""
 
 
-def _to_numpy(x, name: str, where: str) -> np.ndarray:
+def as_numeric_array(x, name: str, where: str) -> np.ndarray:
+    """A numpy array of numbers or bools from an array or tensor; other dtypes are an error naming ``where`` + ``name``."""
     if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
         x = x.detach().cpu().numpy()
     arr = np.asarray(x)
@@ -93,7 +97,7 @@ def _integral_labels(arr: np.ndarray, name: str, where: str) -> np.ndarray:
 
 def _one_hot(x, num_classes: int, name: str, where: str, ignore_index: int | None):
     """(C, I, J, K) bool masks of ``x`` and, for a label map, the values of ``x`` (else None)."""
-    arr = _to_numpy(x, name, where)
+    arr = as_numeric_array(x, name, where)
     if arr.ndim == 4 and arr.shape[0] == 1 and num_classes > 1:
         arr = arr[0]
     if arr.ndim == 3:
@@ -171,7 +175,7 @@ def segmentation_metrics(pred, target, num_classes: int, spacing, class_names=No
     "status"}}, "mean_dice", "mean_<hd key>", "present", "missed", "false_positive", "spacing",
     "percentile", "ignore_empty"}`` with plain Python numbers.
     """
-    where = _where(case_id)
+    where = case_prefix(case_id)
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
         raise VolfmError(f"{where}num_classes must be an integer >= 2 (background included), got {num_classes!r}")
     num_classes = int(num_classes)

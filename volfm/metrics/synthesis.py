@@ -66,6 +66,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from volfm import VolfmError
+from volfm.metrics.segmentation import as_numeric_array, case_prefix  # one copy of the input checks
 
 __all__ = [
     "SSIM_SIGMA",
@@ -92,13 +93,10 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 # ----------------------------------------------------------------------------------- inputs
 
-from volfm.metrics.segmentation import _to_numpy, _where  # noqa: E402 - one copy of the input checks
-
-
 def _images(pred, target, where: str) -> tuple[np.ndarray, np.ndarray]:
     """pred, target as float64 (C, I, J, K), checked for shape and finiteness."""
-    p = _to_numpy(pred, "prediction", where).astype(np.float64)
-    t = _to_numpy(target, "target", where).astype(np.float64)
+    p = as_numeric_array(pred, "prediction", where).astype(np.float64)
+    t = as_numeric_array(target, "target", where).astype(np.float64)
     if p.shape != t.shape:
         raise VolfmError(f"{where}prediction shape {tuple(p.shape)} differs from target shape {tuple(t.shape)}; "
                          "resample the prediction onto the target's grid first")
@@ -118,7 +116,7 @@ def _mask(mask, shape: tuple[int, ...], where: str) -> np.ndarray:
     """Boolean (C, I, J, K) mask broadcast to the images' shape (all True for None)."""
     if mask is None:
         return np.ones(shape, dtype=bool)
-    m = _to_numpy(mask, "mask", where)
+    m = as_numeric_array(mask, "mask", where)
     if m.ndim == 3:
         m = m[None]
     if m.ndim != 4 or m.shape[1:] != shape[1:] or m.shape[0] not in (1, shape[0]):
@@ -133,9 +131,9 @@ def _mask(mask, shape: tuple[int, ...], where: str) -> np.ndarray:
 def resolve_data_range(target, mask=None, data_range=None, *, case_id=None) -> tuple[tuple[float, float], str]:
     """``((lo, hi), source)``: the given range (source ``"given"``) or the target's [min, max] inside the
     mask (``"target_min_max_in_mask"``)."""
-    where = _where(case_id)
+    where = case_prefix(case_id)
     if data_range is None:
-        t = _to_numpy(target, "target", where).astype(np.float64)
+        t = as_numeric_array(target, "target", where).astype(np.float64)
         t4 = t[None] if t.ndim == 3 else t
         vals = t4[_mask(mask, t4.shape, where)]
         lo, hi, source = float(vals.min()), float(vals.max()), "target_min_max_in_mask"
@@ -213,7 +211,7 @@ def _interior(m: np.ndarray, w: int) -> np.ndarray:
 
 
 def _prepare(pred, target, mask, data_range, case_id):
-    where = _where(case_id)
+    where = case_prefix(case_id)
     p, t = _images(pred, target, where)
     m = _mask(mask, t.shape, where)
     (lo, hi), source = resolve_data_range(t, m, data_range, case_id=case_id)
@@ -223,7 +221,7 @@ def _prepare(pred, target, mask, data_range, case_id):
 # ----------------------------------------------------------------------------------- metrics
 def masked_mae(pred, target, mask=None, *, case_id=None) -> float:
     """Mean absolute error over the mask voxels, in the images' original units (no clipping)."""
-    where = _where(case_id)
+    where = case_prefix(case_id)
     p, t = _images(pred, target, where)
     m = _mask(mask, t.shape, where)
     return float(np.abs(p[m] - t[m]).mean())
@@ -350,13 +348,13 @@ def regional_uptake_error(pred, target, labels, reference_label=None, names=None
     "suvr_rel_error_pct", "suvr_abs_rel_error_pct"]}}, "reference_label", "reference_name",
     "mean_abs_error", "mean_abs_rel_error_pct"[, "mean_suvr_abs_error", "mean_suvr_abs_rel_error_pct"]}``.
     """
-    where = _where(case_id)
+    where = case_prefix(case_id)
     p, t = _images(pred, target, where)
     if p.shape[0] != 1:
         raise VolfmError(f"{where}regional uptake needs single-channel images, got {p.shape[0]} channels; "
                          "score one channel (e.g. pred[0], target[0]) at a time")
     p, t = p[0], t[0]
-    lab = _to_numpy(labels, "labels", where)
+    lab = as_numeric_array(labels, "labels", where)
     if lab.ndim == 4 and lab.shape[0] == 1:
         lab = lab[0]
     if lab.shape != t.shape:

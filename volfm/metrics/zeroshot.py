@@ -36,14 +36,14 @@ from volfm.metrics.classification import (
     binary_f1,
     multilabel_metrics,
 )
-from volfm.metrics.retrieval import _l2_normalise
+from volfm.metrics.retrieval import l2_normalize
+from volfm.targets.icd import normalize_code_prefix
 
 __all__ = [
     "PROMPTS_DIR",
     "builtin_prompt_sets",
     "load_prompts",
     "validate_prompts",
-    "normalise_code",
     "finding_truth",
     "prompt_embeddings",
     "zero_shot_scores",
@@ -60,13 +60,6 @@ _CODE_RE = re.compile(r"^[A-Z][0-9][0-9A-Z][0-9A-Z]{0,4}$")
 def builtin_prompt_sets() -> list[str]:
     """Names of the packaged prompt sets (YAML files in ``volfm/configs/prompts``)."""
     return sorted(p.stem for p in PROMPTS_DIR.glob("*.yaml"))
-
-
-def normalise_code(code) -> str:
-    """ICD code for matching: surrounding spaces stripped, uppercased, dots removed ('k80.20 ' -> 'K8020')."""
-    return str(code).strip().upper().replace(".", "")
-
-
 
 
 def _resolve_prompts_path(name_or_path) -> Path:
@@ -129,12 +122,12 @@ def validate_prompts(raw, source: str = "<prompts>") -> dict:
                              f"got {entry['codes']!r}")
         clean_codes = []
         for c in codes:
-            if not isinstance(c, str) or not _CODE_RE.match(normalise_code(c)):
+            if not isinstance(c, str) or not _CODE_RE.match(normalize_code_prefix(c)):
                 raise VolfmError(f"{source}: finding {name!r}: code {c!r} is not an ICD-10-CM code or prefix "
                                  "(letter, digit, letter/digit, then up to 4 more, e.g. R16.0, K80.2, J90)")
             clean_codes.append(c.strip().upper())
-        norm = [normalise_code(c) for c in clean_codes]
-        dupes = sorted({c for c in clean_codes if norm.count(normalise_code(c)) > 1})
+        norm = [normalize_code_prefix(c) for c in clean_codes]
+        dupes = sorted({c for c in clean_codes if norm.count(normalize_code_prefix(c)) > 1})
         if dupes:
             raise VolfmError(f"{source}: finding {name!r}: code(s) {', '.join(dupes)} listed twice")
         pos = _text_list(entry["positive"], source, name, "positive")
@@ -188,7 +181,7 @@ def finding_truth(code_lists, prompts="ct_findings") -> np.ndarray:
     prompts = _prompt_set(prompts)
     if isinstance(code_lists, (str, bytes)):
         raise VolfmError("code_lists must be a list with one entry (list of codes) per case, got a single string")
-    prefixes = [tuple(normalise_code(c) for c in entry["codes"]) for entry in prompts.values()]
+    prefixes = [tuple(normalize_code_prefix(c) for c in entry["codes"]) for entry in prompts.values()]
     rows = []
     for i, codes in enumerate(code_lists):
         if codes is None:
@@ -198,7 +191,7 @@ def finding_truth(code_lists, prompts="ct_findings") -> np.ndarray:
         elif not isinstance(codes, (list, tuple, set, np.ndarray)):
             raise VolfmError(f"code_lists[{i}] must be a list of ICD codes (or a ';'-separated string), "
                              f"got {type(codes).__name__}")
-        norm = [normalise_code(c) for c in codes]
+        norm = [normalize_code_prefix(c) for c in codes]
         norm = [c for c in norm if c]
         rows.append([any(c.startswith(p) for c in norm for p in pre) for pre in prefixes])
     return np.asarray(rows, dtype=bool).reshape(len(rows), len(prefixes))
@@ -248,7 +241,7 @@ def prompt_embeddings(encode_text: Callable[[list[str]], object], prompts="ct_fi
     if int(batch_size) < 1:
         raise VolfmError(f"batch_size must be >= 1, got {batch_size!r}")
     texts = list(dict.fromkeys(t for e in prompts.values() for t in (*e["positive"], *e["negative"])))
-    emb = _l2_normalise(_encode(encode_text, texts, int(batch_size)), "text embedding")
+    emb = l2_normalize(_encode(encode_text, texts, int(batch_size)), "text embedding")
     index = {t: i for i, t in enumerate(texts)}
     names = list(prompts)
     sets = {"positive": [], "negative": []}
@@ -280,7 +273,7 @@ def zero_shot_scores(image_emb, encode_text: Callable[[list[str]], object], prom
         temperature = math.nan
     if not (math.isfinite(temperature) and temperature > 0):
         raise VolfmError(f"temperature must be a positive number, got {temperature!r}")
-    img = _l2_normalise(_embeddings(image_emb, "image_emb"), "image_emb")
+    img = l2_normalize(_embeddings(image_emb, "image_emb"), "image_emb")
     pos, neg, names = prompt_embeddings(encode_text, prompts, batch_size=batch_size)
     if pos.shape[1] != img.shape[1]:
         raise VolfmError(f"image_emb has {img.shape[1]} dimensions but encode_text returns {pos.shape[1]}; "

@@ -38,8 +38,10 @@ from monai.networks.layers.utils import get_norm_layer
 from torch import nn
 
 from volfm import VolfmError
+from volfm.utils import parse_triple
 
-__all__ = ["UNetDecoder", "UNETRDecoder", "SegmentationModel", "match_spatial_size", "unetr_upsample_factors"]
+__all__ = ["UNetDecoder", "UNETRDecoder", "SegmentationModel", "match_spatial_size", "unetr_upsample_factors",
+           "norm_layer"]
 
 Triple = tuple[int, int, int]
 NormSpec = str | tuple | None
@@ -48,12 +50,7 @@ NormSpec = str | tuple | None
 def _reductions(feature_info: Sequence[dict]) -> list[Triple]:
     out = []
     for i, info in enumerate(feature_info):
-        r = info.get("reduction")
-        r = (int(r),) * 3 if isinstance(r, (int, float)) else tuple(int(v) for v in r)
-        if len(r) != 3 or any(v < 1 for v in r):
-            raise VolfmError(f"feature_info[{i}] has reduction {info.get('reduction')!r}; "
-                             "expected 3 positive ints (I, J, K)")
-        out.append(r)
+        out.append(parse_triple(info.get("reduction"), f"feature_info[{i}] reduction", integer=True, at_least=1))
     return out
 
 
@@ -73,7 +70,8 @@ def match_spatial_size(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.pad(x, pad) if any(pad) else x
 
 
-def _norm_layer(norm: NormSpec, channels: int) -> nn.Module:
+def norm_layer(norm: NormSpec, channels: int) -> nn.Module:
+    """A 3D normalisation layer for ``channels``: 'instance', 'batch', 'none'/None or a MONAI norm spec."""
     if norm is None or norm == "none":
         return nn.Identity()
     if norm == "instance":  # nnU-Net: affine instance norm
@@ -92,7 +90,7 @@ class ConvNormAct(nn.Sequential):
     def __init__(self, in_ch: int, out_ch: int, norm: NormSpec = "instance", kernel_size: int = 3):
         super().__init__(
             nn.Conv3d(in_ch, out_ch, kernel_size, padding=kernel_size // 2),
-            _norm_layer(norm, out_ch),
+            norm_layer(norm, out_ch),
             nn.LeakyReLU(0.01, inplace=True),
         )
 

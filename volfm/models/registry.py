@@ -9,12 +9,12 @@ Saving and loading weights (safetensors, task checkpoints, LoRA merging) is :mod
 """
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 from torch import nn
 
 from volfm import VolfmError
+from volfm.utils import did_you_mean
 
 _ENCODERS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -41,8 +41,7 @@ def list_encoders() -> list[str]:
 
 
 def _unknown_name_error(name: str) -> VolfmError:
-    close = difflib.get_close_matches(name, list_encoders(), n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    hint = did_you_mean(name, list_encoders(), n=3, template=" Did you mean {}?")
     return VolfmError(f"unknown encoder {name!r}.{hint} Registered encoders: {', '.join(list_encoders())}")
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from volfm import VolfmError
-from volfm.models.decoders import SegmentationModel, _norm_layer
+from volfm.models.decoders import SegmentationModel, norm_layer
 from volfm.models.registry import META_KWARGS, META_NAME, create_encoder
 from volfm.models.weights import (
     load_encoder_weights,
@@ -327,7 +327,7 @@ class PatchDiscriminator3d(nn.Module):
             prev, mult = mult, min(2**n, 8)
             stride = 2 if n < self.n_layers else 1
             # A bias before a norm that subtracts the mean is redundant.
-            layers += [conv(w * prev, w * mult, stride, not use_norm), _norm_layer(norm, w * mult),
+            layers += [conv(w * prev, w * mult, stride, not use_norm), norm_layer(norm, w * mult),
                        nn.LeakyReLU(0.2, inplace=True)]
             self._specs.append((4, stride))
         layers.append(conv(w * mult, 1, 1, True))

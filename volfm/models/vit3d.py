@@ -26,6 +26,7 @@ from volfm import VolfmError
 from volfm.kernels.patch_embed import normalize_patch_size
 from volfm.models.patch_embed import PatchEmbed3d
 from volfm.models.registry import register_encoder
+from volfm.utils import parse_triple
 
 __all__ = [
     "Attention",
@@ -183,9 +184,7 @@ class ViT3d(nn.Module):
         if depth < 1:
             raise VolfmError(f"depth must be >= 1 (got {depth})")
         self.patch_size: tuple[int, int, int] = normalize_patch_size(patch_size)
-        img = (int(img_size),) * 3 if isinstance(img_size, int) else tuple(int(s) for s in img_size)
-        if len(img) != 3 or any(s < 1 for s in img):
-            raise VolfmError(f"img_size must be a positive int or 3 positive ints (I, J, K), got {img_size!r}")
+        img = parse_triple(img_size, "img_size", integer=True, at_least=1)
         if any(s % p for s, p in zip(img, self.patch_size)):
             raise VolfmError(f"img_size {img} is not divisible by patch_size {self.patch_size}")
         self.img_size: tuple[int, int, int] = img

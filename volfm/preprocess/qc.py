@@ -57,7 +57,7 @@ def render_case_png(path, image: np.ndarray, affine: np.ndarray, label: np.ndarr
             ax.set_title(f"{name + ' ' if name else ''}{vname}", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def render_patch_batch_png(path, images, labels=None, titles=None, cols: int = 4) -> Path:
@@ -83,10 +83,10 @@ def render_patch_batch_png(path, images, labels=None, titles=None, cols: int = 4
         ax.invert_xaxis()
         if titles is not None:
             ax.set_title(titles[i], fontsize=7)
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
-def _save_png(fig, path) -> Path:
+def save_png(fig, path) -> Path:
     """Lay out, write atomically as PNG and close a figure."""
     fig.tight_layout()
     path = Path(path)
@@ -94,4 +94,3 @@ def _save_png(fig, path) -> Path:
         fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
     return path
-

@@ -168,7 +168,7 @@ def _general(src: torch.Tensor, m: np.ndarray, shape, order, slab_voxels=8_000_0
 
     A source coordinate is affine in the target index, c = p[i, j] + d * k: one float64 broadcast add
     per component gives the grid (normalised, then float32 for grid_sample). Which points lie inside
-    the source is decided per (i, j) row as a range of k by :func:`_inside_interval`.
+    the source is decided per (i, j) row as a range of k by :func:`inside_interval`.
     """
     out = torch.empty((src.shape[0], *shape), dtype=src.dtype)
     valid = torch.empty(tuple(shape), dtype=torch.bool)
@@ -187,7 +187,7 @@ def _general(src: torch.Tensor, m: np.ndarray, shape, order, slab_voxels=8_000_0
             partial = ii[:, None] * mt[ax, 0] + jj[None, :] * mt[ax, 1] + mt[ax, 3]  # float64 (i, j)
             d = float(mt[ax, 2])
             c = partial[:, :, None] + (kk * d)[None, None, :]
-            inside = _inside_interval(partial, d, shape[2], -0.5 - tol, src.shape[1 + ax] - 0.5 + tol)
+            inside = inside_interval(partial, d, shape[2], -0.5 - tol, src.shape[1 + ax] - 0.5 + tol)
             ok = inside if ok is None else ok.logical_and_(inside)
             comps.append(c)
         valid[i0:i0 + ii.shape[0]] = ok
@@ -210,7 +210,7 @@ def _general(src: torch.Tensor, m: np.ndarray, shape, order, slab_voxels=8_000_0
     return out, valid
 
 
-def _inside_interval(partial: torch.Tensor, d: float, n_k: int, lo: float, hi: float) -> torch.Tensor:
+def inside_interval(partial: torch.Tensor, d: float, n_k: int, lo: float, hi: float) -> torch.Tensor:
     """Mask (I, J, K) of lo <= partial[i, j] + d * k <= hi, evaluated in float64 per (i, j) row as a
     range of k, so the full-size work is two integer comparisons."""
     k = torch.arange(n_k, dtype=torch.int64)

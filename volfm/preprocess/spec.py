@@ -18,16 +18,15 @@ A spec says how every case of a cohort is harmonised (see preprocessing/*.yaml):
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import yaml
 
 from volfm import VolfmError
 from volfm.configs import SPECS_DIR
+from volfm.utils import did_you_mean, is_number, parse_triple
 
 TOP_KEYS = {"name", "description", "orientation", "spacing", "oblique", "shear", "nonfinite", "channels",
             "antialias", "crop", "inputs", "reference"}
@@ -47,39 +46,25 @@ class SpecError(VolfmError):
     pass
 
 
-def _unknown(where: str, key: str, allowed) -> str:
-    near = difflib.get_close_matches(key, sorted(allowed), n=1)
-    hint = f" (did you mean '{near[0]}'?)" if near else ""
-    return f"unknown key '{key}' in {where}{hint}; allowed: {', '.join(sorted(allowed))}"
+def unknown_key_message(where: str, key: str, allowed) -> str:
+    """``"unknown key 'k' in <where> (did you mean 'x'?); allowed: a, b"``, for errors about config keys."""
+    allowed = sorted(allowed)
+    return f"unknown key '{key}' in {where}{did_you_mean(key, allowed, cutoff=0.6)}; allowed: {', '.join(allowed)}"
 
 
 def _check_keys(d: dict, allowed, where: str, src: str):
     for k in d:
         if k not in allowed:
-            raise SpecError(f"{src}: {_unknown(where, k, allowed)}")
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            raise SpecError(f"{src}: {unknown_key_message(where, k, allowed)}")
 
 
 def _number(v, what: str, src: str, lo=None, hi=None, positive=False):
     """A finite number (optionally within [lo, hi], or > 0); SpecError naming ``what`` otherwise."""
-    if not _is_number(v) or (positive and v <= 0) or (lo is not None and v < lo) or (hi is not None and v > hi):
+    if not is_number(v) or (positive and v <= 0) or (lo is not None and v < lo) or (hi is not None and v > hi):
         rng = " > 0" if positive else (f" in [{lo}, {hi}]" if lo is not None and hi is not None else
                                       f" >= {lo}" if lo is not None else "")
         raise SpecError(f"{src}: {what} must be a number{rng}, got {v!r}")
     return v
-
-
-def _triple(v, what: str, src: str, integer=False):
-    if _is_number(v):
-        v = [v, v, v]
-    if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_number(x) and x > 0 for x in v)):
-        raise SpecError(f"{src}: {what} must be a positive number or a list of 3, got {v!r}")
-    if integer and not all(float(x).is_integer() for x in v):
-        raise SpecError(f"{src}: {what} must be whole voxel counts, got {v!r}")
-    return [int(x) for x in v] if integer else [float(x) for x in v]
 
 
 def _choice(v, options, what, src):
@@ -101,7 +86,7 @@ def validate_spec(raw, src: str = "<spec>") -> dict:
             - set("LRAPSI") or len({c for c in spec["orientation"].translate(str.maketrans("LRAPSI", "xxyyzz"))}) != 3:
         raise SpecError(f"{src}: orientation must be a 3-letter code such as RAS or LPS, got {raw.get('orientation')!r}")
     if spec["spacing"] is not None:
-        spec["spacing"] = _triple(spec["spacing"], "spacing", src)
+        spec["spacing"] = list(parse_triple(spec["spacing"], "spacing", above=0, error=SpecError, where=f"{src}: "))
     _choice(spec["oblique"], ("keep", "resample"), "oblique", src)
     _choice(spec["shear"], ("refuse", "resample"), "shear", src)
     _choice(spec["nonfinite"], ("error", "zero"), "nonfinite", src)
@@ -129,7 +114,7 @@ def validate_spec(raw, src: str = "<spec>") -> dict:
             out["interpolation"] = _choice(cfg.get("interpolation", "linear"), ("linear", "bspline", "nearest"),
                                            f"inputs.{col}.interpolation", src)
             fill = cfg.get("fill", "min")
-            if fill != "min" and not _is_number(fill):
+            if fill != "min" and not is_number(fill):
                 raise SpecError(f"{src}: inputs.{col}.fill must be 'min' or a number, got {fill!r}")
             out["fill"] = fill
             it = cfg.get("intensity") or {"type": "none"}
@@ -185,19 +170,16 @@ def validate_spec(raw, src: str = "<spec>") -> dict:
             raise SpecError(f"{src}: crop must be a mapping like {{size: [224, 224, 160], mode: center}} or null")
         _check_keys(crop, CROP_KEYS, "crop", src)
         c = {"mode": _choice(crop.get("mode", "center"), ("center", "foreground"), "crop.mode", src)}
-        c["size"] = _triple(crop["size"], "crop.size", src, integer=True) if crop.get("size") is not None else None
+        c["size"] = (list(parse_triple(crop["size"], "crop.size", integer=True, above=0, error=SpecError, where=f"{src}: "))
+                     if crop.get("size") is not None else None)
         if c["size"] is None and c["mode"] == "center":
             raise SpecError(f"{src}: crop.mode center needs crop.size")
         c["input"] = crop.get("input", ref)
         if c["input"] not in inputs:
             raise SpecError(f"{src}: crop.input '{c['input']}' is not one of the inputs ({', '.join(inputs)})")
         c["threshold"] = float(_number(crop.get("threshold", 0.0), "crop.threshold", src))
-        margin = crop.get("margin", 0)
-        margin = margin if isinstance(margin, (list, tuple)) else [margin] * 3
-        if len(margin) != 3 or not all(_is_number(m) and m >= 0 and float(m).is_integer() for m in margin):
-            raise SpecError(f"{src}: crop.margin must be a whole number of voxels >= 0 or a list of 3, "
-                            f"got {crop.get('margin')!r}")
-        c["margin"] = [int(m) for m in margin]
+        c["margin"] = list(parse_triple(crop.get("margin", 0), "crop.margin", integer=True, at_least=0, error=SpecError,
+                                        where=f"{src}: "))
         spec["crop"] = c
     return spec
 

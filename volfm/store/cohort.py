@@ -6,6 +6,7 @@ existing .txt file is replaced by the file's text.
 from __future__ import annotations
 
 import csv
+import math
 import re
 import warnings
 from pathlib import Path
@@ -20,6 +21,23 @@ _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 class CohortError(VolfmError):
     pass
+
+
+def parse_icd_codes(cell) -> list[str]:
+    """A case's ICD codes as a list: ``'K76.0; I10;'`` -> ``['K76.0', 'I10']`` (';'-separated, stripped, empty
+    parts dropped); an iterable of codes is stripped likewise; None/NaN (cell or item) means no codes."""
+    if cell is None or (isinstance(cell, float) and math.isnan(cell)):
+        return []
+    if isinstance(cell, str):
+        return [c.strip() for c in cell.split(";") if c.strip()]
+    out = []
+    for c in cell:
+        if c is None or (isinstance(c, float) and math.isnan(c)):
+            continue
+        s = str(c).strip()
+        if s:
+            out.append(s)
+    return out
 
 
 def _dialect(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""The on-disk store of preprocessed cases (layout in DESIGN.md).
+"""The on-disk store of preprocessed cases (layout in docs/ARCHITECTURE.md).
 
     STORE/manifest.csv   one row per case: case_id, status, error, shape, spacing, table columns
     STORE/spec.yaml      resolved spec, its hash, the volfm version

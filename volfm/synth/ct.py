@@ -51,6 +51,7 @@ from volfm.io.affine import world_to_voxel
 from volfm.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 from volfm.store.splits import SPLIT_FRACTIONS  # noqa: F401 - re-exported
 from volfm.store.splits import assign_splits as _assign_splits
+from volfm.utils import parse_triple
 
 
 class FindingSpec(NamedTuple):
@@ -1039,9 +1040,7 @@ def make_ct_case(rng_or_seed, case_id: str = "ct_0000", shape=DEFAULT_SHAPE, *, 
     "report": str, "sex": 'M'/'F', "age": int, "metadata": {orientation, oblique_deg, contrast, spacing,
     details (measurements and lesion world positions, RAS mm)}}.
     """
-    shape = tuple(int(n) for n in shape)
-    if len(shape) != 3 or min(shape) < 8:
-        raise VolfmError(f"shape must be three sizes of at least 8 voxels, got {shape!r}")
+    shape = parse_triple(shape, "shape (voxels)", integer=True, at_least=8)
     ss = _seed_sequence(rng_or_seed)
     anat = _Anatomy(_stream(ss, _ANAT))
     probs = _probabilities(finding_prob)
@@ -1134,7 +1133,7 @@ def make_ct_cohort(out_dir, n_cases: int, seed: int = 0, shape=DEFAULT_SHAPE, wo
     n_cases = int(n_cases)
     if n_cases < 1:
         raise VolfmError(f"n_cases must be at least 1, got {n_cases!r}")
-    shape = tuple(int(n) for n in shape)
+    shape = parse_triple(shape, "shape (voxels)", integer=True, at_least=8)
     out = Path(out_dir)
     for sub in ("images", "labels"):
         (out / sub).mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ from volfm.io import Volume, write_nifti
 from volfm.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 from volfm.store.splits import SPLIT_FRACTIONS  # noqa: F401 - re-exported
 from volfm.store.splits import assign_splits as _assign_splits
+from volfm.utils import parse_triple
 
 TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -160,13 +161,6 @@ def _rng(seed_or_rng) -> np.random.Generator:
     return np.random.default_rng(seed_or_rng)
 
 
-def _spacing3(spacing) -> tuple[float, float, float]:
-    sp = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
-    if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
-        raise VolfmError(f"spacing must be positive millimetres (a number or three numbers), got {spacing!r}")
-    return tuple(float(s) for s in sp)
-
-
 def _rotation(deg) -> np.ndarray:
     ax, ay, az = np.deg2rad(deg)
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
@@ -219,7 +213,7 @@ def make_mripet_case(seed_or_rng, case_id: str, spacing=2.0, *, orientation: str
     Returns {"mri": Volume, "pet": Volume, "label": Volume, "metadata": dict}; the three volumes share
     shape and affine. MRI is integer-valued float32 (scanner units), PET float32 SUV, label uint8.
     """
-    sp = _spacing3(spacing)
+    sp = parse_triple(spacing, "spacing (mm)", above=0)
     if orientation is not None and orientation not in ORIENTATIONS:
         raise VolfmError(f"orientation must be one of {', '.join(ORIENTATIONS)}, got {orientation!r}")
     if hypometabolism is not None and hypometabolism != "none" and hypometabolism not in HYPO_REGIONS:
@@ -371,7 +365,7 @@ def make_mripet_cohort(out_dir, n_cases: int, seed: int = 0, spacing=2.0, progre
     if int(n_cases) < 1:
         raise VolfmError(f"n_cases must be at least 1, got {n_cases!r}")
     n_cases = int(n_cases)
-    sp = _spacing3(spacing)
+    sp = parse_triple(spacing, "spacing (mm)", above=0)
     out = Path(out_dir)
     for sub in ("mri", "pet", "label"):
         (out / sub).mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -36,8 +35,10 @@ import simple_icd_10_cm as _icd
 
 from volfm import VolfmError
 from volfm.io.atomic import write_json_atomic
+from volfm.store.cohort import parse_icd_codes
 
-__all__ = ["LEVELS", "normalize_code", "roll_up", "describe", "load_mapping", "IcdMapping", "IcdVocabulary"]
+__all__ = ["LEVELS", "normalize_code", "normalize_code_prefix", "roll_up", "describe", "load_mapping", "IcdMapping",
+           "IcdVocabulary"]
 
 LEVELS = ("full", "category", "block", "chapter")
 _MAPPING_LEVEL = "mapping"
@@ -83,7 +84,7 @@ def normalize_code(code) -> str | None:
     """
     if not isinstance(code, str):
         return None
-    flat = _STRIP.sub("", code).upper()
+    flat = normalize_code_prefix(code)
     if not _SHAPE.fullmatch(flat):
         return None
     if _icd.is_valid_item(flat):
@@ -91,8 +92,10 @@ def normalize_code(code) -> str | None:
     return flat if len(flat) == 3 else f"{flat[:3]}.{flat[3:]}"
 
 
-def _flat(code: str) -> str:
-    return code.replace(".", "")
+def normalize_code_prefix(code) -> str:
+    """ICD-10-CM code or code prefix in the undotted form used for prefix matching, without checking its shape:
+    whitespace and dots dropped, uppercased (``" k80.20 "`` -> ``"K8020"``, ``"K80.2"`` -> ``"K802"``)."""
+    return _STRIP.sub("", str(code)).upper()
 
 
 def roll_up(code: str, level: str) -> str | None:
@@ -137,24 +140,6 @@ def _check_level(level, allow_mapping: bool = False) -> None:
         raise VolfmError(f"unknown ICD level {level!r}; valid levels: {', '.join(valid)}")
 
 
-def _split_case(case) -> list[str]:
-    """A case's codes as a list: a ';'-separated string, an iterable of codes, or None/NaN (no codes)."""
-    if case is None:
-        return []
-    if isinstance(case, float) and math.isnan(case):
-        return []
-    if isinstance(case, str):
-        return [c.strip() for c in case.split(";") if c.strip()]
-    out = []
-    for c in case:
-        if c is None or (isinstance(c, float) and math.isnan(c)):
-            continue
-        s = c if isinstance(c, str) else str(c)
-        if s.strip():
-            out.append(s.strip())
-    return out
-
-
 # ------------------------------------------------------------------------------------------- mapping
 class IcdMapping:
     """A code -> targets table matched by the longest code prefix.
@@ -173,7 +158,7 @@ class IcdMapping:
 
     def lookup(self, code: str) -> list[str] | None:
         """Targets of a normalized (dotted or not) code by longest prefix; None when no entry covers it."""
-        flat = _flat(code)
+        flat = normalize_code_prefix(code)
         for n in range(min(len(flat), self._max_len), 2, -1):
             hit = self.entries.get(flat[:n])
             if hit is not None:
@@ -287,7 +272,7 @@ def load_mapping(path, columns: Sequence[str] | None = None) -> IcdMapping:
             if code not in malformed and len(malformed) < _N_EXAMPLES:
                 malformed.append(code)
             continue
-        targets = entries.setdefault(_flat(norm), [])
+        targets = entries.setdefault(normalize_code_prefix(norm), [])
         if target not in targets:
             targets.append(target)
         if di is not None and di < len(row) and row[di].strip() and target not in descriptions:
@@ -396,7 +381,7 @@ class IcdVocabulary:
         memo: dict[str, tuple[str, tuple[str, ...]]] = {}
         for case in code_lists:
             n_cases += 1
-            codes = _split_case(case)
+            codes = parse_icd_codes(case)
             if not codes:
                 n_no_codes += 1
             found: set[str] = set()
@@ -470,7 +455,7 @@ class IcdVocabulary:
         Malformed, unknown, unmapped and dropped (rare) codes are ignored; this never raises on codes.
         """
         out = np.zeros(len(self.classes), dtype=np.float32)
-        for raw in _split_case(codes):
+        for raw in parse_icd_codes(codes):
             for i in self._indices(raw):
                 out[i] = 1.0
         return out

@@ -38,7 +38,6 @@ shape with values ``0..num_classes-1`` and ``ignore_index``.
 """
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -50,6 +49,7 @@ from volfm import VolfmError
 from volfm.io.atomic import write_text_atomic
 from volfm.io.yamlfile import UniqueKeyLoader  # SafeLoader that rejects duplicate keys
 from volfm.store.cohort import read_table
+from volfm.utils import did_you_mean
 
 __all__ = ["LabelMap", "load_source_labels", "normalize_source_labels", "DEFAULT_IGNORE_INDEX"]
 
@@ -72,11 +72,6 @@ def _ranges(values: Iterable[int]) -> str:
         if v is not None:
             start = prev = v
     return ", ".join(out)
-
-
-def _did_you_mean(name: str, known: Iterable[str]) -> str:
-    near = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
-    return f" (did you mean '{near[0]}'?)" if near else ""
 
 
 def _is_int(v) -> bool:
@@ -279,7 +274,7 @@ class LabelMap:
                              f"'ignore_index'), got {type(doc).__name__}")
         for key in doc:
             if key not in _TOP_KEYS:
-                raise VolfmError(f"{origin}: unknown key {key!r}{_did_you_mean(str(key), _TOP_KEYS)}; a label map "
+                raise VolfmError(f"{origin}: unknown key {key!r}{did_you_mean(key, _TOP_KEYS, cutoff=0.6)}; a label map "
                                  f"has {', '.join(_TOP_KEYS)}")
         if "classes" not in doc:
             raise VolfmError(f"{origin}: no 'classes'; list the task's classes, e.g. classes: {{spleen: 2}}")
@@ -341,7 +336,7 @@ class LabelMap:
                                      "'source: {name: value, ...}' to the YAML, pass source_labels=, or use values")
                 if item not in source:
                     raise VolfmError(f"{origin}: {what}: unknown source label {item!r}"
-                                     f"{_did_you_mean(item, source)}; known: {', '.join(source)}")
+                                     f"{did_you_mean(item, source, cutoff=0.6)}; known: {', '.join(source)}")
                 out.append(source[item])
             else:
                 out.append(_check_value(item, f"{origin}: {what}"))

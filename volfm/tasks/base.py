@@ -16,7 +16,7 @@ dict (that is how ``load_from_checkpoint`` passes the saved hyper-parameters bac
 data so that ``torch.load(weights_only=True)`` reads them); an unknown key is an error naming it.
 
 ``patch_size`` is the training patch size: ``volfm fit`` links it from the DataModule's ``patch_size``
-(``link_arguments`` in :mod:`volfm.cli.main`), so a checkpoint knows the sliding-window size it was trained
+(``link_arguments`` in :mod:`volfm.cli.lightning`), so a checkpoint knows the sliding-window size it was trained
 with; ``None`` means whole volumes.
 """
 from __future__ import annotations

@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from volfm import VolfmError
-from volfm.data.dataset import parse_icd_codes
 from volfm.losses import (
     LogitScale,
     contrastive_loss,
@@ -58,6 +57,7 @@ from volfm.models.text import (
     tokenizer_to_json,
     train_wordpiece_tokenizer,
 )
+from volfm.store.cohort import parse_icd_codes
 from volfm.targets.icd import IcdVocabulary
 from volfm.targets.reports import report_views
 from volfm.tasks.base import EncoderConfig, EncoderTask, OptimConfig, as_config
