@@ -16,7 +16,7 @@ from volfm.utils import parse_triple_text
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")  # handled by LightningCLI (volfm.cli.lightning)
 
-# Each subcommand imports its own module when it runs (the `# noqa: PLC0415` lines below): measured on the
+# Each subcommand imports its own module when it runs (the PLC0415 exemptions below): measured on the
 # 2-core dev machine, `import volfm.cli.inspect` takes 0.7 s, `volfm.store.build` 3.4 s, while the training
 # stack (lightning, transformers, monai, peft: `import volfm.tasks`) takes 12 s, which `volfm inspect FILE` or
 # `volfm --help` should not pay.
