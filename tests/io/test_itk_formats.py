@@ -2,20 +2,14 @@
 SimpleITK's own reading and with geometry computed by hand from the tags."""
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from volfm.io import GeometryWarning, VolumeReadError, read_volume
 from volfm.io.affine import affine_from_sitk
-
-CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-PET_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
+from volfm.testing import DOSE_BQ, HALF_LIFE_S, WEIGHT_KG, pet_tags, write_dicom_series
 
 
 def oblique_direction():
@@ -121,50 +115,6 @@ def test_4d_mha_channels(tmp_path):
 
 # --- DICOM -------------------------------------------------------------------------------------
 
-def write_dicom_series(folder, kji, origin, row_dir, col_dir, pixel_spacing, dz, *, modality="CT",
-                       slopes=None, intercept=0.0, extra=None, series_uid=None, reverse_files=False):
-    """Minimal valid single-frame series: one file per slice k, array kji[k] is (Rows, Columns).
-
-    pixel_spacing = (row spacing, column spacing) as in DICOM PixelSpacing.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    study, frame = generate_uid(), generate_uid()
-    series_uid = series_uid or generate_uid()
-    row_dir, col_dir = np.asarray(row_dir, float), np.asarray(col_dir, float)
-    normal = np.cross(row_dir, col_dir)
-    nz, nr, nc = kji.shape
-    sop_class = CT_STORAGE if modality == "CT" else PET_STORAGE
-    for k in range(nz):
-        fm = FileMetaDataset()
-        sop = generate_uid()
-        fm.MediaStorageSOPClassUID = sop_class
-        fm.MediaStorageSOPInstanceUID = sop
-        fm.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = fm
-        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series_uid, frame
-        ds.Modality = modality
-        ds.PatientID, ds.PatientName = "P001", "Test^Patient"
-        ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in np.asarray(origin, float) + k * dz * normal]
-        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row_dir, *col_dir)]
-        ds.PixelSpacing = [f"{pixel_spacing[0]}", f"{pixel_spacing[1]}"]
-        ds.SliceThickness = f"{dz}"
-        ds.Rows, ds.Columns = nr, nc
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleSlope = f"{1.0 if slopes is None else slopes[k]}"
-        ds.RescaleIntercept = f"{intercept}"
-        if extra is not None:
-            extra(ds)
-        ds.PixelData = kji[k].astype("<i2").tobytes()
-        name = f"{(nz - 1 - k) if reverse_files else k:03d}.dcm"
-        pydicom.dcmwrite(folder / name, ds, enforce_file_format=True)
-    return series_uid
-
-
 def dicom_geometry():
     row = np.array([np.cos(np.deg2rad(20)), np.sin(np.deg2rad(20)), 0.0])
     col = np.array([0.0, np.cos(0.3), -np.sin(0.3)])
@@ -242,23 +192,6 @@ def test_unknown_series_id_is_one_line_error(tmp_path):
 
 
 # --- PET / SUV ---------------------------------------------------------------------------------
-
-WEIGHT_KG, DOSE_BQ, HALF_LIFE_S = 72.5, 3.7e8, 6586.2
-INJECTION, SERIES = "093512.50", "103000"
-
-
-def pet_tags(ds, *, weight=True, units="BQML", decay="START"):
-    ds.Units = units
-    ds.DecayCorrection = decay
-    ds.SeriesTime = SERIES
-    if weight:
-        ds.PatientWeight = f"{WEIGHT_KG}"
-    info = Dataset()
-    info.RadionuclideTotalDose = f"{DOSE_BQ}"
-    info.RadionuclideHalfLife = f"{HALF_LIFE_S}"
-    info.RadiopharmaceuticalStartTime = INJECTION
-    ds.RadiopharmaceuticalInformationSequence = [info]
-
 
 def expected_suv_factor(decay=True):
     t_inj = 9 * 3600 + 35 * 60 + 12.5

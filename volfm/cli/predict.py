@@ -5,6 +5,12 @@ synthesised image (``<name>_synth.nii.gz``, float32), and with ``--target`` (a f
 named like the inputs) also the metrics against it and a QC PNG with source, prediction, target and
 difference.
 
+Units of a synthesised image (:func:`output_units`; in the NIfTI ``descrip`` field and ``predictions.json``):
+the target modality's physical units where the store's intensity step can be undone (SUV for PET stored as
+SUV, the files' own values for PET stored as values x factor, HU for a CT window), else the store's units (a
+z-scored MRI). A ``--target`` file goes through the same intensity step into the same units before it is
+compared, so a PET target in Bq/ml (DICOM with dose tags) or an MRI on any scale is scored fairly.
+
     volfm predict --config recipes/seg_finetune.yaml --ckpt_path runs/.../last.ckpt \
                   --input scan.nii.gz|folder/ --out predictions/
 
@@ -20,7 +26,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,14 +37,15 @@ from tqdm import tqdm
 
 from volfm import VolfmError
 from volfm.inference.sliding_window import predict_to_source
-from volfm.io import read_volume, write_nifti
+from volfm.io import is_image_path, read_volume, write_nifti
 from volfm.metrics.synthesis import synthesis_metrics
+from volfm.preprocess.intensity import apply_intensity
 from volfm.preprocess.pipeline import Pipeline
 from volfm.preprocess.qc import render_case_png
 from volfm.preprocess.resample import resample_to_grid
 from volfm.tasks import load_task
 
-__all__ = ["predict_files"]
+__all__ = ["OutputUnits", "output_units", "predict_files"]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -87,35 +96,78 @@ def load_predictor(ckpt):
 
 
 def _matching(f: Path, target) -> Path | None:
-    """The target image for input ``f``: ``target`` itself (a file), or the file with f's name in a folder."""
+    """The target image for input ``f``: ``target`` itself (a file or a DICOM series folder), or the file (or
+    DICOM series folder) with f's name inside a folder of targets."""
     if not target:
         return None
     t = Path(target)
     if t.is_file():
         return t
-    cands = [c for c in (t.iterdir() if t.is_dir() else []) if c.is_file() and _stem(c) == _stem(f)]
-    if not cands:
-        raise VolfmError(f"--target {t}: no file named like {f.name} (same name, any image suffix)")
-    return cands[0]
+    cands = [c for c in (t.iterdir() if t.is_dir() else []) if _stem(c) == _stem(f) and is_image_path(c)]
+    if cands:
+        return cands[0]
+    if t.is_dir() and is_image_path(t):  # the folder is itself one DICOM series
+        return t
+    raise VolfmError(f"--target {t}: no image or DICOM series named like {f.name} (same name, any image suffix)")
 
 
-def _target_on_grid(vol, tgt: Path) -> np.ndarray:
-    """The target image on the prediction's (= the input's) grid; resampled when it was stored on another one."""
+class OutputUnits(NamedTuple):
+    """The units a synthesised image is written in, and how the model's stored-unit output gets there."""
+
+    name: str
+    to_output: Callable[[np.ndarray], np.ndarray]
+
+
+def output_units(intensity: dict | None) -> OutputUnits:
+    """The output units of a model trained on a store whose target input has the spec ``intensity`` block.
+
+    The model predicts in the store's units; the written image is in the modality's physical units where the
+    stored step can be undone: Hounsfield units for a CT window (clipped to the window), SUV for PET stored as SUV,
+    the PET files' own values for PET stored as values x factor. A z-scored MRI has no physical unit (its
+    mean and scale come from each image itself), so it stays a z-score.
+    """
+    cfg = dict(intensity or {})
+    kind = cfg.get("type", "none")
+    if kind == "ct_window":
+        lo, hi = float(cfg.get("hu_min", -1000.0)), float(cfg.get("hu_max", 1000.0))
+        o0, o1 = float(cfg.get("out_min", 0.0)), float(cfg.get("out_max", 1.0))
+        return OutputUnits(f"HU (window {lo:g}..{hi:g})", lambda a: (a - o0) / (o1 - o0) * (hi - lo) + lo)
+    if kind == "pet":
+        mode, factor = cfg.get("mode", "auto"), float(cfg.get("factor", 1.0))
+        if mode == "suv":
+            return OutputUnits("SUV (body weight)", lambda a: a)
+        if mode == "scale":  # stored = file values x factor: undo the factor
+            return OutputUnits("the PET files' own units", lambda a: a / factor)
+        # auto: SUV for DICOM PET with dose tags, file values x factor otherwise (which one depends on the case)
+        extra = f" x {factor:g}" if factor != 1.0 else ""
+        return OutputUnits(f"SUV where the PET had DICOM dose tags, else the file values{extra}", lambda a: a)
+    if kind == "mri_zscore":
+        return OutputUnits("z-score (MRI standardised in its own foreground; no physical unit)", lambda a: a)
+    return OutputUnits("the training images' units", lambda a: a)
+
+
+def _target_on_grid(vol, tgt: Path, intensity: dict | None) -> np.ndarray:
+    """The target image in the prediction's units, on the prediction's (= the input's) grid: the target file
+    goes through the store spec's intensity step for the target input (z-score, SUV from DICOM tags, x factor,
+    CT window), then into the output units, then is resampled when it lies on another grid."""
     t = read_volume(str(tgt))
+    t, _ = apply_intensity(t, intensity)
+    t = t.replace(array=output_units(intensity).to_output(t.array).astype(np.float32))
     if tuple(t.shape) != tuple(vol.shape) or not np.allclose(t.affine, vol.affine, atol=1e-3):
         t = resample_to_grid(t, vol.affine, vol.shape, order="linear")
     return t.array[0].astype(np.float32)
 
 
-def _compare_target(vol, tgt: Path) -> dict:
-    t = _target_on_grid(vol, tgt)
+def _compare_target(vol, tgt: Path, intensity: dict | None) -> dict:
+    t = _target_on_grid(vol, tgt, intensity)
     mask = t > 0 if (t > 0).any() else None
     m = synthesis_metrics(vol.array[0], t, mask=mask)
     return {"target": str(tgt), "metrics": {k: m[k] for k in ("mae", "psnr", "ssim")},
-            "metric_protocol": "inside target > 0, range = the target's range there (volfm.metrics.synthesis)"}
+            "metric_protocol": "target through the store's intensity step into the output units, then inside "
+                               "target > 0, range = the target's range there (volfm.metrics.synthesis)"}
 
 
-def _qc_png(path: Path, f: Path, vol, tgt, label_out: bool, task) -> Path:
+def _qc_png(path: Path, f: Path, vol, tgt, label_out: bool, task, intensity: dict | None = None) -> Path:
     """Labels: source slices with the prediction overlaid. Synthesis: source, prediction, target, difference."""
     src = read_volume(str(f))
     if label_out:
@@ -123,7 +175,7 @@ def _qc_png(path: Path, f: Path, vol, tgt, label_out: bool, task) -> Path:
                                title=f"{f.name}: {', '.join(task.class_names[1:])}")
     extra = [("prediction", vol.array[0])]
     if tgt is not None:
-        t = _target_on_grid(vol, tgt)
+        t = _target_on_grid(vol, tgt, intensity)
         extra += [("target", t), ("difference (prediction - target)", vol.array[0] - t)]
     return render_case_png(path, src.array[0], src.affine, None, title=f"{f.name}: source", extra=extra)
 
@@ -146,6 +198,9 @@ def predict_files(ckpt, inputs, out, config=None, store=None, device: str | None
     name = getattr(task, "source_name", None) or (list(data.get("arrays") or []) or image_inputs)[0]
     if name not in image_inputs:
         raise VolfmError(f"the model reads '{name}' but the store spec {spec_file} has image inputs {image_inputs}")
+    target_name = getattr(task, "target_name", None)
+    target_intensity = (spec["inputs"].get(target_name) or {}).get("intensity") if target_name else None
+    units = output_units(target_intensity)
     spec = {**spec, "inputs": {n: c for n, c in spec["inputs"].items() if n == name}, "reference": name}
     pipe = Pipeline(spec, source=str(spec_file))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -168,18 +223,22 @@ def predict_files(ckpt, inputs, out, config=None, store=None, device: str | None
             pred = task.predict_volume(proc.arrays[name], patch_size=patch)
             meta = {**proc.meta, "affine": proc.affine.tolist(), "case_id": case}
             vol = predict_to_source(pred.astype(np.float32), meta, order="nearest" if label_out else "linear")
-            arr = np.rint(vol.array).astype(np.uint8) if label_out else vol.array.astype(np.float32)
+            arr = np.rint(vol.array).astype(np.uint8) if label_out else units.to_output(vol.array).astype(np.float32)
             vol = type(vol)(arr, vol.affine, {"path": f"prediction for {f}"})
-            seg = write_nifti(vol, out / f"{case}{suffix}.nii.gz")
+            desc = (f"volfm labels: {', '.join(task.class_names)}" if label_out
+                    else f"volfm synthetic {target_name}, units: {units.name}")
+            seg = write_nifti(vol, out / f"{case}{suffix}.nii.gz", description=desc)
             row = {"input": str(f), "output": str(seg), "shape": list(vol.array.shape[1:]),
                    "seconds": round(time.perf_counter() - t0, 2)}
+            if not label_out:
+                row["units"] = units.name
             if label_out:
                 row["voxels_per_class"] = {n: int((vol.array == i).sum()) for i, n in enumerate(task.class_names)}
             tgt = _matching(f, target)
             if tgt is not None and not label_out:
-                row.update(_compare_target(vol, tgt))
+                row.update(_compare_target(vol, tgt, target_intensity))
             if qc:
-                row["qc"] = str(_qc_png(out / f"{case}_qc.png", f, vol, tgt, label_out, task))
+                row["qc"] = str(_qc_png(out / f"{case}_qc.png", f, vol, tgt, label_out, task, target_intensity))
             results.append(row)
         except VolfmError as exc:
             failures.append({"input": str(f), "error": " ".join(str(exc).split())})

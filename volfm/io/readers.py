@@ -385,11 +385,12 @@ def dicom_pet_meta(first_file) -> dict:
     return out
 
 
-def write_nifti(volume: Volume, path, dtype=None) -> Path:
+def write_nifti(volume: Volume, path, dtype=None, description: str | None = None) -> Path:
     """Write a Volume as NIfTI-1 with sform and qform (code 1, scanner) set to its affine.
 
     A sheared affine cannot be a qform: the qform code is then 0 and only the sform carries it.
-    Multi-channel volumes are written 4D (I, J, K, C). The write is atomic.
+    Multi-channel volumes are written 4D (I, J, K, C). ``description`` goes into the header's ``descrip``
+    field (NIfTI-1 keeps 79 characters). The write is atomic.
     """
     path = Path(path)
     arr = volume.array if dtype is None else volume.array.astype(dtype)
@@ -397,6 +398,8 @@ def write_nifti(volume: Volume, path, dtype=None) -> Path:
     data = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, 3)
     img = nib.Nifti1Image(np.asarray(data), volume.affine, dtype=out_dtype)
     img.header.set_xyzt_units("mm", "sec")
+    if description:
+        img.header["descrip"] = description.encode("ascii", "replace")[:79]
     img.set_sform(volume.affine, code=1)
     if geo.is_sheared(volume.affine):
         img.set_qform(None, code=0)
