@@ -8,8 +8,6 @@ import pytest
 from volfm.io import readers
 from volfm.io.readers import read_volume
 
-pytest.importorskip("isal")
-
 
 def _fixtures(tmp_path):
     rng = np.random.default_rng(0)

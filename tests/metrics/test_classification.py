@@ -4,6 +4,7 @@ import warnings
 
 import numpy as np
 import pytest
+import sklearn.metrics as sk_metrics  # scikit-learn is the reference (a dev dependency)
 import torch
 
 from volfm import VolfmError
@@ -15,8 +16,6 @@ from volfm.metrics.classification import (
     macro_f1,
     multilabel_metrics,
 )
-
-sk_metrics = pytest.importorskip("sklearn.metrics")
 
 
 def _tied_binary(seed, n=200, levels=7, prevalence=0.3):

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import sklearn.linear_model as lm  # the reference (a dev dependency)
 
 from volfm import VolfmError
 from volfm.metrics.classification import binary_auroc, multilabel_metrics
@@ -47,7 +48,6 @@ def test_probe_shuffled_labels_score_near_half():
 
 @pytest.mark.parametrize("C", [0.05, 1.0])
 def test_probe_matches_sklearn_logistic_regression(C):
-    lm = pytest.importorskip("sklearn.linear_model")
     tx, ty = _linear_data(4, 250, noise=1.0)
     vx, vy = _linear_data(5, 200, noise=1.0)
     probe = fit_linear_probe(tx, ty, C=C)
