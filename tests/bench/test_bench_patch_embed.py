@@ -1,6 +1,7 @@
 """`volfm bench patch-embed` on CPU: a tiny run with triton under the interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), the FLOP formula, the --shapes parser, the peak table; the real run needs CUDA."""
 import contextlib
+import importlib.util
 import io
 import json
 
@@ -14,8 +15,18 @@ from volfm.bench import patch_embed as bpe
 TINY = "2x1x16x16x8:8x8x4:16"
 TINY_FWD_FLOPS = 2 * (2 * 8) * 256 * 16  # 2 * M * Kp * E = 131072
 
-needs_interpreter = pytest.mark.skipif(not pe.triton_usable("cpu"),
-                                       reason="triton not installed / TRITON_INTERPRET not set before import")
+
+def _triton_skip_reason() -> str | None:
+    """Named conditions only (never a kernel run): a kernel that raises or is off must fail the tiny run."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not pe.triton_interpret_enabled():
+        return "TRITON_INTERPRET=1 is not set (tests/conftest.py sets it)"
+    return None
+
+
+TRITON_SKIP = _triton_skip_reason()
+needs_interpreter = pytest.mark.skipif(TRITON_SKIP is not None, reason=f"triton cannot run here: {TRITON_SKIP}")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -28,8 +39,8 @@ def _run(argv):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    if not pe.triton_usable("cpu"):
-        pytest.skip("triton cannot run under the interpreter here")
+    if TRITON_SKIP is not None:
+        pytest.skip(f"triton cannot run here: {TRITON_SKIP}")
     out_json = tmp_path_factory.mktemp("bench_pe") / "results.json"
     rc, text = _run(["--shapes", TINY, "--device", "cpu", "--include-interpreted", "--repeats", "1",
                      "--warmup", "1", "--json", str(out_json)])
@@ -80,8 +91,9 @@ def test_tiny_run_json_values(tiny_run):
             assert r["tflops"] == pytest.approx(e["flops"] / (r["median_ms"] * 1e-3) / 1e12)
         assert e["linear_over_triton"] == pytest.approx(ms["linear"] / ms["triton"])
         assert e["cudnn_over_triton"] == pytest.approx(ms["cudnn"] / ms["triton"])
-    checks = {c["method"]: c for c in doc["correctness"]}
+    checks = {c["method"]: c for c in doc["correctness"] if not c["ragged"]}
     assert set(checks) == {"triton", "linear", "cudnn"}
+    assert all(c["shape"] == [2, 1, 16, 16, 8] for c in checks.values())
     for m in ("triton", "cudnn"):
         c = checks[m]
         for key in ("out_vs_linear", "out_vs_fp32", "dW_vs_linear", "db_vs_linear", "dx_vs_linear"):
@@ -90,6 +102,27 @@ def test_tiny_run_json_values(tiny_run):
     assert checks["linear"]["out_vs_linear"] == 0.0
     assert all(doc["goals"][k]["pass"] is None for k in ("vs_linear", "vs_cudnn", "peak"))
     assert doc["goals"]["match"]["pass"] is True and doc["goals"]["match"]["worst_rel_diff"] <= 1e-4
+
+
+@needs_interpreter
+def test_tiny_run_also_checks_a_ragged_shape(tiny_run):
+    """The correctness check (not the timing) also runs on a shape whose M, E and Kp are multiples of none of the
+    kernels' block sizes and span at least two blocks: the masked tile edges of the forward and both backward kernels."""
+    _, text, doc, _ = tiny_run
+    for dev, blocks in (("cpu", (16,)), ("cuda", (32, 64, 128, 256))):  # the interpreter's and the GPU's blocks
+        c = bpe.parse_shape(bpe.RAGGED_CHECK_SHAPES[dev])
+        for n in (c.shape[0] * c.tokens, c.embed_dim, c.k):  # M, E, Kp: ragged, and at least two blocks
+            assert all(n % blk for blk in blocks) and n > max(blocks), (dev, n)
+    case = bpe.parse_shape(bpe.RAGGED_CHECK_SHAPES["cpu"])
+    ragged = [c for c in doc["correctness"] if c["ragged"]]
+    assert sorted(c["method"] for c in ragged) == ["cudnn", "linear", "triton"]
+    for c in ragged:
+        assert (c["shape"], c["patch"], c["embed_dim"]) == (list(case.shape), list(case.patch), case.embed_dim)
+        for key in ("out_vs_linear", "out_vs_fp32", "dW_vs_linear", "db_vs_linear", "dx_vs_linear"):
+            assert 0 <= c[key] <= 1e-4, (c["method"], key, c[key])
+        assert c["ok"] is True
+    assert sum(ln.endswith("(ragged, check only)") for ln in text.splitlines()) == 3
+    assert all(e["shape"] != list(case.shape) for e in doc["results"])  # checked, never timed
 
 
 def test_without_triton_no_input_grad_and_peak_override(tmp_path):
@@ -110,6 +143,8 @@ def test_without_triton_no_input_grad_and_peak_override(tmp_path):
         assert r["pct_peak"] == pytest.approx(100 * r["tflops"] / 0.001)
     cud = next(c for c in doc["correctness"] if c["method"] == "cudnn")
     assert "dx_vs_linear" not in cud and cud["dW_vs_linear"] <= 1e-4 and cud["ok"] is True
+    assert sorted((c["method"], c["ragged"]) for c in doc["correctness"]) == [
+        ("cudnn", False), ("cudnn", True), ("linear", False), ("linear", True)]
     assert doc["peak_source"] == "--peak-tflops"
     assert all(ln.endswith("skipped (no GPU)") for ln in text.splitlines() if ln.startswith("goal: "))
 
@@ -202,6 +237,9 @@ def test_cuda_run(tmp_path):  # pragma: no cover - needs a GPU
     assert rc == 0 and doc["goals"]["match"]["pass"] is True
     for c in doc["correctness"]:
         assert c["ok"] is True and c["out_vs_fp32"] <= doc["tolerance"]
+    ragged = bpe.parse_shape(bpe.RAGGED_CHECK_SHAPES["cuda"])
+    assert sorted(c["method"] for c in doc["correctness"] if c["ragged"]) == ["cudnn", "linear", "triton"]
+    assert all(c["shape"] == list(ragged.shape) for c in doc["correctness"] if c["ragged"])
     for e in doc["results"]:
         assert e["linear_over_triton"] > 0 and e["cudnn_over_triton"] > 0
     goal_lines = [ln for ln in text.splitlines() if ln.startswith("goal: ")]

@@ -1,5 +1,6 @@
 """Segmentation decoders: output sizes (odd, anisotropic), deep supervision, gradients, MONAI UNETR
-as the reference for the UNETR decoder, and a tiny overfit on a synthetic sphere."""
+as the reference for the UNETR decoder, skip wiring (every skip moves the output, per-stage shapes and
+inputs, a known-answer U-Net decoder) and a tiny overfit on a synthetic sphere."""
 import pytest
 import torch
 
@@ -170,6 +171,107 @@ def test_unet_decoder_options_and_errors():
         UNetDecoder(info[:1] + [{"num_chs": 16, "reduction": (3, 4, 2)}], 1, 2)
     with pytest.raises(VolfmError, match="bad decoder options"):
         _model(RESNET, feature_size=8)  # a UNETR option given to the U-Net decoder
+
+
+# --------------------------------------------------------------------------- skip wiring
+
+
+@pytest.mark.parametrize("spec, size", [(RESNET, (40, 36, 20)), (VIT, (32, 32, 32))], ids=["unet", "unetr"])
+def test_every_skip_changes_the_output(spec, size):
+    """Zeroing any one encoder map, or changing the raw input (the full-resolution skip), changes the logits; an
+    overfit test cannot see a skip that is dropped, since the image alone (thresholded) segments the sphere."""
+    model = _model(spec, num_classes=2).eval()
+    x = _x(*size)
+    with torch.no_grad():
+        feats = model.encoder.forward_intermediates(x)
+        base = model.decoder(feats, x)
+        scale = base.abs().max()
+        for i in range(len(feats)):
+            zeroed = list(feats)
+            zeroed[i] = torch.zeros_like(feats[i])
+            diff = (model.decoder(zeroed, x) - base).abs().max()
+            assert diff > 1e-3 * scale, f"encoder map {i} of {len(feats)} does not reach the output"
+        diff = (model.decoder(feats, x + _x(*size, seed=1)) - base).abs().max()
+        assert diff > 1e-3 * scale, "the raw-input skip does not reach the output"
+
+
+def test_unet_stages_get_their_skips_and_give_their_shapes():
+    """Each U-Net stage takes the deeper stage's output (the deepest map first) and the encoder map one level up
+    (the raw-input skip at full resolution) and returns (B, channels[i], input size / reduction, rounded up)."""
+    size = (40, 36, 20)
+    model = _model(RESNET, num_classes=3).eval()
+    dec = model.decoder
+    x = _x(*size, b=2)
+    reds = [(1, 1, 1)] + [tuple(i["reduction"]) for i in model.encoder.feature_info]
+    calls = {}
+    hooks = [st.register_forward_hook(lambda m, args, out, i=i: calls.__setitem__(i, (args, out)))
+             for i, st in enumerate(dec.stages)]
+    try:
+        with torch.no_grad():
+            feats = model.encoder.forward_intermediates(x)
+            out = dec(feats, x)
+    finally:
+        for h in hooks:
+            h.remove()
+    n = len(dec.stages)
+    assert n == len(feats) == 5 and sorted(calls) == list(range(n))
+    for f, info, red in zip(feats, model.encoder.feature_info, reds[1:]):
+        assert f.shape == (2, info["num_chs"]) + _ceil(size, red)
+    for i in range(n):
+        (deeper, skip), y = calls[i]
+        assert y.shape == (2, dec.channels[i]) + _ceil(size, reds[i]), i
+        assert deeper is (feats[-1] if i == n - 1 else calls[i + 1][1]), f"stage {i} does not take the deeper stage"
+        if i > 0:
+            assert skip is feats[i - 1], f"stage {i} does not take encoder map {i - 1} as its skip"
+        else:
+            assert skip.shape == (2, dec.channels[0]) + size
+            torch.testing.assert_close(skip, dec.input_skip(x))
+    torch.testing.assert_close(out, dec.head(calls[0][1]))
+
+
+def _center_tap(conv, *scales):
+    """A 3x3x3 conv that multiplies input channel c by scales[c] (one output channel, no bias)."""
+    with torch.no_grad():
+        conv.weight.zero_()
+        for c, s in enumerate(scales):
+            conv.weight[0, c, 1, 1, 1] = s
+        conv.bias.zero_()
+
+
+def test_unet_decoder_known_answer():
+    """With 1-channel maps, no norm, nearest-neighbour transposed convs and centre-tap convs, every stage computes
+    up(deeper) + c * skip (positive values pass LeakyReLU unchanged), so the logits are a sum written here:
+    out[q] = f2[q // r2] + c1 f1[q // r1] + c0 f0[q // r0] + c_in x[q], on an odd input size (crops at the far end)."""
+    reds = [(2, 2, 1), (4, 4, 2), (8, 8, 4)]
+    info = [{"num_chs": 1, "reduction": r} for r in reds]
+    dec = UNetDecoder(info, in_chans=1, num_classes=1, channels=[1, 1, 1], norm="none").eval()
+    coef = {"x": 2.0, 0: 3.0, 1: 5.0}  # stage 0's skip is the raw input, stage i's is encoder map i - 1
+    _center_tap(dec.input_skip[0], 1.0)
+    for i, stage in enumerate(dec.stages):
+        with torch.no_grad():
+            stage.up.weight.fill_(1.0)  # kernel == stride: nearest-neighbour upsampling
+            stage.up.bias.zero_()
+        _center_tap(stage.convs[0][0], 1.0, coef["x" if i == 0 else i - 1])  # cat order: [upsampled, skip]
+        _center_tap(stage.convs[1][0], 1.0)
+    with torch.no_grad():
+        dec.head.weight.fill_(1.0)
+        dec.head.bias.zero_()
+
+    size = (20, 12, 7)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, *size, generator=g) + 0.5
+    feats = [torch.rand(2, 1, *_ceil(size, r), generator=g) + 0.5 for r in reds]
+
+    def at_full_res(f, r):  # f[q // r] on every axis
+        idx = [torch.arange(s) // ri for s, ri in zip(size, r)]
+        return f[:, :, idx[0]][:, :, :, idx[1]][:, :, :, :, idx[2]]
+
+    expected = (at_full_res(feats[2], reds[2]) + coef[1] * at_full_res(feats[1], reds[1])
+                + coef[0] * at_full_res(feats[0], reds[0]) + coef["x"] * x)
+    with torch.no_grad():
+        out = dec(feats, x)
+    assert out.shape == (2, 1) + size
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def _sphere(n=32, seed=0):

@@ -41,6 +41,10 @@ fp32 reference (the linear path on the inputs cast to float32), and in fwd+bwd m
 against the linear path's, each as max |diff| / max |reference| (relative, since the rounding of
 bf16/fp16 scales with the values); tolerance 2 * eps of the dtype for bf16/fp16, 1e-4 for fp32
 (with fp32, TF32 is switched off for cuDNN during the run so that all three compute in fp32).
+The same check also runs on one small ragged shape (``RAGGED_CHECK_SHAPES``, one for CPU and one for
+CUDA; not timed): M = B * N, E and Kp there are multiples of none of the kernels' block sizes (16
+under the interpreter, 32-256 on the GPU) and span at least two blocks each, so the kernels' edge
+masks are checked whatever ``--shapes`` says; its rows are marked "(ragged, check only)".
 
 Goals (CUDA only; on CPU they print "skipped (no GPU)"): triton >= 1.3x the F.linear path and
 triton faster than cuDNN, on every shape and mode; triton >= 60 % of the dense bf16 peak (forward,
@@ -89,6 +93,11 @@ FP32_TOL = 1e-4
 CUDA_TARGET_MS = 2.0  # auto --inner: back-to-back calls per timed repeat, about this long
 CPU_TARGET_MS = 20.0
 MAX_INNER = 1000
+# Checked for correctness only (never timed), after the --shapes; M = B*N, Kp and E are multiples of none of the
+# kernels' block sizes and span at least two blocks each. CPU (interpreter, blocks 16; kept small, it is slow):
+# grid 2x2x3, M = 24, Kp = 3*3*5*3 = 135, E = 20. CUDA (blocks 32..256): grid 6x4x3, M = 360, Kp = 3*5*5*7 = 525,
+# E = 300.
+RAGGED_CHECK_SHAPES = {"cpu": "2x3x6x10x9:3x5x3:20", "cuda": "5x3x30x20x21:5x5x7:300"}
 
 
 # --- shapes, FLOPs, peaks --------------------------------------------------------------------------
@@ -338,6 +347,22 @@ def _check(torch, fns, methods, case, x, w, b, gout, modes, input_grad):
     return res
 
 
+def _check_into(checks, failed, torch, fns, methods, case, x, w, b, gout, modes, input_grad, tol, ragged):
+    """Run :func:`_check` on the methods that have not failed; append one row per method to ``checks``."""
+    ok_methods = [m for m in methods if m not in failed]
+    if "linear" not in ok_methods:
+        return
+    try:
+        chk = _check(torch, fns, ok_methods, case, x, w, b, gout, modes, input_grad)
+    except Exception as exc:
+        failed.setdefault("check", f"{type(exc).__name__}: {' '.join(str(exc).splitlines())[:300]}")
+        chk = {}
+    for m, r in chk.items():
+        vals = [v for v in r.values()]
+        checks.append({"shape": list(case.shape), "patch": list(case.patch), "embed_dim": case.embed_dim,
+                       "method": m, **r, "tol": tol, "ok": bool(all(v <= tol for v in vals)), "ragged": ragged})
+
+
 def _grads(torch, fn, x, w, b, gout, patch, input_grad):
     xg = x.detach().requires_grad_(input_grad)
     wg = w.detach().requires_grad_(True)
@@ -514,20 +539,15 @@ def _run(args, cases, torch, device) -> int:
                 results.append(entry)
                 if cuda:
                     torch.cuda.empty_cache()
-            ok_methods = [m for m in methods if m not in failed]
-            if "linear" in ok_methods:
-                try:
-                    chk = _check(torch, fns, ok_methods, case, x, w, b, gout, modes, input_grad)
-                except Exception as exc:
-                    failed.setdefault("check", f"{type(exc).__name__}: {' '.join(str(exc).splitlines())[:300]}")
-                    chk = {}
-                for m, r in chk.items():
-                    vals = [v for v in r.values()]
-                    checks.append({"shape": list(case.shape), "patch": list(case.patch), "embed_dim": case.embed_dim,
-                                   "method": m, **r, "tol": tol, "ok": bool(all(v <= tol for v in vals))})
+            _check_into(checks, failed, torch, fns, methods, case, x, w, b, gout, modes, input_grad, tol, False)
             del x, w, b, gout
             if cuda:
                 torch.cuda.empty_cache()
+        # the masked edges of every kernel, on a shape that is ragged in M, E and Kp (correctness only)
+        ragged = parse_shape(RAGGED_CHECK_SHAPES["cuda" if cuda else "cpu"])
+        x, w, b, gout = _make_inputs(torch, ragged, dtype, device, args.seed + len(cases))
+        _check_into(checks, failed, torch, fns, methods, ragged, x, w, b, gout, modes, input_grad, tol, True)
+        del x, w, b, gout
     finally:
         torch.backends.cudnn.allow_tf32 = saved_cudnn_tf32
 
@@ -564,7 +584,8 @@ def _run(args, cases, torch, device) -> int:
         vs_lin = "0 (ref)" if c["method"] == "linear" else f"{c['out_vs_linear']:.3g}"
         print(f"{'x'.join(map(str, c['shape'])):<18} {'x'.join(map(str, c['patch'])):<9} {c['method']:<7} "
               f"{vs_lin:>13} {c['out_vs_fp32']:11.3g}"
-              + "".join(f" {c[g + '_vs_linear']:12.3g}" for g in gnames) + f"  {'yes' if c['ok'] else 'NO'}")
+              + "".join(f" {c[g + '_vs_linear']:12.3g}" for g in gnames) + f"  {'yes' if c['ok'] else 'NO'}"
+              + ("  (ragged, check only)" if c["ragged"] else ""))
 
     # --- goals
     print()
