@@ -150,7 +150,38 @@ def test_fused_pipeline_equals_step_by_step(on_disk):
     np.testing.assert_array_equal(case.arrays["label"], lstep.array)
 
 
-@pytest.mark.parametrize("spacing", [[1.5, 1.5, 3.0], [0.5, 0.5, 6.0]], ids=["down_in_plane", "up_in_plane"])
+def one_voxel_shifts(a):
+    """Copies of an (I, J, K) array moved by one voxel along each axis, both ways, zero-filled."""
+    out = []
+    for axis in range(3):
+        for src, dst in ((slice(0, -1), slice(1, None)), (slice(1, None), slice(0, -1))):
+            s = np.zeros_like(a)
+            s[(slice(None),) * axis + (dst,)] = a[(slice(None),) * axis + (src,)]
+            out.append(s)
+    return out
+
+
+def dice(a, b):
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def fg_agreement(a, b):
+    """Share of voxels labelled alike among those foreground in either (background does not count)."""
+    fg = (a > 0) | (b > 0)
+    return float((a[fg] == b[fg]).mean())
+
+
+def centroid_offset(mask, truth, affine, stored_affine):
+    """World (RAS mm, voxel index -> mm through ``affine``) centroid of ``mask`` minus that of ``truth``,
+    in stored voxels along each stored axis."""
+    d = affine[:3, :3] @ (np.argwhere(mask).mean(0) - np.argwhere(truth).mean(0))
+    return np.linalg.solve(np.asarray(stored_affine)[:3, :3], d)
+
+
+# up_in_plane: 5.5 mm, not 6, through plane: with 6 mm stored slices over the blob's six 5 mm source slices,
+# the nearest resample onto the stored grid already moves its centroid by 1.8 mm (0.3 slice) and loses as much
+# overlap as a one-voxel shift, so no map-back could meet the bounds below
+@pytest.mark.parametrize("spacing", [[1.5, 1.5, 3.0], [0.5, 0.5, 5.5]], ids=["down_in_plane", "up_in_plane"])
 def test_label_maps_back_to_source(on_disk, spacing):
     img_path, lab_path = on_disk
     lab = read_volume(lab_path, dtype=None)
@@ -159,11 +190,15 @@ def test_label_maps_back_to_source(on_disk, spacing):
     back = to_source_grid(case.arrays["label"], case.meta, "label")
     np.testing.assert_allclose(back.affine, lab.affine, atol=1e-6)
     assert back.shape == lab.shape
-    agree = (back.array == lab.array).mean()
-    assert agree >= 0.95
-    inter = np.logical_and(back.array == 1, lab.array == 1).sum()
-    dice = 2 * inter / ((back.array == 1).sum() + (lab.array == 1).sum())
-    assert dice > 0.85, dice
+    # exact to well under a voxel: world centroid within a quarter of a stored voxel, Dice and foreground
+    # agreement above the best that the source label itself moved by one voxel gets
+    got, src = back.array[0], lab.array[0]
+    off = centroid_offset(got == 1, src == 1, lab.affine, case.affine)
+    assert np.abs(off).max() <= 0.25, f"centroid off by {off} stored voxels"
+    d, bound = dice(got == 1, src == 1), max(dice(s == 1, src == 1) for s in one_voxel_shifts(src))
+    assert d > bound, f"Dice {d:.4f} <= {bound:.4f} of a one-voxel shift"
+    agree, bound = fg_agreement(got, src), max(fg_agreement(s, src) for s in one_voxel_shifts(src))
+    assert agree > bound, f"foreground agreement {agree:.4f} <= {bound:.4f} of a one-voxel shift"
     # the default input is the reference image, on the same grid here
     np.testing.assert_array_equal(to_source_grid(case.arrays["label"], case.meta).array, back.array)
 
@@ -174,7 +209,12 @@ def test_continuous_output_maps_back_linearly(on_disk):
     back = to_source_grid(case.arrays["image"], case.meta, order="linear")
     src, _ = ct_window(read_volume(img_path))
     err = np.abs(back.array - src.array)
-    assert np.median(err) < 0.005 and err.mean() < 0.05  # two linear interpolations of a textured image
+    assert err.mean() < 0.05  # two linear interpolations of a textured image
+    # inside the body (air, windowed to 0, does not count) the typical error is below that of the source
+    # image itself moved by one voxel along any axis
+    s, body = src.array[0], src.array[0] > 0
+    bound = min(float(np.median(np.abs(m - s)[body])) for m in one_voxel_shifts(s))
+    assert np.median(err[0][body]) < bound, f"median error {np.median(err[0][body]):.4f} >= {bound:.4f} of a one-voxel shift"
 
 
 # --- input checks ---------------------------------------------------------------------------------------

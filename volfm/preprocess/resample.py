@@ -217,7 +217,13 @@ def inside_interval(partial: torch.Tensor, d: float, n_k: int, lo: float, hi: fl
     if d == 0.0:
         row = (partial >= lo) & (partial <= hi)
         return row[:, :, None].expand(-1, -1, n_k).clone()
-    a, b = (lo - partial) / d, (hi - partial) / d
+    if abs(d) * n_k < 1e-6:
+        # nearly constant along k (an oblique map's "zero" coefficient comes out ~1e-18): the quotients below
+        # would be ~1e19 and overflow int64, and a far-off bound cannot be settled by the +-2 steps; evaluate
+        # directly (full size, but this case is rare)
+        c = partial[:, :, None] + d * k.to(torch.float64)[None, None, :]
+        return (c >= lo) & (c <= hi)
+    a, b = ((lo - partial) / d).clamp(-1, n_k), ((hi - partial) / d).clamp(-1, n_k)
     kmin = torch.ceil(torch.minimum(a, b)).to(torch.int64)
     kmax = torch.floor(torch.maximum(a, b)).to(torch.int64)
     # the divisions may round across an integer: settle each bound with the float64 sum itself
