@@ -267,3 +267,10 @@ def test_test_with_ckpt_path_uses_the_checkpoints_tokenizer_and_vocabulary(multi
     assert task.text.to_spec() == raw["volfm"]["text"]
     assert list(task.vocab.classes) == list(raw["volfm"]["icd_vocab"]["classes"])
     assert "test/zeroshot_macro_auroc" in task.last_metrics
+
+
+def test_cli_test_with_ckpt_path_rebuilds_the_task_from_the_checkpoint(multitask_ckpt, store, tmp_path):
+    args = ["test", "--config", str(RECIPES / "demo/multitask_pretrain.yaml"), "--data.init_args.store", str(store),
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", *TINY, *TEXT, *ICD1,
+            "--ckpt_path", str(multitask_ckpt)]
+    assert main(args) == 0

@@ -285,3 +285,20 @@ def test_a_lora_checkpoint_loads_as_a_plain_encoder_with_the_adapters_merged(sto
     x = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(plain.forward_features(x), task.encoder.forward_features(x), atol=1e-5, rtol=1e-4)
+
+
+def test_validate_and_resume_from_a_checkpoint_through_the_cli(store, tmp_path):
+    """`volfm validate|fit --ckpt_path`: LightningCLI rebuilds the task from the checkpoint's hyper-parameters
+    (they name their class), then restores its label map and weights."""
+    ck = tmp_path / "run"
+    args = ["--config", str(RECIPES / "demo/seg_finetune.yaml"), "--data.init_args.store", str(store),
+            "--trainer.default_root_dir", str(ck), *TINY[:-2], "--trainer.limit_train_batches", "1",
+            "--trainer.limit_val_batches", "1", "--data.init_args.num_train_cases", "2"]
+    assert main(["fit", *args, "--trainer.max_epochs", "1", "--trainer.enable_checkpointing", "true"]) == 0
+    ckpt = sorted(ck.rglob("*.ckpt"))[-1]
+    first = torch.load(str(ckpt), weights_only=True)
+    assert first["hyper_parameters"]["_class_path"] == "volfm.tasks.segmentation.SegmentationTask"
+    assert main(["validate", *args, "--ckpt_path", str(ckpt)]) == 0
+    assert main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt)]) == 0
+    resumed = torch.load(str(sorted(ck.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)[-1]), weights_only=True)
+    assert resumed["epoch"] == first["epoch"] + 1 and resumed["global_step"] > first["global_step"]

@@ -156,7 +156,10 @@ class EncoderTask(pl.LightningModule):
     def save_task_hparams(self, **groups: Any) -> None:
         """Record the base groups and the subclass's ``groups`` as plain data (``self.hparams``, the checkpoint's
         ``hyper_parameters``): ``load_from_checkpoint`` passes them back to ``__init__``."""
-        self.save_hyperparameters(plain_data({**self._base_hparams, **groups}))
+        # _class_path: what LightningCLI's --ckpt_path (validate, test, resume) rebuilds the model from;
+        # load_from_checkpoint drops it (not an __init__ argument)
+        hp = {"_class_path": f"{type(self).__module__}.{type(self).__qualname__}", **self._base_hparams, **groups}
+        self.save_hyperparameters(plain_data(hp))
 
     # ------------------------------------------------------------------------------------------ messages
     def info(self, text: str) -> None:
