@@ -1,9 +1,12 @@
 """The shared task base: settings groups from dicts or dataclasses, plain-data hyper-parameters that
 ``torch.load(weights_only=True)`` reads and that rebuild the task, one-line errors for bad groups."""
 import io
+from dataclasses import astuple
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from volfm import VolfmError
 from volfm.cli.main import main
@@ -20,6 +23,7 @@ from volfm.tasks import (
 )
 from volfm.tasks.base import as_config, plain_data
 
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 TINY = EncoderConfig("resnet18_3d", {"in_chans": 1, "base_channels": 8})
 
 
@@ -71,8 +75,12 @@ def test_hparams_are_plain_data_and_rebuild_the_same_task(make):
 def test_task_defaults_and_errors():
     icd_only = PretrainTask(encoder=TINY)
     assert icd_only.use_icd and not icd_only.use_contrastive  # ICD pretext unless told otherwise
-    assert icd_only.optim_cfg == OptimConfig(lr=1e-4, weight_decay=0.05, warmup_fraction=0.05)
-    assert SegmentationTask(encoder=TINY, labels=["spleen"]).optim_cfg == OptimConfig(lr=1e-3, weight_decay=1e-5)
+    assert astuple(icd_only.optim_cfg) == (1e-4, 0.05, 0.05)
+    assert astuple(SegmentationTask(encoder=TINY, labels=["spleen"]).optim_cfg) == (1e-3, 1e-5, 0.0)
+    # part of a group keeps the task's defaults for the rest (not the generic OptimConfig's)
+    assert astuple(SegmentationTask(encoder=TINY, optim={"lr": 3e-3}).optim_cfg) == (3e-3, 1e-5, 0.0)
+    assert astuple(SynthesisTask(encoder=TINY, optim={"lr": 3e-3}).optim_cfg) == (3e-3, 1e-5, 0.0)
+    assert astuple(PretrainTask(encoder=TINY, optim=OptimConfig(lr=3e-3)).optim_cfg) == (3e-3, 0.05, 0.0)
     assert SegmentationTask(encoder=TINY, labels=["spleen"], patch_size=16).patch_size == (16, 16, 16)
     with pytest.raises(VolfmError, match="PretrainTask has no objective"):
         PretrainTask(encoder=TINY, icd=None, contrastive=None)
@@ -97,3 +105,11 @@ def test_a_recipe_naming_a_replaced_task_class_says_what_replaced_it(tmp_path, c
     assert exc.value.code != 0
     err = " ".join(capsys.readouterr().err.split())
     assert "volfm.tasks.IcdPretrainTask was replaced by volfm.tasks.PretrainTask with icd:" in err
+
+
+def test_a_recipe_giving_part_of_the_optimiser_group_keeps_the_tasks_defaults(capsys):
+    with pytest.raises(SystemExit) as ok:
+        main(["fit", "--config", str(RECIPES / "demo" / "seg_finetune.yaml"), "--print_config"])
+    assert ok.value.code == 0
+    optim = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["optim"]
+    assert optim == {"lr": 3e-3, "weight_decay": 1e-5, "warmup_fraction": 0.0}  # the recipe sets lr only

@@ -2,13 +2,14 @@
 base (:class:`~volfm.tasks.base.EncoderTask`) and small groups of settings that recipes fill."""
 from volfm.tasks.base import DecoderConfig, EncoderConfig, EncoderTask, InferenceConfig, OptimConfig
 from volfm.tasks.checkpoint import load_task
-from volfm.tasks.pretrain import ContrastiveConfig, IcdHeadConfig, PretrainEvalConfig, PretrainTask
-from volfm.tasks.segmentation import FinetuneConfig, SegmentationTask
-from volfm.tasks.synthesis import DiscriminatorConfig, SynthesisLossConfig, SynthesisTask
+from volfm.tasks.pretrain import ContrastiveConfig, IcdHeadConfig, PretrainEvalConfig, PretrainOptimConfig, PretrainTask
+from volfm.tasks.segmentation import FinetuneConfig, SegmentationOptimConfig, SegmentationTask
+from volfm.tasks.synthesis import DiscriminatorConfig, SynthesisLossConfig, SynthesisOptimConfig, SynthesisTask
 
 __all__ = ["ContrastiveConfig", "DecoderConfig", "DiscriminatorConfig", "EncoderConfig", "EncoderTask", "FinetuneConfig",
-           "IcdHeadConfig", "InferenceConfig", "OptimConfig", "PretrainEvalConfig", "PretrainTask", "SegmentationTask",
-           "SynthesisLossConfig", "SynthesisTask", "load_task"]
+           "IcdHeadConfig", "InferenceConfig", "OptimConfig", "PretrainEvalConfig", "PretrainOptimConfig", "PretrainTask",
+           "SegmentationOptimConfig", "SegmentationTask", "SynthesisLossConfig", "SynthesisOptimConfig", "SynthesisTask",
+           "load_task"]
 
 _REPLACED = {
     "IcdPretrainTask": "volfm.tasks.PretrainTask with icd: {level: ..., min_count: ...} and contrastive: null "

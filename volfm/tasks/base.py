@@ -124,21 +124,23 @@ def gather_objects(obj):
 class EncoderTask(pl.LightningModule):
     """Base LightningModule of the volfm tasks (subclasses: pretraining, segmentation, synthesis).
 
-    Subclasses call ``super().__init__(encoder, optim, inference, patch_size, seed, default_optim=...)``, then
+    Subclasses call ``super().__init__(encoder, optim, inference, patch_size, seed, default_encoder=...)``, then
     :meth:`save_task_hparams` with their own groups; add what their checkpoints need to carry in
     :meth:`checkpoint_record` and restore it in :meth:`restore_record`. A task whose constructor has no
     ``inference`` group (it never runs sliding windows) sets ``uses_sliding_window = False``.
     """
 
     uses_sliding_window = True
+    # the optimiser group's class: a subclass of OptimConfig whose defaults are the task's, so that a recipe giving
+    # part of the group (optim: {lr: 3e-3}) keeps the task's defaults for the rest
+    optim_config_class: type[OptimConfig] = OptimConfig
 
     def __init__(self, encoder: EncoderConfig | Mapping | None = None, optim: OptimConfig | Mapping | None = None,
                  inference: InferenceConfig | Mapping | None = None, patch_size: Sequence[int] | None = None,
-                 seed: int = 0, *, default_encoder: EncoderConfig | None = None,
-                 default_optim: OptimConfig | None = None):
+                 seed: int = 0, *, default_encoder: EncoderConfig | None = None):
         super().__init__()
         self.encoder_cfg = as_config(EncoderConfig, encoder if encoder is not None else default_encoder, "encoder")
-        self.optim_cfg = as_config(OptimConfig, optim if optim is not None else default_optim, "optim")
+        self.optim_cfg = as_config(type(self).optim_config_class, optim, "optim")
         self.inference_cfg = as_config(InferenceConfig, inference, "inference")
         self.patch_size = (parse_triple(patch_size, "patch_size", integer=True, at_least=1)
                            if patch_size is not None else None)

@@ -63,7 +63,7 @@ from volfm.targets.reports import report_views
 from volfm.tasks.base import EncoderConfig, EncoderTask, OptimConfig, as_config
 from volfm.tasks.optim import adamw_warmup_decay
 
-__all__ = ["ContrastiveConfig", "IcdHeadConfig", "PretrainEvalConfig", "PretrainTask"]
+__all__ = ["PretrainOptimConfig", "ContrastiveConfig", "IcdHeadConfig", "PretrainEvalConfig", "PretrainTask"]
 
 ICD_LOSSES = ("bce", "focal")
 REPORT_MODES = ("whole", "findings_impression", "random_section")
@@ -125,6 +125,15 @@ class PretrainEvalConfig:
     prompts: str | None = "ct_findings"
 
 
+@dataclass(frozen=True)
+class PretrainOptimConfig(OptimConfig):
+    """The optimiser group with pretraining's: AdamW at 1e-4, weight decay 0.05, 5 % linear warm-up, then cosine."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+
+
 class PretrainTask(EncoderTask):
     """Image encoder + ICD head and/or report contrastive towers (see the module docstring).
 
@@ -133,14 +142,15 @@ class PretrainTask(EncoderTask):
     ``freeze_encoder`` trains only the heads (a linear probe).
     """
 
+    optim_config_class = PretrainOptimConfig
+
     uses_sliding_window = False  # whole volumes in, pooled features out
 
     def __init__(self, encoder: EncoderConfig | None = None, icd: IcdHeadConfig | None = IcdHeadConfig(),
                  contrastive: ContrastiveConfig | None = None, evaluation: PretrainEvalConfig | None = None,
-                 freeze_encoder: bool = False, optim: OptimConfig | None = None,
+                 freeze_encoder: bool = False, optim: PretrainOptimConfig | None = None,
                  patch_size: Sequence[int] | None = None, seed: int = 0):
-        super().__init__(encoder, optim, None, patch_size, seed, default_encoder=EncoderConfig("resnet152_3d"),
-                         default_optim=OptimConfig(lr=1e-4, weight_decay=0.05, warmup_fraction=0.05))
+        super().__init__(encoder, optim, None, patch_size, seed, default_encoder=EncoderConfig("resnet152_3d"))
         self.icd_cfg = as_config(IcdHeadConfig, icd, "icd") if icd is not None else None
         self.con_cfg = as_config(ContrastiveConfig, contrastive, "contrastive") if contrastive is not None else None
         self.eval_cfg = as_config(PretrainEvalConfig, evaluation, "evaluation")

@@ -40,7 +40,7 @@ from volfm.targets.labelmap import LabelMap, load_source_labels
 from volfm.tasks.base import DecoderConfig, EncoderConfig, EncoderTask, InferenceConfig, OptimConfig, as_config, gather_objects
 from volfm.tasks.optim import adamw_warmup_decay
 
-__all__ = ["FINETUNE_MODES", "FinetuneConfig", "SegmentationTask"]
+__all__ = ["SegmentationOptimConfig", "FINETUNE_MODES", "FinetuneConfig", "SegmentationTask"]
 
 FINETUNE_MODES = ("full", "frozen", "partial", "lora")
 
@@ -70,6 +70,15 @@ class FinetuneConfig:
     lora_targets: list[str] | None = None
 
 
+@dataclass(frozen=True)
+class SegmentationOptimConfig(OptimConfig):
+    """The optimiser group with fine-tuning's: AdamW at 1e-3, weight decay 1e-5, no warm-up, then poly decay."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    warmup_fraction: float = 0.0
+
+
 class SegmentationTask(EncoderTask):
     """Dice+CE segmentation fine-tuning of a volfm encoder (see the module docstring).
 
@@ -81,12 +90,13 @@ class SegmentationTask(EncoderTask):
     supervision), ``finetune``, ``optim`` (AdamW, warm-up, poly decay), ``inference`` (sliding window).
     """
 
+    optim_config_class = SegmentationOptimConfig
+
     def __init__(self, encoder: EncoderConfig | None = None, decoder: DecoderConfig | None = None,
                  labels: Any = None, source_labels: str | None = None, finetune: FinetuneConfig | None = None,
-                 optim: OptimConfig | None = None, inference: InferenceConfig | None = None,
+                 optim: SegmentationOptimConfig | None = None, inference: InferenceConfig | None = None,
                  hd_percentile: float = 95.0, patch_size: Sequence[int] | None = None, seed: int = 0):
-        super().__init__(encoder, optim, inference, patch_size, seed, default_encoder=EncoderConfig("resnet18_3d"),
-                         default_optim=OptimConfig(lr=1e-3, weight_decay=1e-5, warmup_fraction=0.0))
+        super().__init__(encoder, optim, inference, patch_size, seed, default_encoder=EncoderConfig("resnet18_3d"))
         self.decoder_cfg = as_config(DecoderConfig, decoder, "decoder")
         self.finetune_cfg = as_config(FinetuneConfig, finetune, "finetune")
         self.labels, self.source_labels = labels, source_labels

@@ -34,7 +34,7 @@ from volfm.tasks.base import DecoderConfig, EncoderConfig, EncoderTask, Inferenc
 from volfm.tasks.checkpoint import load_task
 from volfm.tasks.optim import warmup_decay
 
-__all__ = ["DiscriminatorConfig", "SynthesisLossConfig", "SynthesisTask"]
+__all__ = ["SynthesisOptimConfig", "DiscriminatorConfig", "SynthesisLossConfig", "SynthesisTask"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,15 @@ class DiscriminatorConfig:
     lr: float | None = None
 
 
+@dataclass(frozen=True)
+class SynthesisOptimConfig(OptimConfig):
+    """The optimiser group with synthesis's: AdamW at 2e-4, weight decay 1e-5, no warm-up, then poly decay."""
+
+    lr: float = 2e-4
+    weight_decay: float = 1e-5
+    warmup_fraction: float = 0.0
+
+
 class SynthesisTask(EncoderTask):
     """Paired image-to-image synthesis (see the module docstring).
 
@@ -72,14 +81,15 @@ class SynthesisTask(EncoderTask):
     target's range).
     """
 
+    optim_config_class = SynthesisOptimConfig
+
     def __init__(self, encoder: EncoderConfig | None = None, decoder: DecoderConfig | None = None,
                  residual: bool = False, final_activation: str | None = None,
                  losses: SynthesisLossConfig | None = None, discriminator: DiscriminatorConfig | None = None,
                  mask_label: bool = True, data_range: Sequence[float] | None = None,
-                 optim: OptimConfig | None = None, inference: InferenceConfig | None = None,
+                 optim: SynthesisOptimConfig | None = None, inference: InferenceConfig | None = None,
                  patch_size: Sequence[int] | None = None, seed: int = 0):
-        super().__init__(encoder, optim, inference, patch_size, seed, default_encoder=EncoderConfig("resnet18_3d"),
-                         default_optim=OptimConfig(lr=2e-4, weight_decay=1e-5, warmup_fraction=0.0))
+        super().__init__(encoder, optim, inference, patch_size, seed, default_encoder=EncoderConfig("resnet18_3d"))
         self.decoder_cfg = as_config(DecoderConfig, decoder, "decoder")
         self.loss_cfg = L = as_config(SynthesisLossConfig, losses, "losses")
         self.disc_cfg = as_config(DiscriminatorConfig, discriminator, "discriminator")
