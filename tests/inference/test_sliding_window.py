@@ -1,7 +1,6 @@
 """Sliding-window grid + aggregator: coverage, exact reconstruction, equivalence with dense and MONAI
 inference, and predictions mapped back onto an oblique, anisotropic source grid."""
 import json
-import math
 
 import numpy as np
 import pytest
@@ -214,18 +213,12 @@ def _oblique_source():
     In-plane voxels not much finer than the 1.5 mm stored ones: a nearest round trip through a grid
     twice as coarse loses about as much as a one-voxel shift, and the map-back must beat that."""
     from volfm.io import Volume
+    from volfm.testing import rotation
 
     shape, spacing = (60, 60, 24), np.array([1.28, 1.28, 4.0])
 
-    def rot(axis, deg):
-        c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
-        m = np.eye(3)
-        i, j = [a for a in range(3) if a != axis]
-        m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
-        return m
-
     aff = np.eye(4)
-    aff[:3, :3] = rot(2, 10) @ rot(0, 5) @ np.diag(spacing)
+    aff[:3, :3] = rotation(2, 10) @ rotation(0, 5) @ np.diag(spacing)
     aff[:3, 3] = np.array([-20.0, 35.0, 12.0]) - aff[:3, :3] @ ((np.array(shape) - 1) / 2)
     ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
     xyz = ijk @ aff[:3, :3].T + aff[:3, 3]

@@ -23,21 +23,13 @@ def test_inside_interval_equals_direct_evaluation(d):
 def test_a_near_zero_coefficient_of_an_oblique_map_keeps_the_whole_field_of_view():
     """An oblique source's index map has a k-coefficient of ~1e-18 where it should be 0; its quotients must not
     overflow int64 (they once turned a label that covers the target grid into all background)."""
-    import math  # noqa: PLC0415 - local to this regression check
-
     from volfm.io import Volume  # noqa: PLC0415
     from volfm.preprocess.resample import resample_to_grid  # noqa: PLC0415
-
-    def rot(axis, deg):
-        c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
-        m = np.eye(3)
-        i, j = [a for a in range(3) if a != axis]
-        m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
-        return m
+    from volfm.testing import rotation  # noqa: PLC0415
 
     shape = (64, 64, 24)
     aff = np.eye(4)
-    aff[:3, :3] = rot(2, 10) @ rot(0, 5) @ np.diag([1.2, 1.2, 4.0])
+    aff[:3, :3] = rotation(2, 10) @ rotation(0, 5) @ np.diag([1.2, 1.2, 4.0])
     aff[:3, 3] = np.array([-20.0, 35.0, 12.0]) - aff[:3, :3] @ ((np.array(shape) - 1) / 2)
     tgt = np.diag([1.5, 1.5, 1.5, 1.0])
     tgt[:3, 3] = [-30, 20, 0]  # a 30 mm cube well inside the source
