@@ -61,7 +61,7 @@ from volfm.models import create_encoder, load_encoder_weights
 from volfm.models.registry import META_KWARGS, META_NAME
 from volfm.models.weights import read_encoder_metadata
 from volfm.targets.labelmap import LabelMap, load_source_labels
-from volfm.tasks import EncoderConfig, FinetuneConfig, OptimConfig, SegmentationTask
+from volfm.tasks import DecoderConfig, EncoderConfig, FinetuneConfig, OptimConfig, SegmentationTask
 
 PROG = "volfm bench label-efficiency"
 INITS = ("scratch", "pretrained")
@@ -259,28 +259,40 @@ def _quiet():
         log.setLevel(level)
 
 
-def run_one(args, plan: dict, k: int, init: str, seed: int) -> dict:
-    spv = math.ceil(plan["patches_per_epoch"] / k)
+def finetune_and_test(store, *, encoder: str, encoder_kwargs: dict, labels, k: int, seed: int, epochs: int,
+                      steps_per_epoch: int, batch_size: int, patch, lr: float, pretrained: str | None = None,
+                      decoder_pretrained: str | None = None, decoder_kwargs: dict | None = None,
+                      finetune: str = "full", encoder_lr_scale: float = 0.1,
+                      warmup_fraction: float = 0.0, foreground_fraction: float = 1 / 3, workers: int = 0,
+                      accelerator: str = "auto",
+                      precision: str = "32-true", out=".") -> dict:
+    """One few-label segmentation run (the unit of this benchmark and of ``volfm bench pretraining``): seed, fine-tune
+    a :class:`SegmentationTask` on the first ``k`` training cases for ``epochs`` x ``steps_per_epoch`` steps of
+    ``batch_size`` patches (``samples_per_volume = ceil(steps_per_epoch x batch_size / k)``), test the last weights
+    on the whole test split; returns the numbers (mean/per-class Dice and HD95, per case, timings)."""
+    spv = math.ceil(steps_per_epoch * batch_size / k)
+    classes = None
     t0 = time.perf_counter()
     with _quiet():
         lightning.seed_everything(seed, verbose=False)
         task = SegmentationTask(
-            encoder=EncoderConfig(plan["encoder"], dict(plan["encoder_kwargs"]),
-                                  args.pretrained if init == "pretrained" else None),
-            labels=list(args.labels), finetune=FinetuneConfig(mode=args.finetune, encoder_lr_scale=args.encoder_lr_scale),
-            optim=OptimConfig(lr=args.lr, weight_decay=1e-5), patch_size=tuple(args.patch), seed=seed)
+            encoder=EncoderConfig(encoder, dict(encoder_kwargs), pretrained),
+            decoder=DecoderConfig(kwargs=dict(decoder_kwargs or {}), pretrained=decoder_pretrained),
+            labels=list(labels), finetune=FinetuneConfig(mode=finetune, encoder_lr_scale=encoder_lr_scale),
+            optim=OptimConfig(lr=lr, weight_decay=1e-5, warmup_fraction=warmup_fraction), patch_size=tuple(patch),
+            seed=seed)
         # val_split = test split: validation never runs here (check_val_every_n_epoch > epochs), so this
         # only spares stores without a 'val' split from an error; nothing is selected or tuned on it
-        dm = SegmentationDataModule(str(args.store), patch_size=tuple(args.patch), num_train_cases=k,
-                                    samples_per_volume=spv, batch_size=args.batch_size, val_batch_size=1,
-                                    num_workers=args.workers, persistent_workers=args.workers > 0, seed=seed,
+        dm = SegmentationDataModule(str(store), patch_size=tuple(patch), num_train_cases=k,
+                                    samples_per_volume=spv, batch_size=batch_size, val_batch_size=1,
+                                    foreground_fraction=foreground_fraction, num_workers=workers, persistent_workers=workers > 0, seed=seed,
                                     val_split="test")
-        trainer = pl.Trainer(accelerator=args.accelerator, devices=1, precision=args.precision,
-                             max_epochs=args.epochs, limit_train_batches=plan["steps_per_epoch"],
+        trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision,
+                             max_epochs=epochs, limit_train_batches=steps_per_epoch,
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, num_sanity_val_steps=0,
-                             check_val_every_n_epoch=args.epochs + 1, limit_val_batches=0,
-                             use_distributed_sampler=False, default_root_dir=str(args.out))
+                             check_val_every_n_epoch=epochs + 1, limit_val_batches=0,
+                             use_distributed_sampler=False, default_root_dir=str(out))
         trainer.fit(task, datamodule=dm)
         fit_s = time.perf_counter() - t0
         loss = trainer.callback_metrics.get("train_loss")
@@ -289,24 +301,37 @@ def run_one(args, plan: dict, k: int, init: str, seed: int) -> dict:
         trainer.test(task, datamodule=dm, verbose=False)
     seconds = time.perf_counter() - t0
     m = task.last_metrics
-    classes = plan["classes"]
+    classes = [c for c in task.class_names if c != "background"]
     per_case = []
     for c in task.last_case_metrics:
         per_case.append({"case_id": c.get("case_id"),
                          "dice": {n: _finite(c["classes"][n]["dice"]) for n in classes},
                          HD: {n: _finite(c["classes"][n][HD]) for n in classes},
                          "status": {n: c["classes"][n]["status"] for n in classes}})
-    return {"k": k, "count": "all" if k == plan["all_k"] else k, "init": init, "seed": seed,
+    return {"k": k, "seed": seed, "finetune": finetune,
             "train_case_ids": list(train_ids), "samples_per_volume": spv,
-            "patches_per_epoch": plan["patches_per_epoch"], "train_steps": steps,
-            "train_patches": steps * args.batch_size,
-            "pretrained_loaded": task.pretrained_loaded,
+            "patches_per_epoch": steps_per_epoch * batch_size, "train_steps": steps,
+            "train_patches": steps * batch_size,
+            "pretrained_loaded": task.pretrained_loaded, "decoder_loaded": task.pretrained_decoder_loaded,
             "final_train_loss": _finite(loss.item()) if loss is not None else None,
             "test_mean_dice": _finite(m.get("test/mean_dice")), f"test_mean_{HD}": _finite(m.get(f"test/mean_{HD}")),
             "dice": {n: _finite(m.get(f"test/dice_{n}")) for n in classes},
             HD: {n: _finite(m.get(f"test/{HD}_{n}")) for n in classes},
             "missed": {n: sum(pc["status"][n] == "pred_empty" for pc in per_case) for n in classes},
             "per_case": per_case, "fit_s": round(fit_s, 3), "seconds": round(seconds, 3)}
+
+
+def run_one(args, plan: dict, k: int, init: str, seed: int) -> dict:
+    r = finetune_and_test(args.store, encoder=plan["encoder"], encoder_kwargs=plan["encoder_kwargs"],
+                          labels=args.labels, k=k, seed=seed, epochs=args.epochs,
+                          steps_per_epoch=plan["steps_per_epoch"], batch_size=args.batch_size, patch=args.patch,
+                          lr=args.lr, pretrained=args.pretrained if init == "pretrained" else None,
+                          finetune=args.finetune, encoder_lr_scale=args.encoder_lr_scale, workers=args.workers,
+                          accelerator=args.accelerator, precision=args.precision, out=args.out)
+    r.pop("finetune")
+    r.pop("decoder_loaded")
+    return {"k": k, "count": "all" if k == plan["all_k"] else k, "init": init, **{k_: v for k_, v in r.items()
+                                                                                 if k_ != "k"}}
 
 
 # --- summary, table, plot --------------------------------------------------------------------------

@@ -22,7 +22,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")  # handled by LightningCLI (vol
 # `volfm --help` should not pay.
 BENCHMARKS = {"preprocess": "volfm.bench.preprocess", "loader": "volfm.bench.loader",
               "sliding-window": "volfm.bench.sliding_window", "patch-embed": "volfm.bench.patch_embed",
-              "label-efficiency": "volfm.bench.label_efficiency"}
+              "label-efficiency": "volfm.bench.label_efficiency", "pretraining": "volfm.bench.pretraining"}
 
 
 def _cmd_synth(args) -> int:

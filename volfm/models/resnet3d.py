@@ -45,16 +45,37 @@ def _conv(in_ch: int, out_ch: int, k: int, stride: int, t: int) -> nn.Conv3d:
     return nn.Conv3d(in_ch, out_ch, kernel_size=(k, k, tk), stride=stride, padding=(k // 2, k // 2, tk // 2), bias=False)
 
 
+NORMS = ("batch", "group", "instance")
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """The encoder's normalisation: "batch" (BatchNorm3d, as Merlin/torchvision; running statistics), "group"
+    (GroupNorm, groups of >= 2 channels, at most 32 groups) or "instance" (GroupNorm with one channel per group,
+    i.e. affine instance norm). Group and instance norm keep no statistics, so nothing changes between whole
+    volumes in pretraining and patches in fine-tuning; the module keeps the name ``bn*`` either way."""
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "instance":
+        return nn.GroupNorm(channels, channels)
+    if kind == "group":
+        groups = 32
+        while groups > 1 and (channels % groups or channels // groups < 2):
+            groups //= 2
+        return nn.GroupNorm(groups, channels)
+    raise VolfmError(f"norm must be one of {', '.join(NORMS)}, got {kind!r}")
+
+
 class BasicBlock3d(nn.Module):
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, time_kernel: int = 3):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, time_kernel: int = 3,
+                 norm: str = "batch"):
         super().__init__()
         self.conv1 = _conv(inplanes, planes, 3, stride, time_kernel)
-        self.bn1 = nn.BatchNorm3d(planes)
+        self.bn1 = norm_layer(norm, planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv(planes, planes, 3, 1, time_kernel)
-        self.bn2 = nn.BatchNorm3d(planes)
+        self.bn2 = norm_layer(norm, planes)
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,14 +88,15 @@ class BasicBlock3d(nn.Module):
 class Bottleneck3d(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, time_kernel: int = 3):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, time_kernel: int = 3,
+                 norm: str = "batch"):
         super().__init__()
         self.conv1 = _conv(inplanes, planes, 1, 1, time_kernel)
-        self.bn1 = nn.BatchNorm3d(planes)
+        self.bn1 = norm_layer(norm, planes)
         self.conv2 = _conv(planes, planes, 3, stride, time_kernel)  # stride on the 3x3 (torchvision v1.5)
-        self.bn2 = nn.BatchNorm3d(planes)
+        self.bn2 = norm_layer(norm, planes)
         self.conv3 = _conv(planes, planes * 4, 1, 1, time_kernel)
-        self.bn3 = nn.BatchNorm3d(planes * 4)
+        self.bn3 = norm_layer(norm, planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -126,14 +148,18 @@ class ResNet3d(nn.Module):
             the K reduction of every later stage).
         base_channels: width of the stem and the first stage (64 as torchvision; stages double it).
             Smaller widths give the fast CPU encoders of the demo recipes; 2D inflation needs 64.
+        norm: "batch" (default, Merlin's), "group" or "instance" (see :func:`norm_layer`); 2D inflation needs
+            "batch".
         grad_checkpointing: recompute each residual block in the backward pass (saves activation
             memory on big volumes; only active in training mode with grad enabled). BatchNorm running
             statistics are updated once per step, not again during the recomputation.
     """
 
     def __init__(self, depth: int = 50, in_chans: int = 1, time_kernel: int = 3, grad_checkpointing: bool = False,
-                 pool_time_stride: int = 2, base_channels: int = 64):
+                 pool_time_stride: int = 2, base_channels: int = 64, norm: str = "batch"):
         super().__init__()
+        if norm not in NORMS:
+            raise VolfmError(f"ResNet3d norm must be one of {', '.join(NORMS)}, got {norm!r}")
         if depth not in RESNET_DEPTHS:
             raise VolfmError(f"ResNet3d depth {depth} is not supported; choose one of {sorted(RESNET_DEPTHS)}")
         if time_kernel < 1 or time_kernel % 2 == 0:
@@ -147,12 +173,13 @@ class ResNet3d(nn.Module):
         self.in_chans = in_chans
         self.time_kernel = time_kernel
         self.grad_checkpointing = grad_checkpointing
+        self.norm_kind = norm
 
         w = self.base_channels = int(base_channels)
         self.conv1 = nn.Conv3d(
             in_chans, w, kernel_size=(7, 7, time_kernel), stride=(2, 2, 1), padding=(3, 3, time_kernel // 2), bias=False
         )
-        self.bn1 = nn.BatchNorm3d(w)
+        self.bn1 = norm_layer(norm, w)
         self.relu = nn.ReLU(inplace=True)
         self.pool_time_stride = pool_time_stride
         self.maxpool = nn.MaxPool3d(kernel_size=3, stride=(2, 2, pool_time_stride), padding=1)
@@ -174,7 +201,7 @@ class ResNet3d(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm3d):
+            elif isinstance(m, (nn.BatchNorm3d, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
@@ -183,11 +210,11 @@ class ResNet3d(nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
                 nn.Conv3d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm3d(planes * block.expansion),
+                norm_layer(self.norm_kind, planes * block.expansion),
             )
-        mods = [block(self.inplanes, planes, stride, downsample, time_kernel=self.time_kernel)]
+        mods = [block(self.inplanes, planes, stride, downsample, time_kernel=self.time_kernel, norm=self.norm_kind)]
         self.inplanes = planes * block.expansion
-        mods += [block(self.inplanes, planes, time_kernel=self.time_kernel) for _ in range(1, blocks)]
+        mods += [block(self.inplanes, planes, time_kernel=self.time_kernel, norm=self.norm_kind) for _ in range(1, blocks)]
         return nn.Sequential(*mods)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

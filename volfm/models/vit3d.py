@@ -273,6 +273,26 @@ class ViT3d(nn.Module):
             tokens = self._run_block(blk, tokens)
         return self.norm(tokens), grid
 
+    def forward_masked(self, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """MAE's encoder pass: only the tokens ``keep`` (B, n_keep) (indices into the raster-ordered grid, e.g.
+        from :func:`volfm.models.masking.token_mask`) go through the blocks. The patches are embedded by
+        :class:`PatchEmbed3d` (its Triton path on CUDA) with their positional embedding, then the kept ones are
+        gathered; returns (B, P + n_keep, E) after the final norm (CLS first when present) and the token grid.
+        With every index kept this equals :meth:`forward_tokens`."""
+        grid = self._check_input(x)
+        tokens = self.patch_embed(x, pos_embed=self.pos_embed_for(grid).to(x.dtype))
+        B, N, E = tokens.shape
+        if keep.ndim != 2 or keep.shape[0] != B or keep.shape[1] < 1:
+            raise VolfmError(f"keep must be (batch {B}, n_keep >= 1) token indices, got shape {tuple(keep.shape)}")
+        if int(keep.min()) < 0 or int(keep.max()) >= N:
+            raise VolfmError(f"keep indices must lie in [0, {N}) for the token grid {grid}")
+        tokens = torch.gather(tokens, 1, keep.to(tokens.device).unsqueeze(-1).expand(B, keep.shape[1], E))
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.to(tokens.dtype).expand(B, -1, -1), tokens], dim=1)
+        for blk in self.blocks:
+            tokens = self._run_block(blk, tokens)
+        return self.norm(tokens), grid
+
     def forward_intermediates(
         self, x: torch.Tensor, indices: Sequence[int] | None = None, norm: bool = True
     ) -> list[torch.Tensor]:

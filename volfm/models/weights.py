@@ -18,14 +18,30 @@ from torch import nn
 from volfm import VolfmError
 from volfm.models.registry import META_KWARGS, META_NAME, create_encoder
 
-__all__ = ["load_encoder", "load_encoder_weights", "load_state_dict_checked", "merge_lora_state", "read_checkpoint",
-           "read_encoder_metadata", "save_encoder"]
+__all__ = ["DECODER_HEADS", "load_decoder_weights", "load_encoder", "load_encoder_weights", "load_state_dict_checked",
+           "merge_lora_state", "read_checkpoint", "read_encoder_metadata", "save_encoder", "save_weights"]
+
+# Output layers of the dense decoders (U-Net ``head``/``ds_heads``, UNETR ``out``): they depend on the task's
+# output channels, so a pretrained decoder is carried without them.
+DECODER_HEADS = ("head.", "ds_heads.", "out.")
+
+
+def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model``'s state dict to ``path`` as safetensors (atomically: a temporary file, then renamed)."""
+    path = Path(path)
+    # contiguous() also turns channels_last_3d weights into the standard layout safetensors needs.
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    tmp.replace(path)
+    return path
 
 
 def save_encoder(model: nn.Module, path: str | Path) -> Path:
     """Write ``model``'s state dict to ``path`` (safetensors) with its registry name and kwargs."""
     path = Path(path)
-    metadata = {"format": "pt"}
+    metadata = {}
     name = getattr(model, "encoder_name", None)
     if name is not None:
         kwargs = getattr(model, "encoder_kwargs", {})
@@ -37,13 +53,7 @@ def save_encoder(model: nn.Module, path: str | Path) -> Path:
                 f"cannot save encoder {name!r} to {path}: its kwargs {kwargs!r} are not JSON-serialisable "
                 f"({exc}); build it with plain (str/int/float/bool/list/dict) kwargs"
             ) from exc
-    # contiguous() also turns channels_last_3d weights into the standard layout safetensors needs.
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return path
+    return save_weights(model, path, metadata)
 
 
 def read_encoder_metadata(path: str | Path) -> dict[str, str]:
@@ -156,6 +166,41 @@ def load_encoder_weights(model: nn.Module, path: str | Path, *, strict: bool = T
     saved_as = (info.get("encoder") or {}).get("name") if isinstance(info.get("encoder"), dict) else None
     source = f"{path}" + (f" (saved from {saved_as!r})" if saved_as else "")
     return load_state_dict_checked(model, enc, source=source, strict=strict)
+
+
+def load_decoder_weights(decoder: nn.Module, path: str | Path, *, prefix: str = "decoder.",
+                         skip: tuple[str, ...] = DECODER_HEADS) -> nn.Module:
+    """Load a pretrained dense decoder (e.g. the U-Net decoder of a masked-volume pretraining run) into
+    ``decoder``: from a volfm task ``.ckpt`` (keys ``decoder.*``) or a ``decoder.safetensors``. The output layers
+    (``skip``: the prediction heads, whose channels are the task's) keep their fresh initialisation; every other
+    tensor must match (a decoder of another encoder or width fails listing the keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VolfmError(f"decoder checkpoint {path} does not exist; give a volfm .ckpt (e.g. of a masked-volume "
+                         "pretraining run) or its decoder.safetensors")
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        ckpt = read_checkpoint(path)
+        full = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+        if not isinstance(full, dict):
+            raise VolfmError(f"{path} does not hold a state dict (got {type(ckpt).__name__})")
+        state = {k[len(prefix):]: v for k, v in full.items() if isinstance(k, str) and k.startswith(prefix)}
+        if not state:
+            raise VolfmError(f"{path} holds no decoder weights (no '{prefix}*' keys): only checkpoints of tasks with a "
+                             "dense decoder (masked-volume pretraining, segmentation, synthesis) carry one; load the "
+                             "encoder alone (encoder.pretrained) instead")
+    state = {k: v for k, v in state.items() if not k.startswith(skip)}
+    own = {k: v for k, v in decoder.state_dict().items() if not k.startswith(skip)}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or bad:
+        parts = [f"missing {_list_keys(missing)}" if missing else "", f"unexpected {_list_keys(unexpected)}"
+                 if unexpected else "", f"shape mismatch {_list_keys(bad)}" if bad else ""]
+        raise VolfmError(f"decoder weights in {path} do not fit this decoder ({'; '.join(p for p in parts if p)}); "
+                         "the pretrained decoder must come from the same encoder and decoder settings")
+    decoder.load_state_dict(state, strict=False)
+    return decoder
 
 
 def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:

@@ -2,14 +2,24 @@
 base (:class:`~volfm.tasks.base.EncoderTask`) and small groups of settings that recipes fill."""
 from volfm.tasks.base import DecoderConfig, EncoderConfig, EncoderTask, InferenceConfig, OptimConfig
 from volfm.tasks.checkpoint import load_task
-from volfm.tasks.pretrain import ContrastiveConfig, IcdHeadConfig, PretrainEvalConfig, PretrainOptimConfig, PretrainTask
+from volfm.tasks.pretrain import (
+    ContrastiveConfig,
+    IcdHeadConfig,
+    MAETask,
+    MaskedVolumeTask,
+    PretrainEvalConfig,
+    PretrainOptimConfig,
+    PretrainTask,
+)
 from volfm.tasks.segmentation import FinetuneConfig, SegmentationOptimConfig, SegmentationTask
+from volfm.tasks.ssl import MAEConfig, MaskedVolumeConfig
 from volfm.tasks.synthesis import DiscriminatorConfig, SynthesisLossConfig, SynthesisOptimConfig, SynthesisTask
 
-__all__ = ["ContrastiveConfig", "DecoderConfig", "DiscriminatorConfig", "EncoderConfig", "EncoderTask", "FinetuneConfig",
-           "IcdHeadConfig", "InferenceConfig", "OptimConfig", "PretrainEvalConfig", "PretrainOptimConfig", "PretrainTask",
-           "SegmentationOptimConfig", "SegmentationTask", "SynthesisLossConfig", "SynthesisOptimConfig", "SynthesisTask",
-           "load_task"]
+__all__ = ["ContrastiveConfig", "DecoderConfig", "DiscriminatorConfig", "EncoderConfig", "EncoderTask",
+           "FinetuneConfig", "IcdHeadConfig", "InferenceConfig", "MAEConfig", "MAETask", "MaskedVolumeConfig",
+           "MaskedVolumeTask", "OptimConfig", "PretrainEvalConfig", "PretrainOptimConfig", "PretrainTask",
+           "SegmentationOptimConfig", "SegmentationTask", "SynthesisLossConfig", "SynthesisOptimConfig",
+           "SynthesisTask", "load_task"]
 
 _REPLACED = {
     "IcdPretrainTask": "volfm.tasks.PretrainTask with icd: {level: ..., min_count: ...} and contrastive: null "

@@ -34,6 +34,7 @@ from torch import nn
 from volfm import VolfmError
 from volfm.inference import SlidingWindowInferer
 from volfm.models import create_encoder, load_encoder_weights
+from volfm.models.weights import load_decoder_weights
 from volfm.utils import did_you_mean, parse_triple
 
 __all__ = ["DecoderConfig", "EncoderConfig", "EncoderTask", "InferenceConfig", "OptimConfig", "as_config", "gather_objects",
@@ -56,11 +57,14 @@ class EncoderConfig:
 @dataclass(frozen=True)
 class DecoderConfig:
     """The dense decoder over the encoder's ``forward_intermediates``: ``name`` "auto" (U-Net for CNNs, UNETR
-    for ViTs), "unet" or "unetr", its ``kwargs``, and ``deep_supervision`` (segmentation only)."""
+    for ViTs), "unet" or "unetr", its ``kwargs``, ``deep_supervision`` (segmentation only), and ``pretrained``: a
+    volfm checkpoint with a decoder of the same shape (a MaskedVolumeTask .ckpt or its decoder.safetensors, or a
+    segmentation/synthesis .ckpt) whose decoder weights are loaded when fitting starts, all but the output layers."""
 
     name: str = "auto"
     kwargs: dict[str, Any] = field(default_factory=dict)
     deep_supervision: bool = False
+    pretrained: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,7 @@ class EncoderTask(pl.LightningModule):
         self.encoder = create_encoder(self.encoder_cfg.name, **dict(self.encoder_cfg.kwargs))
         self.num_features = int(getattr(self.encoder, "num_features", 0))
         self._pretrained_loaded = False
+        self._decoder_loaded = False
         self.last_metrics: dict = {}
 
     def save_task_hparams(self, **groups: Any) -> None:
@@ -178,6 +183,18 @@ class EncoderTask(pl.LightningModule):
             self._pretrained_loaded = True
             self.info(f"encoder weights loaded from {path}")
 
+    def load_pretrained_decoder(self, stage: str, decoder: nn.Module, cfg: DecoderConfig) -> None:
+        """Load ``decoder.pretrained`` into ``decoder`` once, when fitting starts (not over a resumed checkpoint)."""
+        if stage == "fit" and cfg.pretrained and not self._decoder_loaded:
+            load_decoder_weights(decoder, cfg.pretrained)
+            self._decoder_loaded = True
+            self.info(f"decoder weights (all but the output layers) loaded from {cfg.pretrained}")
+
+    @property
+    def pretrained_decoder_loaded(self) -> bool:
+        """Whether ``decoder.pretrained`` was loaded into the decoder (or a checkpoint's weights replaced it)."""
+        return self._decoder_loaded
+
     @property
     def pretrained_loaded(self) -> bool:
         """Whether ``encoder.pretrained`` was loaded into the encoder (or a checkpoint's weights replaced it)."""
@@ -200,8 +217,9 @@ class EncoderTask(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # the encoder weights come from the checkpoint: ``pretrained`` is not loaded over them
+        # the encoder (and decoder) weights come from the checkpoint: ``pretrained`` is not loaded over them
         self._pretrained_loaded = True
+        self._decoder_loaded = True
         self.restore_record(checkpoint.get("volfm") or {})
 
     # ----------------------------------------------------------------------------------------- inference

@@ -1,4 +1,4 @@
-"""Merlin-style pretraining: ICD-code multi-label pretext and CT-report contrastive learning.
+"""Merlin-style pretraining (ICD-code pretext, CT-report contrastive) and self-supervised objectives, alone or together.
 
 Merlin (Blankemeier et al.) trains an I3D ResNet-152 on whole CT volumes with two signals: EHR
 diagnosis codes (phecodes from ICD codes, multi-label BCE on the pooled features) and the
@@ -10,6 +10,11 @@ recipe says which objectives are on:
     report contrastive       icd: null             contrastive: {...}   (staged: encoder.pretrained = an
                                                                          ICD-pretext checkpoint)
     multi-task               icd: {weight: 1, ...}  contrastive: {weight: 1, ...}
+    masked volume (CNN)      masked: {...}          (MaskedVolumeTask: icd and contrastive off by default)
+    MAE (ViT)                mae: {...}             (MAETask)
+    hybrid                   any of the above with their ``weight``s, e.g. masked + icd
+
+The self-supervised groups are :mod:`volfm.tasks.ssl`. The loss is the weighted sum of the groups that are on.
 
 What a checkpoint carries besides the weights (under ``checkpoint["volfm"]``, plain JSON-like data,
 readable with ``torch.load(weights_only=True)``): the ICD vocabulary, the tokenizer (as the
@@ -57,13 +62,24 @@ from volfm.models.text import (
     tokenizer_to_json,
     train_wordpiece_tokenizer,
 )
+from volfm.models.weights import save_weights
 from volfm.store.cohort import parse_icd_codes
 from volfm.targets.icd import IcdVocabulary
 from volfm.targets.reports import report_views
 from volfm.tasks.base import EncoderConfig, EncoderTask, OptimConfig, as_config
 from volfm.tasks.optim import adamw_warmup_decay
+from volfm.tasks.ssl import (
+    MAEConfig,
+    MaskedVolumeConfig,
+    build_mae_decoder,
+    build_masked_decoder,
+    mae_loss,
+    masked_volume_loss,
+    step_generator,
+)
 
-__all__ = ["PretrainOptimConfig", "ContrastiveConfig", "IcdHeadConfig", "PretrainEvalConfig", "PretrainTask"]
+__all__ = ["PretrainOptimConfig", "ContrastiveConfig", "IcdHeadConfig", "MAETask", "MaskedVolumeTask",
+           "PretrainEvalConfig", "PretrainTask"]
 
 ICD_LOSSES = ("bce", "focal")
 REPORT_MODES = ("whole", "findings_impression", "random_section")
@@ -143,27 +159,39 @@ class PretrainTask(EncoderTask):
     """
 
     optim_config_class = PretrainOptimConfig
+    default_encoder = EncoderConfig("resnet152_3d")
 
     uses_sliding_window = False  # whole volumes in, pooled features out
 
     def __init__(self, encoder: EncoderConfig | None = None, icd: IcdHeadConfig | None = IcdHeadConfig(),
-                 contrastive: ContrastiveConfig | None = None, evaluation: PretrainEvalConfig | None = None,
+                 contrastive: ContrastiveConfig | None = None, masked: MaskedVolumeConfig | None = None,
+                 mae: MAEConfig | None = None, evaluation: PretrainEvalConfig | None = None,
                  freeze_encoder: bool = False, optim: PretrainOptimConfig | None = None,
                  patch_size: Sequence[int] | None = None, seed: int = 0):
-        super().__init__(encoder, optim, None, patch_size, seed, default_encoder=EncoderConfig("resnet152_3d"))
+        super().__init__(encoder, optim, None, patch_size, seed, default_encoder=self.default_encoder)
         self.icd_cfg = as_config(IcdHeadConfig, icd, "icd") if icd is not None else None
         self.con_cfg = as_config(ContrastiveConfig, contrastive, "contrastive") if contrastive is not None else None
+        self.masked_cfg = as_config(MaskedVolumeConfig, masked, "masked") if masked is not None else None
+        self.mae_cfg = as_config(MAEConfig, mae, "mae") if mae is not None else None
         self.eval_cfg = as_config(PretrainEvalConfig, evaluation, "evaluation")
         self.freeze_encoder = bool(freeze_encoder)
-        self.save_task_hparams(icd=self.icd_cfg, contrastive=self.con_cfg, evaluation=self.eval_cfg,
-                               freeze_encoder=self.freeze_encoder)
-        if self.icd_cfg is None and self.con_cfg is None:
-            raise VolfmError("PretrainTask has no objective: give icd (ICD pretext), contrastive (report contrastive) "
-                             "or both (multi-task)")
-        weights = [c.weight for c in (self.icd_cfg, self.con_cfg) if c is not None]
-        if min(weights) < 0 or sum(weights) <= 0:
-            raise VolfmError(f"loss weights icd.weight / contrastive.weight must be >= 0 with at least one positive, "
-                             f"got {weights}")
+        self.save_task_hparams(icd=self.icd_cfg, contrastive=self.con_cfg, masked=self.masked_cfg, mae=self.mae_cfg,
+                               evaluation=self.eval_cfg, freeze_encoder=self.freeze_encoder)
+        groups = {"icd": self.icd_cfg, "contrastive": self.con_cfg, "masked": self.masked_cfg, "mae": self.mae_cfg}
+        if all(c is None for c in groups.values()):
+            raise VolfmError("PretrainTask has no objective: give icd (ICD pretext), contrastive (report contrastive), "
+                             "masked (masked volume, CNN), mae (MAE, ViT) or several (multi-task)")
+        weights = {k: c.weight for k, c in groups.items() if c is not None}
+        if min(weights.values()) < 0 or sum(weights.values()) <= 0:
+            raise VolfmError(f"loss weights must be >= 0 with at least one positive, got "
+                             f"{', '.join(f'{k}.weight={v:g}' for k, v in weights.items())}")
+        if self.freeze_encoder and (self.masked_cfg is not None or self.mae_cfg is not None):
+            raise VolfmError("freeze_encoder trains only heads (a linear probe); masked/mae pretraining trains the "
+                             "encoder: set freeze_encoder: false or drop the masked/mae group")
+        # self-supervised decoders (built now: they depend only on the encoder); state keys decoder.* (the name
+        # SegmentationTask's decoder has, so decoder.pretrained can carry it) and mae_decoder.*
+        self.decoder = build_masked_decoder(self.encoder, self.masked_cfg) if self.masked_cfg is not None else None
+        self.mae_decoder = build_mae_decoder(self.encoder, self.mae_cfg) if self.mae_cfg is not None else None
         if self.icd_cfg is not None and self.icd_cfg.loss not in ICD_LOSSES:
             raise VolfmError(f"icd.loss must be 'bce' or 'focal', got {self.icd_cfg.loss!r}")
         if self.con_cfg is not None and self.con_cfg.report_mode not in REPORT_MODES:
@@ -189,6 +217,14 @@ class PretrainTask(EncoderTask):
     @property
     def use_contrastive(self) -> bool:
         return self.con_cfg is not None and self.con_cfg.weight > 0
+
+    @property
+    def use_masked(self) -> bool:
+        return self.masked_cfg is not None and self.masked_cfg.weight > 0
+
+    @property
+    def use_mae(self) -> bool:
+        return self.mae_cfg is not None and self.mae_cfg.weight > 0
 
     def _datamodule(self):
         dm = getattr(self.trainer, "datamodule", None)
@@ -299,6 +335,10 @@ class PretrainTask(EncoderTask):
         if self.trainer.is_global_zero and log_dir:
             path = save_encoder(self.encoder, Path(log_dir) / "encoder.safetensors")
             print(f"encoder weights: {path}", flush=True)
+            if self.decoder is not None:
+                path = save_weights(self.decoder, Path(log_dir) / "decoder.safetensors",
+                                    {"volfm.decoder": "unet", "volfm.encoder": self.encoder_cfg.name})
+                print(f"decoder weights (U-Net, for SegmentationTask decoder.pretrained): {path}", flush=True)
 
     # ------------------------------------------------------------------------------------ forward
     def image_features(self, image: torch.Tensor) -> torch.Tensor:
@@ -345,12 +385,30 @@ class PretrainTask(EncoderTask):
             return int(t.item())
         return n
 
+    def _generator(self, batch: dict, train: bool, stream: str) -> torch.Generator:
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return step_generator(self.seed, self.global_step, rank, batch["case_id"], train, stream)
+
     def _step(self, batch: dict, train: bool) -> tuple[torch.Tensor, dict, dict]:
         ic, c = self.icd_cfg, self.con_cfg
         image = batch["image"]
+        logs, outs = {}, {}
+        loss = image.new_zeros((), dtype=torch.float32)
+        if self.use_masked:
+            l_mask, _, _ = masked_volume_loss(self.encoder, self.decoder, image, self.masked_cfg,
+                                              self._generator(batch, train, "masked"))
+            loss = loss + self.masked_cfg.weight * l_mask
+            logs["masked_loss"] = l_mask.detach()
+        if self.use_mae:
+            l_mae, _, _ = mae_loss(self.encoder, self.mae_decoder, image, self.mae_cfg,
+                                   self._generator(batch, train, "mae"))
+            loss = loss + self.mae_cfg.weight * l_mae
+            logs["mae_loss"] = l_mae.detach()
+        if not (self.use_icd or self.use_contrastive):
+            logs["loss"] = loss.detach()
+            return loss, logs, outs
         feats = self.image_features(image)
-        logs, outs = {}, {"features": feats}
-        loss = feats.new_zeros(())
+        outs["features"] = feats
         if self.use_icd:
             codes = self._codes(batch, train)
             target = self._targets(codes)
@@ -496,3 +554,37 @@ class PretrainTask(EncoderTask):
         text_ids = {id(p) for p in self.text.parameters()} if self.text is not None else set()
         return adamw_warmup_decay(self, lambda name, p: text_lr if id(p) in text_ids else o.lr,
                                   o.weight_decay, o.warmup_fraction, "cosine")
+
+
+class MaskedVolumeTask(PretrainTask):
+    """Masked-volume pretraining of a CNN encoder with the U-Net decoder (see :mod:`volfm.tasks.ssl`): a
+    :class:`PretrainTask` whose ``masked`` group is on and whose ICD and report groups are off unless given (then
+    it is a hybrid). Recipes: ``recipes/masked_volume.yaml``, ``recipes/hybrid_pretrain.yaml``."""
+
+    default_encoder = EncoderConfig("resnet50_3d")
+
+    def __init__(self, encoder: EncoderConfig | None = None, masked: MaskedVolumeConfig | None = MaskedVolumeConfig(),
+                 icd: IcdHeadConfig | None = None, contrastive: ContrastiveConfig | None = None,
+                 mae: MAEConfig | None = None, evaluation: PretrainEvalConfig | None = None,
+                 freeze_encoder: bool = False, optim: PretrainOptimConfig | None = None,
+                 patch_size: Sequence[int] | None = None, seed: int = 0):
+        super().__init__(encoder=encoder, icd=icd, contrastive=contrastive, masked=masked, mae=mae,
+                         evaluation=evaluation, freeze_encoder=freeze_encoder, optim=optim, patch_size=patch_size,
+                         seed=seed)
+
+
+class MAETask(PretrainTask):
+    """MAE pretraining of a ``vit_*_3d`` encoder (see :mod:`volfm.tasks.ssl`): a :class:`PretrainTask` whose ``mae``
+    group is on and whose ICD and report groups are off unless given. Recipe: ``recipes/mae_vit.yaml``; fine-tune
+    with SegmentationTask (UNETR decoder) from its checkpoint or encoder.safetensors."""
+
+    default_encoder = EncoderConfig("vit_base_3d")
+
+    def __init__(self, encoder: EncoderConfig | None = None, mae: MAEConfig | None = MAEConfig(),
+                 icd: IcdHeadConfig | None = None, contrastive: ContrastiveConfig | None = None,
+                 masked: MaskedVolumeConfig | None = None, evaluation: PretrainEvalConfig | None = None,
+                 freeze_encoder: bool = False, optim: PretrainOptimConfig | None = None,
+                 patch_size: Sequence[int] | None = None, seed: int = 0):
+        super().__init__(encoder=encoder, icd=icd, contrastive=contrastive, masked=masked, mae=mae,
+                         evaluation=evaluation, freeze_encoder=freeze_encoder, optim=optim, patch_size=patch_size,
+                         seed=seed)

@@ -209,6 +209,7 @@ class SegmentationTask(EncoderTask):
             self._build(self._resolve_labelmap())
             self.info(f"label map: {self.labelmap.num_classes} classes {self.labelmap.class_names}")
             self.info(self.trainable_summary())
+        self.load_pretrained_decoder(stage, self.decoder, self.decoder_cfg)
 
     def trainable_summary(self) -> str:
         enc = sum(p.numel() for p in self.encoder.parameters())

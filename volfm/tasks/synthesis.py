@@ -147,6 +147,7 @@ class SynthesisTask(EncoderTask):
                              "target arrays")
         self.source_name, self.target_name = dm.source, dm.target
         self.load_pretrained(stage)
+        self.load_pretrained_decoder(stage, self.decoder, self.decoder_cfg)
         if stage == "fit" and self.mean_target.numel() == 0:
             self.mean_target = self._mean_training_target(dm).to(self.device)
 
