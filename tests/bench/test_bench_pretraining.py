@@ -76,7 +76,7 @@ def test_finetuning_grid_is_complete_and_paired(result):
     assert n_train >= 2
     by = {(r["objective"], r["finetune"], r["k"], r["seed"]): r for r in runs}
     # same cases for every objective at a given (k, seed): the comparison is paired
-    for (o, mode, k, seed), r in by.items():
+    for (_o, mode, k, seed), r in by.items():
         assert r["train_case_ids"] == by[("scratch", mode, k, seed)]["train_case_ids"]
     # masked carries its pretrained decoder, the others start it fresh; pretrained encoders are loaded
     assert all(r["decoder_loaded"] for r in runs if r["objective"] == "masked")

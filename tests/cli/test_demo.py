@@ -4,7 +4,7 @@ from volfm.cli.demo import run_demo
 
 def test_demo_end_to_end(tmp_path, capsys):
     assert run_demo(tmp_path / "demo", cases=3, workers=0, encoders=["resnet18_3d"], pretrain_cases=12,
-                    pretrain_epochs=1, synthesis_cases=6, synthesis_epochs=1) == 0
+                    pretrain_epochs=1, synthesis_cases=6, synthesis_epochs=1, segment_epochs=1) == 0
     out = capsys.readouterr().out
     for needle in ("findings (ICD-10-CM)", "manifest:", "QC images:", "patches/s", "3 ok, 0 failed",
                    "resnet18_3d", "features (1, 512, 7, 7, 10)"):
@@ -14,9 +14,15 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert (tmp_path / "demo" / "patches_ct.png").stat().st_size > 1000
     assert (tmp_path / "demo" / "store_mri_brain" / "manifest.csv").is_file()
     for needle in ("ICD macro AUROC on the validation split, per epoch:", "random-label control",
-                   "zero-shot findings macro AUROC", "ICD head:", "linear probe:", "image->report:",
-                   "validation Dice (spleen", "Dice vs the source label"):
+                   "zero-shot findings macro AUROC", "linear probe:", "image->report:",
+                   "masked-voxel MSE on the validation split", "validation Dice (spleen",
+                   "random init (scratch)", "masked-volume pretrained enc + dec", "Dice vs the source label"):
         assert needle in out
+    runs = tmp_path / "demo" / "runs"
+    masked = next((runs / "masked").glob("csv/version_*"))
+    assert (masked / "encoder.safetensors").is_file() and (masked / "decoder.safetensors").is_file()
+    # both segmentation runs trained the same decoder; the pretrained one started from the masked-volume weights
+    assert "decoder weights (all but the output layers) loaded from" in out
     assert (tmp_path / "demo" / "eval_pretrain" / "eval.png").is_file()
     assert "baseline: mean image" in out and (tmp_path / "demo" / "eval_synthesis" / "synthesis_eval.png").is_file()
     n_pred = len(list((tmp_path / "demo" / "predictions").glob("*_seg.nii.gz")))

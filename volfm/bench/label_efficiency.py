@@ -285,7 +285,8 @@ def finetune_and_test(store, *, encoder: str, encoder_kwargs: dict, labels, k: i
         # only spares stores without a 'val' split from an error; nothing is selected or tuned on it
         dm = SegmentationDataModule(str(store), patch_size=tuple(patch), num_train_cases=k,
                                     samples_per_volume=spv, batch_size=batch_size, val_batch_size=1,
-                                    foreground_fraction=foreground_fraction, num_workers=workers, persistent_workers=workers > 0, seed=seed,
+                                    foreground_fraction=foreground_fraction, num_workers=workers,
+                                    persistent_workers=workers > 0, seed=seed,
                                     val_split="test")
         trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision,
                              max_epochs=epochs, limit_train_batches=steps_per_epoch,

@@ -474,13 +474,19 @@ def _run_pool(jobs: int, fn, items: list[dict], threads: int, desc: str, on_done
             results.append(r)
         return results
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+    try:
         futures = [pool.submit(fn, dict(kw), threads) for kw in items]
         for fut in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="run",
                         disable=not sys.stderr.isatty()):
             r = fut.result()
             on_done(r)
             results.append(r)
+    except BaseException:
+        # Ctrl-C or a failed run: drop the queued runs (the ones running finish theirs, then the workers exit)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return results
 
 

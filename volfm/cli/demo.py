@@ -10,11 +10,12 @@ The steps (each prints what it did and where its output is):
  6. preprocess it with ``mri_brain`` (z-scored MRI, PET on the same grid);
  7. synthesise and preprocess a larger CT cohort for pretraining (``ct_merlin_demo``, 48^3);
  8. ICD-code pretext training (``recipes/demo/icd_pretrain.yaml``);
- 9. the same run with shuffled codes (random-label control);
-10. CT-report contrastive training staged from the ICD encoder (``recipes/demo/report_contrastive.yaml``);
-11. ``volfm evaluate`` of both checkpoints (ICD head, linear probe, retrieval, zero-shot findings, subgroups);
-12. segmentation of a new organ from 5 labelled cases from the contrastive encoder, then ``volfm predict`` on raw
-    test images in their own grids;
+ 9. CT-report contrastive training staged from the ICD encoder (``recipes/demo/report_contrastive.yaml``);
+10. ``volfm evaluate`` of the contrastive checkpoint (linear probe, retrieval, zero-shot findings, subgroups);
+11. self-supervised masked-volume pretraining (``recipes/demo/masked_volume.yaml``), the objective that won
+    ``volfm bench pretraining`` for few-label segmentation;
+12. segmentation of an organ from 5 labelled cases, from scratch and from the masked-volume encoder + decoder,
+    Dice side by side, then ``volfm predict`` on raw test images in their own grids;
 13. MRI -> PET synthesis (``recipes/demo/synth_mri2pet.yaml``) and its evaluation against baselines.
 
 ``--pretrain-cases 0`` skips steps 7-12, ``--synthesis-cases 0`` skips step 13.
@@ -50,13 +51,17 @@ from volfm.store.cohort import read_table
 from volfm.synth.ct import FINDINGS, LABEL_IDS, make_ct_cohort
 from volfm.synth.mripet import make_mripet_cohort
 
+# the smallest and the largest of each family (Merlin's ResNet-152, ViT-Base): what a user picks between
+DEMO_ENCODERS = ("resnet18_3d", "resnet152_3d", "vit_tiny_3d", "vit_base_3d")
+
 
 def _step(title: str):
     print(f"\n== {title} ==", flush=True)
 
 
 def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2, encoders=None, pretrain_cases: int = 320,
-             pretrain_epochs: int = 20, synthesis_cases: int = 24, synthesis_epochs: int = 20) -> int:
+             pretrain_epochs: int = 12, synthesis_cases: int = 24, synthesis_epochs: int = 12,
+             segment_epochs: int = 30) -> int:
     out = Path(out)
     t0 = time.perf_counter()
     _quiet_lightning()
@@ -93,7 +98,7 @@ def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2, encoders=None, 
 
     pre = None
     if pretrain_cases:
-        pre = _pretrain(out, pretrain_cases, pretrain_epochs, workers)
+        pre = _pretrain(out, pretrain_cases, pretrain_epochs, workers, segment_epochs)
     syn = None
     if synthesis_cases:
         syn = _synthesis(out, synthesis_cases, synthesis_epochs, workers)
@@ -105,8 +110,9 @@ def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2, encoders=None, 
     print(f"MRI/PET store:  {mp_store}\n  manifest:     {mp_store / 'manifest.csv'}\n  QC images:    {mp_store / 'qc'}")
     print(f"Training patches: {out / 'patches_ct.png'}")
     if pre:
-        print(f"Pretraining:    ICD run {pre['icd_dir']}\n  contrastive:  {pre['clip_dir']}\n  evaluation:   "
-              f"{pre['eval_dir']} (eval.json, eval.png)")
+        print(f"Pretraining:    ICD run {pre['icd_dir']}\n  contrastive:  {pre['clip_dir']}\n  masked volume: "
+              f"{pre['masked_dir']}\n  evaluation:   {pre['eval_dir']} (eval.json, eval.png)\n"
+              f"Segmentation:   {pre['seg_dir']} (scratch: {pre['seg_scratch_dir']})")
     if syn:
         print(f"Synthesis:      run {syn['run_dir']}\n  evaluation:   {syn['eval_dir']} (synthesis_eval.json, .png)")
     print("Next: volfm inspect " + str(ct_store) + "   |   volfm bench preprocess | loader | sliding-window | patch-embed")
@@ -128,9 +134,10 @@ def _val_history(log_dir: Path, key: str) -> list[float]:
         return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
 
 
-def _pretrain(out: Path, n_cases: int, epochs: int, workers: int) -> dict:
-    """Merlin-style pretraining on a larger synthetic cohort at demo resolution: ICD pretext, a random-label
-    control, then report contrastive learning staged from the ICD encoder; metrics on the test split."""
+def _pretrain(out: Path, n_cases: int, epochs: int, workers: int, segment_epochs: int = 30) -> dict:
+    """Merlin-style pretraining on a larger synthetic cohort at demo resolution: ICD pretext, report contrastive
+    learning staged from it (metrics on the test split), self-supervised masked-volume pretraining, then few-label
+    segmentation from scratch and from the pretrained encoder + decoder, side by side."""
     _step(f"7. Merlin-style pretraining cohort: {n_cases} synthetic CT cases, preprocessed with ct_merlin_demo "
           "(the Merlin field of view at 7 x 7 x 10 mm, 48^3)")
     table = make_ct_cohort(out / "synth_ct_pretrain", n_cases, seed=1, shape=(64, 64, 40), workers=max(1, workers))
@@ -139,55 +146,68 @@ def _pretrain(out: Path, n_cases: int, epochs: int, workers: int) -> dict:
     print_summary(summary)
     common = ["--trainer.max_epochs", str(epochs), "--data.init_args.num_workers", str(workers)]
 
-    _step(f"8. ICD-code pretext (recipes/demo/icd_pretrain.yaml, {epochs} epochs, quarter-width ResNet-18 I3D)")
+    _step(f"8. ICD-code pretext (recipes/demo/icd_pretrain.yaml, {epochs} epochs, quarter-width ResNet-18 I3D; the "
+          "random-label control of the README: --model.init_args.icd.random_labels true)")
     t = time.perf_counter()
     icd_dir = _fit("icd_pretrain.yaml", store, out / "runs" / "icd", *common)
     icd = _val_history(icd_dir, "val/icd_macro_auroc")
     print(f"ICD macro AUROC on the validation split, per epoch: {' '.join(f'{v:.2f}' for v in icd)} "
           f"({time.perf_counter() - t:.0f} s)")
 
-    _step("9. control: the same run with each training case's ICD codes swapped with another case's (random labels)")
-    ctl_dir = _fit("icd_pretrain.yaml", store, out / "runs" / "icd_random_labels", *common,
-                   "--model.init_args.icd.random_labels", "true")
-    ctl = _val_history(ctl_dir, "val/icd_macro_auroc")
-    print(f"random-label control, ICD macro AUROC per epoch: {' '.join(f'{v:.2f}' for v in ctl)}")
-
-    _step("10. CT-report contrastive learning, staged from the ICD encoder (recipes/demo/report_contrastive.yaml)")
+    _step("9. CT-report contrastive learning, staged from the ICD encoder (recipes/demo/report_contrastive.yaml)")
+    t = time.perf_counter()
     clip_dir = _fit("report_contrastive.yaml", store, out / "runs" / "contrastive", *common,
                     "--model.init_args.encoder.pretrained", str(icd_dir / "encoder.safetensors"))
     zs = _val_history(clip_dir, "val/zeroshot_macro_auroc")
-    print(f"zero-shot findings macro AUROC on the validation split, per epoch: {' '.join(f'{v:.2f}' for v in zs)}")
+    print(f"zero-shot findings macro AUROC on the validation split, per epoch: {' '.join(f'{v:.2f}' for v in zs)} "
+          f"({time.perf_counter() - t:.0f} s)")
 
-    _step("11. evaluation on the test split (volfm evaluate): ICD head, linear probe, retrieval, zero-shot, subgroups")
+    _step("10. evaluation on the test split (volfm evaluate): ICD head, linear probe, retrieval, zero-shot, subgroups")
     eval_dir = out / "eval_pretrain"
-    print("ICD pretext checkpoint:")
-    evaluate(icd_dir / "checkpoints" / "last.ckpt", store=store, out=out / "eval_icd", num_workers=workers,
-             progress=False)
-    print("\ncontrastive checkpoint:")
     evaluate(clip_dir / "checkpoints" / "last.ckpt", store=store, out=eval_dir, subgroups=["sex"],
              num_workers=workers, progress=False)
-    seg_dir, seg_dice = _segment(out, store, table, clip_dir / "encoder.safetensors", epochs=min(24, 2 * epochs),
-                                 workers=workers)
-    return {"icd_dir": icd_dir, "clip_dir": clip_dir, "eval_dir": eval_dir, "icd_auroc": icd, "control_auroc": ctl,
-            "seg_dir": seg_dir, "seg_dice": seg_dice}
+
+    _step("11. self-supervised masked-volume pretraining (recipes/demo/masked_volume.yaml): 75 % of 4^3-voxel blocks of "
+          "random 32^3 crops masked, reconstructed by the encoder + the U-Net decoder segmentation uses")
+    t = time.perf_counter()
+    masked_dir = _fit("masked_volume.yaml", store, out / "runs" / "masked", *common)
+    rec = _val_history(masked_dir, "val/masked_loss")
+    print(f"masked-voxel MSE on the validation split, per epoch: {' '.join(f'{v:.4f}' for v in rec)} "
+          f"({time.perf_counter() - t:.0f} s)")
+    seg = _segment(out, store, table, masked_dir, workers=workers, epochs=segment_epochs)
+    return {"icd_dir": icd_dir, "clip_dir": clip_dir, "masked_dir": masked_dir, "eval_dir": eval_dir,
+            "icd_auroc": icd, **seg}
 
 
-def _segment(out: Path, store, table, pretrained, epochs: int, workers: int, organ: str = "spleen"):
-    """Fine-tune a segmentation head on one organ from 5 labelled cases, then volfm predict on raw test images."""
-    _step(f"12. segmentation of a new organ ({organ}) from 5 labelled cases, encoder from the contrastive run "
-          "(recipes/demo/seg_finetune.yaml)")
-    seg_dir = _fit("seg_finetune.yaml", store, out / "runs" / "seg", "--trainer.max_epochs", str(epochs),
-                   "--data.init_args.num_workers", str(workers), "--model.init_args.encoder.pretrained", str(pretrained),
-                   "--model.init_args.labels", f"[{organ}]", "--trainer.check_val_every_n_epoch", str(max(1, epochs // 2)))
-    dice = _val_history(seg_dir, f"val/dice_{organ}")
-    print(f"validation Dice ({organ}, sliding window over whole volumes): {' '.join(f'{v:.2f}' for v in dice)}")
+def _segment(out: Path, store, table, pretrained_dir: Path, workers: int, organ: str = "spleen",
+             epochs: int = 30) -> dict:
+    """Few-label segmentation of an organ no pretraining saw a label of: scratch and pretrained (encoder + decoder of
+    the masked-volume run), same seed, cases and patches; then volfm predict on raw test images."""
+    _step(f"12. segmentation of {organ} from 5 labelled cases (recipes/demo/seg_finetune.yaml, {epochs} epochs): "
+          "random init vs the masked-volume encoder + decoder, same cases, patches and seed")
+    common = ["--trainer.max_epochs", str(epochs), "--data.init_args.num_workers", str(workers),
+              "--model.init_args.labels", f"[{organ}]", "--trainer.check_val_every_n_epoch", str(epochs)]
+    t = time.perf_counter()
+    scratch_dir = _fit("seg_finetune.yaml", store, out / "runs" / "seg_scratch", *common)
+    t_scratch = time.perf_counter() - t
+    seg_dir = _fit("seg_finetune.yaml", store, out / "runs" / "seg", *common,
+                   "--model.init_args.encoder.pretrained", str(pretrained_dir / "encoder.safetensors"),
+                   "--model.init_args.decoder.pretrained", str(pretrained_dir / "decoder.safetensors"))
+    d_scratch = _val_history(scratch_dir, f"val/dice_{organ}")[-1]
+    d_pre = _val_history(seg_dir, f"val/dice_{organ}")[-1]
+    print(f"validation Dice ({organ}, sliding window over whole volumes, 5 labelled cases):")
+    print(f"  random init (scratch)              {d_scratch:.3f}")
+    print(f"  masked-volume pretrained enc + dec {d_pre:.3f}   ({d_pre - d_scratch:+.3f}; one seed -- "
+          "volfm bench pretraining gives the spread over seeds)")
+    print(f"  ({t_scratch:.0f} s per run)")
 
     rows = [r for r in csv.DictReader(open(table, newline="", encoding="utf-8")) if r["split"] == "test"][:3]
     raw = out / "raw_test_images"
     raw.mkdir(exist_ok=True)
     for r in rows:
         (raw / Path(r["image"]).name).write_bytes((Path(table).parent / r["image"]).read_bytes())
-    print(f"volfm predict on {len(rows)} raw test images (their own grids: orientations/obliquity as acquired):")
+    print(f"volfm predict (pretrained model) on {len(rows)} raw test images (their own grids: orientations/obliquity "
+          "as acquired):")
     res = predict_files(seg_dir / "checkpoints" / "last.ckpt", raw, out / "predictions", store=store, progress=False)
     scores = []
     for r, o in zip(rows, res["outputs"]):
@@ -196,7 +216,8 @@ def _segment(out: Path, store, table, pretrained, epochs: int, workers: int, org
         d = 2 * (pred & truth).sum() / max(1, pred.sum() + truth.sum())
         scores.append(float(d))
         print(f"  {Path(o['output']).name}: shape {tuple(o['shape'])}, Dice vs the source label {d:.2f}; QC {o['qc']}")
-    return seg_dir, scores
+    return {"seg_dir": seg_dir, "seg_scratch_dir": scratch_dir, "seg_dice": scores,
+            "val_dice": {"scratch": d_scratch, "pretrained": d_pre}}
 
 
 def _quiet_lightning() -> None:
@@ -247,7 +268,11 @@ def _show_encoders(store, names=None) -> None:
     x = torch.from_numpy(np.array(case["image"], dtype=np.float32))[None]
     print(f"input {case['case_id']}: {tuple(x.shape)}")
     torch.manual_seed(0)
-    for name in names or list_encoders():
+    names = list(names or DEMO_ENCODERS)
+    rest = [n for n in list_encoders() if n not in names]
+    if rest:
+        print(f"  (also registered, same interface: {', '.join(rest)})")
+    for name in names:
         model = create_encoder(name, in_chans=1).eval()
         n = sum(p.numel() for p in model.parameters())
         t0 = time.perf_counter()

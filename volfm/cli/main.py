@@ -75,7 +75,7 @@ def _cmd_demo(args) -> int:
 
     return run_demo(args.out, cases=args.cases, workers=args.workers, pretrain_cases=args.pretrain_cases,
                     pretrain_epochs=args.pretrain_epochs, synthesis_cases=args.synthesis_cases,
-                    synthesis_epochs=args.synthesis_epochs)
+                    synthesis_epochs=args.synthesis_epochs, segment_epochs=args.segment_epochs)
 
 
 def _cmd_evaluate(args) -> int:
@@ -151,10 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--pretrain-cases", type=int, default=320,
                    help="synthetic CT cases for the pretraining steps (0 skips pretraining)")
-    s.add_argument("--pretrain-epochs", type=int, default=20, help="epochs of each pretraining run")
+    s.add_argument("--pretrain-epochs", type=int, default=12, help="epochs of each pretraining run")
     s.add_argument("--synthesis-cases", type=int, default=24,
                    help="simulated MRI/PET cases for the MRI->PET synthesis step (0 skips it)")
-    s.add_argument("--synthesis-epochs", type=int, default=20)
+    s.add_argument("--synthesis-epochs", type=int, default=12)
+    s.add_argument("--segment-epochs", type=int, default=30,
+                   help="epochs of each few-label segmentation run (5 steps of 8 patches each)")
     s.set_defaults(fn=_cmd_demo)
 
     s = sub.add_parser("evaluate", help="evaluate a checkpoint: pretraining (ICD AUROC, linear probe, retrieval R@k, "
