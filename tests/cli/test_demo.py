@@ -16,13 +16,13 @@ def test_demo_end_to_end(tmp_path, capsys):
     for needle in ("ICD macro AUROC on the validation split, per epoch:", "random-label control",
                    "zero-shot findings macro AUROC", "linear probe:", "image->report:",
                    "masked-voxel MSE on the validation split", "validation Dice (spleen",
-                   "random init (scratch)", "masked-volume pretrained enc + dec", "Dice vs the source label"):
+                   "random init (scratch)", "masked-volume pretrained encoder", "Dice vs the source label"):
         assert needle in out
     runs = tmp_path / "demo" / "runs"
     masked = next((runs / "masked").glob("csv/version_*"))
     assert (masked / "encoder.safetensors").is_file() and (masked / "decoder.safetensors").is_file()
-    # both segmentation runs trained the same decoder; the pretrained one started from the masked-volume weights
-    assert "decoder weights (all but the output layers) loaded from" in out
+    # the pretrained segmentation run started from the masked-volume encoder
+    assert f"encoder weights loaded from {masked / 'encoder.safetensors'}" in out
     assert (tmp_path / "demo" / "eval_pretrain" / "eval.png").is_file()
     assert "baseline: mean image" in out and (tmp_path / "demo" / "eval_synthesis" / "synthesis_eval.png").is_file()
     n_pred = len(list((tmp_path / "demo" / "predictions").glob("*_seg.nii.gz")))

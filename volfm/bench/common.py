@@ -7,17 +7,20 @@ import contextlib
 import importlib
 import io
 import json
+import logging
 import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from volfm import VolfmError
 from volfm.utils import parse_triple_text
 
-__all__ = ["ints_arg", "floats_arg", "parse_skip", "quiet_import", "timed", "scratch_dir", "write_results"]
+__all__ = ["counts_arg", "floats_arg", "ints_arg", "json_dict_arg", "mean_sd", "names_arg", "parse_skip", "quiet_import",
+           "quiet_lightning", "scratch_dir", "seeds_arg", "timed", "write_results"]
 
 
 def ints_arg(text) -> list[int]:
@@ -84,3 +87,81 @@ def write_results(path, doc: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(doc, indent=2, default=float))
     print(f"results: {path}")
+
+
+def counts_arg(text):
+    """argparse type: labelled-case counts like ``1,2,5,all`` (ints >= 1 or ``all``)."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        if part == "all":
+            out.append("all")
+            continue
+        try:
+            k = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected counts like 1,2,5,all, got {text!r}") from None
+        if k < 1:
+            raise argparse.ArgumentTypeError(f"counts must be >= 1 (or 'all'), got {k}")
+        out.append(k)
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected counts like 1,2,5,all, got {text!r}")
+    return out
+
+
+def seeds_arg(text):
+    """argparse type: distinct seeds >= 0 like ``0,1,2``."""
+    try:
+        out = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds like 0 or 0,1,2, got {text!r}") from None
+    if not out or min(out) < 0 or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0 like 0,1,2, got {text!r}")
+    return out
+
+
+def names_arg(text):
+    """argparse type: comma-separated organ names."""
+    out = [s.strip() for s in str(text).split(",") if s.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected organ names like spleen or liver,spleen, got {text!r}")
+    return out
+
+
+def json_dict_arg(text):
+    """argparse type: a JSON object (e.g. encoder kwargs)."""
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {text!r}") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"in_chans\": 1}}', got {text!r}")
+    return v
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """Lightning's info lines, its data-loader hints and the task's set-up prints off; warnings stay on stderr."""
+    log = logging.getLogger("lightning.pytorch")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    buf = io.StringIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=r".*(number of training batches|log_every_n_steps).*")
+            warnings.filterwarnings("ignore", message=r".*[Cc]heckpoint.*")
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # Lightning 2.6 on torch >= 2.10
+            with contextlib.redirect_stdout(buf):
+                yield buf
+    finally:
+        log.setLevel(level)
+
+
+def mean_sd(values) -> dict:
+    """``{mean, sd (sample), n}`` of the values that are not None."""
+    vals = [v for v in values if v is not None]
+    return {"mean": statistics.fmean(vals) if vals else None,
+            "sd": statistics.stdev(vals) if len(vals) > 1 else None, "n": len(vals)}

@@ -36,15 +36,10 @@ HD95 of both), the number of test cases, notes on what the numbers can and canno
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-import logging
 import math
-import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import lightning
@@ -54,7 +49,16 @@ import matplotlib.pyplot as plt
 import torch
 
 from volfm import VolfmError
-from volfm.bench.common import ints_arg, write_results
+from volfm.bench.common import (
+    counts_arg,
+    ints_arg,
+    json_dict_arg,
+    mean_sd,
+    names_arg,
+    quiet_lightning,
+    seeds_arg,
+    write_results,
+)
 from volfm.data.datamodules import SegmentationDataModule
 from volfm.data.dataset import StoreDataset
 from volfm.models import create_encoder, load_encoder_weights
@@ -73,65 +77,17 @@ HD = "hd95_mm"
 
 # --- arguments -------------------------------------------------------------------------------------
 
-def _counts(text):
-    out = []
-    for part in str(text).split(","):
-        part = part.strip().lower()
-        if not part:
-            continue
-        if part == "all":
-            out.append("all")
-            continue
-        try:
-            k = int(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected counts like 1,2,5,all, got {text!r}") from None
-        if k < 1:
-            raise argparse.ArgumentTypeError(f"counts must be >= 1 (or 'all'), got {k}")
-        out.append(k)
-    if not out:
-        raise argparse.ArgumentTypeError(f"expected counts like 1,2,5,all, got {text!r}")
-    return out
-
-
-def _seeds(text):
-    try:
-        out = [int(s) for s in str(text).split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seeds like 0 or 0,1,2, got {text!r}") from None
-    if not out or min(out) < 0 or len(set(out)) != len(out):
-        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0 like 0,1,2, got {text!r}")
-    return out
-
-
-def _names(text):
-    out = [s.strip() for s in str(text).split(",") if s.strip()]
-    if not out:
-        raise argparse.ArgumentTypeError(f"expected organ names like spleen or liver,spleen, got {text!r}")
-    return out
-
-
-def _json_dict(text):
-    try:
-        v = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {text!r}") from None
-    if not isinstance(v, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"in_chans\": 1}}', got {text!r}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="segmentation Dice vs number of labelled training cases, "
                                 "random init vs a pretrained encoder, at an equal compute budget per run")
     p.add_argument("--store", required=True, help="a volfm store with labels and train/test splits")
     p.add_argument("--pretrained", help="encoder weights: any volfm checkpoint (.ckpt or encoder .safetensors); "
                    "without it only the scratch runs are made")
-    p.add_argument("--counts", type=_counts, default=[1, 2, 5, "all"],
+    p.add_argument("--counts", type=counts_arg, default=[1, 2, 5, "all"],
                    help="labelled training cases per run, 'all' = the whole training split (default 1,2,5,all)")
-    p.add_argument("--labels", type=_names, default=["spleen"], help="organ name(s) to segment (default spleen)")
+    p.add_argument("--labels", type=names_arg, default=["spleen"], help="organ name(s) to segment (default spleen)")
     p.add_argument("--encoder", help=f"encoder name (default: the one the checkpoint records, else {DEFAULT_ENCODER})")
-    p.add_argument("--encoder-kwargs", type=_json_dict,
+    p.add_argument("--encoder-kwargs", type=json_dict_arg,
                    help=f"encoder kwargs as JSON (default: the checkpoint's, "
                         f"else {json.dumps(DEFAULT_ENCODER_KWARGS)})")
     p.add_argument("--finetune", choices=["full", "frozen", "partial", "lora"], default="full",
@@ -144,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", type=ints_arg, default=[32, 32, 32], help="training patch / sliding window (32,32,32)")
     p.add_argument("--batch-size", type=int, default=8, help="patches per step (default 8)")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
-    p.add_argument("--seeds", type=_seeds, default=[0], help="seeds, e.g. 0,1,2 (default 0)")
+    p.add_argument("--seeds", type=seeds_arg, default=[0], help="seeds, e.g. 0,1,2 (default 0)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 helps on a busy shared CPU)")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu (default auto)")
@@ -240,25 +196,6 @@ def _finite(v):
     return v if math.isfinite(v) else None
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Lightning's info lines, its data-loader hints and the task's set-up prints off; warnings stay on stderr."""
-    log = logging.getLogger("lightning.pytorch")
-    level = log.level
-    log.setLevel(logging.WARNING)
-    buf = io.StringIO()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=r".*(number of training batches|log_every_n_steps).*")
-            warnings.filterwarnings("ignore", message=r".*[Cc]heckpoint.*")
-            warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # Lightning 2.6 on torch >= 2.10
-            with contextlib.redirect_stdout(buf):
-                yield buf
-    finally:
-        log.setLevel(level)
-
-
 def finetune_and_test(store, *, encoder: str, encoder_kwargs: dict, labels, k: int, seed: int, epochs: int,
                       steps_per_epoch: int, batch_size: int, patch, lr: float, pretrained: str | None = None,
                       decoder_pretrained: str | None = None, decoder_kwargs: dict | None = None,
@@ -273,7 +210,7 @@ def finetune_and_test(store, *, encoder: str, encoder_kwargs: dict, labels, k: i
     spv = math.ceil(steps_per_epoch * batch_size / k)
     classes = None
     t0 = time.perf_counter()
-    with _quiet():
+    with quiet_lightning():
         lightning.seed_everything(seed, verbose=False)
         task = SegmentationTask(
             encoder=EncoderConfig(encoder, dict(encoder_kwargs), pretrained),
@@ -337,27 +274,21 @@ def run_one(args, plan: dict, k: int, init: str, seed: int) -> dict:
 
 # --- summary, table, plot --------------------------------------------------------------------------
 
-def _stats(values) -> dict:
-    vals = [v for v in values if v is not None]
-    return {"mean": statistics.fmean(vals) if vals else None,
-            "sd": statistics.stdev(vals) if len(vals) > 1 else None, "n": len(vals)}
-
-
 def summarise(runs: list[dict], ks: list[int], inits, classes) -> list[dict]:
     rows = []
     for k in ks:
         row = {"k": k, "count": next(r["count"] for r in runs if r["k"] == k)}
         for init in inits:
             rs = [r for r in runs if r["k"] == k and r["init"] == init]
-            row[init] = {"dice": _stats(r["test_mean_dice"] for r in rs), HD: _stats(r[f"test_mean_{HD}"] for r in rs),
-                         "dice_per_class": {n: _stats(r["dice"][n] for r in rs) for n in classes},
+            row[init] = {"dice": mean_sd(r["test_mean_dice"] for r in rs), HD: mean_sd(r[f"test_mean_{HD}"] for r in rs),
+                         "dice_per_class": {n: mean_sd(r["dice"][n] for r in rs) for n in classes},
                          "missed": sum(sum(r["missed"].values()) for r in rs), "seeds": [r["seed"] for r in rs]}
         if "pretrained" in inits:  # paired by seed: same cases, same patches, same decoder start
             by_seed = {r["seed"]: r for r in runs if r["k"] == k and r["init"] == "scratch"}
             diffs = [r["test_mean_dice"] - by_seed[r["seed"]]["test_mean_dice"]
                      for r in runs if r["k"] == k and r["init"] == "pretrained"
                      and r["test_mean_dice"] is not None and by_seed[r["seed"]]["test_mean_dice"] is not None]
-            row["diff_dice"] = _stats(diffs)
+            row["diff_dice"] = mean_sd(diffs)
         rows.append(row)
     return rows
 

@@ -34,8 +34,9 @@ took. Runs go ``--jobs`` at a time in separate processes (default: 2 on a machin
 
     volfm bench pretraining [--store STORE | --cases 200] [--objectives scratch,icd,contrastive,multitask,masked,
         masked_enc,hybrid,mae] [--pretrain-steps 150] [--counts 1,5] [--seeds 0,1,2] [--modes full]
-        [--frozen-counts 5] [--finetune-steps 150] [--jobs 2] [--out DIR]
-    full protocol (about 1.5 h on 2 cores): --counts 1,2,5,all --modes full,frozen --frozen-counts 1,2,5,all
+        [--frozen-counts 5] [--finetune-steps 300] [--jobs 2] [--out DIR]
+    the default takes about 2 h on 2 CPU cores (54 fine-tuning runs of 300 steps); the full protocol adds
+    --counts 1,2,5,all --modes full,frozen --frozen-counts 1,2,5,all
 """
 from __future__ import annotations
 
@@ -43,14 +44,12 @@ import argparse
 import contextlib
 import io
 import json
-import logging
 import math
 import multiprocessing
 import os
 import statistics
 import sys
 import time
-import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -63,7 +62,16 @@ import torch
 from tqdm import tqdm
 
 from volfm import VolfmError
-from volfm.bench.common import ints_arg, write_results
+from volfm.bench.common import (
+    counts_arg,
+    ints_arg,
+    json_dict_arg,
+    mean_sd,
+    names_arg,
+    quiet_lightning,
+    seeds_arg,
+    write_results,
+)
 from volfm.bench.label_efficiency import finetune_and_test
 from volfm.data.datamodules import PretrainDataModule
 from volfm.data.dataset import StoreDataset
@@ -89,10 +97,10 @@ OBJECTIVES = ("scratch", "icd", "contrastive", "multitask", "masked", "masked_en
 SHARED = {"masked_enc": "masked"}
 CNN_KWARGS = {"in_chans": 1, "base_channels": 16}
 VIT_KWARGS = {"in_chans": 1, "patch_size": 8, "img_size": [32, 32, 32], "depth": 8, "pos_embed": "sincos"}
-# Decoders (the same in masked pretraining and in fine-tuning, so the masked objectives can carry theirs): a U-Net
-# with 8 channels at full resolution (half the default: the full-resolution stage is most of a CPU step) and a
-# UNETR of base width 8.
-DECODER_KWARGS = {"resnet18_3d": {"channels": [8, 16, 16, 32, 64]}, "vit_tiny_3d": {"feature_size": 8}}
+# Decoders (the same in masked pretraining and in fine-tuning, so the masked objectives can carry theirs): the default
+# U-Net for the CNN (``--cnn-decoder-kwargs`` changes it; a lighter one, {"channels": [8, 16, 16, 32, 64]}, halves a CPU
+# step but learnt much more slowly in few-label fine-tuning, see the README) and a UNETR of base width 8 for the ViT.
+DECODER_KWARGS = {"resnet18_3d": {}, "vit_tiny_3d": {"feature_size": 8}}
 # Findings whose image signal survives 7 x 7 x 10 mm voxels (ct_merlin_demo): whole-organ size and density, fluid.
 # Stones, cysts and nodules of a few millimetres and the aneurysm span about one voxel there (the ICD head of the
 # demo scores them near chance); ``--findings all`` scores every finding.
@@ -103,12 +111,12 @@ TEXT = {"text_max_length": 256, "text_lr": 5e-4, "report_mode": "whole", "embed_
 ICD = {"level": "full", "min_count": 3}
 
 
-def objective_settings(name: str, crop, block: int, cnn_kwargs=None, vit_kwargs=None) -> dict:
+def objective_settings(name: str, crop, block: int, cnn_kwargs=None, vit_kwargs=None, cnn_decoder_kwargs=None) -> dict:
     """Encoder, decoder and loss groups of one objective (``crop``: the masked objectives' crop size)."""
     CNN = ("resnet18_3d", dict(CNN_KWARGS if cnn_kwargs is None else cnn_kwargs))
     VIT = ("vit_tiny_3d", dict(VIT_KWARGS if vit_kwargs is None else vit_kwargs))
-    masked = {"mask_ratio": 0.75, "block_size": block, "crop_size": list(crop),
-              "decoder_kwargs": DECODER_KWARGS["resnet18_3d"]}
+    decoders = {**DECODER_KWARGS, **({"resnet18_3d": dict(cnn_decoder_kwargs)} if cnn_decoder_kwargs is not None else {})}
+    masked = {"mask_ratio": 0.75, "block_size": block, "crop_size": list(crop), "decoder_kwargs": decoders["resnet18_3d"]}
     table = {
         "scratch": {"encoder": CNN},
         "scratch_vit": {"encoder": VIT},
@@ -123,7 +131,7 @@ def objective_settings(name: str, crop, block: int, cnn_kwargs=None, vit_kwargs=
                                         "decoder_depth": 2, "decoder_heads": 4}, "lr": 1e-3},
     }
     out = table[name]
-    out["decoder_kwargs"] = DECODER_KWARGS[out["encoder"][0]]
+    out["decoder_kwargs"] = decoders[out["encoder"][0]]
     return out
 
 
@@ -142,32 +150,6 @@ def _list(choices=None, kind=str):
     return parse
 
 
-def _counts(text):
-    out = []
-    for part in _list()(text):
-        if part == "all":
-            out.append("all")
-            continue
-        try:
-            k = int(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected counts like 1,2,5,all, got {text!r}") from None
-        if k < 1:
-            raise argparse.ArgumentTypeError(f"counts must be >= 1 (or 'all'), got {k}")
-        out.append(k)
-    return out
-
-
-def _json_dict(text):
-    try:
-        v = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {text!r}") from None
-    if not isinstance(v, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"in_chans\": 1}}', got {text!r}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="pretraining objectives compared on one store at one budget: "
                                 "linear probe, zero-shot, retrieval, few-label segmentation (frozen and full)")
@@ -182,20 +164,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=ints_arg, default=[32, 32, 32],
                    help="crop of the masked objectives = fine-tuning patch (default 32,32,32)")
     p.add_argument("--block", type=int, default=4, help="masked-volume block size in voxels (default 4)")
-    p.add_argument("--cnn-kwargs", type=_json_dict, default=None,
+    p.add_argument("--cnn-kwargs", type=json_dict_arg, default=None,
                    help=f"resnet18_3d kwargs as JSON (default {json.dumps(CNN_KWARGS)})")
-    p.add_argument("--vit-kwargs", type=_json_dict, default=None,
+    p.add_argument("--cnn-decoder-kwargs", type=json_dict_arg, default=None,
+                   help="UNetDecoder kwargs of the CNN objectives, pretraining and fine-tuning (default: the default "
+                        "U-Net)")
+    p.add_argument("--vit-kwargs", type=json_dict_arg, default=None,
                    help=f"vit_tiny_3d kwargs as JSON (default {json.dumps(VIT_KWARGS)})")
-    p.add_argument("--labels", type=_list(), default=["spleen"], help="organ(s) to segment (default spleen)")
-    p.add_argument("--counts", type=_counts, default=[1, 5],
+    p.add_argument("--labels", type=names_arg, default=["spleen"], help="organ(s) to segment (default spleen)")
+    p.add_argument("--counts", type=counts_arg, default=[1, 5],
                    help="labelled cases (default 1,5; the full protocol: 1,2,5,all)")
-    p.add_argument("--seeds", type=_list(kind=int), default=[0, 1, 2], help="fine-tuning seeds (default 0,1,2)")
+    p.add_argument("--seeds", type=seeds_arg, default=[0, 1, 2], help="fine-tuning seeds (default 0,1,2)")
     p.add_argument("--modes", type=_list(("full", "frozen")), default=["full"],
                    help="fine-tuning modes (default full; full,frozen adds frozen-encoder runs at --frozen-counts)")
-    p.add_argument("--frozen-counts", type=_counts, default=[5],
+    p.add_argument("--frozen-counts", type=counts_arg, default=[5],
                    help="counts at which the frozen mode runs (default 5; 'all counts': give --frozen-counts 1,2,5,all)")
-    p.add_argument("--finetune-steps", type=int, default=150,
-                   help="optimiser steps per fine-tuning run (default 150)")
+    p.add_argument("--finetune-steps", type=int, default=300,
+                   help="optimiser steps per fine-tuning run (default 300; at 150 about half the runs never leave the "
+                        "all-background solution)")
     p.add_argument("--finetune-batch", type=int, default=8, help="patches per fine-tuning step (default 8)")
     p.add_argument("--foreground-fraction", type=float, default=0.5,
                    help="fine-tuning patches forced to contain the organ (default 0.5)")
@@ -214,20 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- quiet Lightning -------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _quiet():
-    log = logging.getLogger("lightning.pytorch")
-    level = log.level
-    log.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with contextlib.redirect_stdout(io.StringIO()):
-                yield
-    finally:
-        log.setLevel(level)
-
-
 def _set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(int(threads))
@@ -243,7 +215,7 @@ def pretrain(store: str, name: str, settings: dict, steps: int, batch: int, seed
     t0 = time.perf_counter()
     enc_name, enc_kwargs = settings["encoder"]
     ckpt = Path(out) / f"{name}.ckpt"
-    with _quiet():
+    with quiet_lightning():
         lightning.seed_everything(seed, verbose=False)
         task = PretrainTask(encoder=EncoderConfig(enc_name, dict(enc_kwargs)),
                             icd=IcdHeadConfig(**settings["icd"]) if "icd" in settings else None,
@@ -317,12 +289,6 @@ def _pretrain_job(kwargs: dict, threads: int | None) -> dict:
 
 # --- summary, table, plot ----------------------------------------------------------------------------
 
-def _stats(values) -> dict:
-    vals = [v for v in values if v is not None]
-    return {"mean": statistics.fmean(vals) if vals else None,
-            "sd": statistics.stdev(vals) if len(vals) > 1 else None, "n": len(vals)}
-
-
 def baseline_of(objective: str) -> str:
     return "scratch_vit" if objective in ("mae", "scratch_vit") else "scratch"
 
@@ -341,8 +307,8 @@ def summarise(runs: list[dict], objectives, modes, ks) -> dict:
                          if r["seed"] in base and r["test_mean_dice"] is not None
                          and base[r["seed"]]["test_mean_dice"] is not None]
                 out[f"{obj}|{mode}|{k}"] = {"objective": obj, "mode": mode, "k": k,
-                                            "dice": _stats(r["test_mean_dice"] for r in rs),
-                                            "diff_vs_scratch": _stats(diffs) if obj != baseline_of(obj) else None,
+                                            "dice": mean_sd(r["test_mean_dice"] for r in rs),
+                                            "diff_vs_scratch": mean_sd(diffs) if obj != baseline_of(obj) else None,
                                             "seconds": statistics.fmean(r["seconds"] for r in rs)}
     return out
 
@@ -448,7 +414,8 @@ def _prepare_store(args, out: Path) -> str:
 
 
 def _settings(args, objective: str) -> dict:
-    return objective_settings(objective, args.crop, args.block, args.cnn_kwargs, args.vit_kwargs)
+    return objective_settings(objective, args.crop, args.block, args.cnn_kwargs, args.vit_kwargs,
+                              args.cnn_decoder_kwargs)
 
 
 def _jobs(args) -> int:
@@ -559,7 +526,7 @@ def _run(args) -> int:
     for o in [o for o in objectives if o.startswith("scratch")]:
         s = _settings(args, o)
         lightning.seed_everything(args.pretrain_seed, verbose=False)
-        with _quiet():
+        with quiet_lightning():
             task = PretrainTask(encoder=EncoderConfig(s["encoder"][0], dict(s["encoder"][1])), icd=IcdHeadConfig(),
                                 seed=args.pretrain_seed)
         pre[o] = {"objective": o, "checkpoint": None, "encoder": s["encoder"][0], "encoder_kwargs": s["encoder"][1],

@@ -14,8 +14,8 @@ The steps (each prints what it did and where its output is):
 10. ``volfm evaluate`` of the contrastive checkpoint (linear probe, retrieval, zero-shot findings, subgroups);
 11. self-supervised masked-volume pretraining (``recipes/demo/masked_volume.yaml``), the objective that won
     ``volfm bench pretraining`` for few-label segmentation;
-12. segmentation of an organ from 5 labelled cases, from scratch and from the masked-volume encoder + decoder,
-    Dice side by side, then ``volfm predict`` on raw test images in their own grids;
+12. segmentation of an organ from 5 labelled cases, from scratch and from the masked-volume encoder, Dice side by
+    side, then ``volfm predict`` on raw test images in their own grids;
 13. MRI -> PET synthesis (``recipes/demo/synth_mri2pet.yaml``) and its evaluation against baselines.
 
 ``--pretrain-cases 0`` skips steps 7-12, ``--synthesis-cases 0`` skips step 13.
@@ -154,9 +154,11 @@ def _pretrain(out: Path, n_cases: int, epochs: int, workers: int, segment_epochs
     print(f"ICD macro AUROC on the validation split, per epoch: {' '.join(f'{v:.2f}' for v in icd)} "
           f"({time.perf_counter() - t:.0f} s)")
 
-    _step("9. CT-report contrastive learning, staged from the ICD encoder (recipes/demo/report_contrastive.yaml)")
+    _step(f"9. CT-report contrastive learning, staged from the ICD encoder (recipes/demo/report_contrastive.yaml, "
+          f"{max(1, (2 * epochs) // 3)} epochs)")
     t = time.perf_counter()
-    clip_dir = _fit("report_contrastive.yaml", store, out / "runs" / "contrastive", *common,
+    short = ["--trainer.max_epochs", str(max(1, (2 * epochs) // 3)), "--data.init_args.num_workers", str(workers)]
+    clip_dir = _fit("report_contrastive.yaml", store, out / "runs" / "contrastive", *short,
                     "--model.init_args.encoder.pretrained", str(icd_dir / "encoder.safetensors"))
     zs = _val_history(clip_dir, "val/zeroshot_macro_auroc")
     print(f"zero-shot findings macro AUROC on the validation split, per epoch: {' '.join(f'{v:.2f}' for v in zs)} "
@@ -167,10 +169,11 @@ def _pretrain(out: Path, n_cases: int, epochs: int, workers: int, segment_epochs
     evaluate(clip_dir / "checkpoints" / "last.ckpt", store=store, out=eval_dir, subgroups=["sex"],
              num_workers=workers, progress=False)
 
-    _step("11. self-supervised masked-volume pretraining (recipes/demo/masked_volume.yaml): 75 % of 4^3-voxel blocks of "
-          "random 32^3 crops masked, reconstructed by the encoder + the U-Net decoder segmentation uses")
+    _step(f"11. self-supervised masked-volume pretraining (recipes/demo/masked_volume.yaml, {max(1, epochs // 2)} epochs): "
+          "75 % of 4^3-voxel blocks of random 32^3 crops masked, reconstructed by the encoder + a U-Net decoder")
     t = time.perf_counter()
-    masked_dir = _fit("masked_volume.yaml", store, out / "runs" / "masked", *common)
+    half = ["--trainer.max_epochs", str(max(1, epochs // 2)), "--data.init_args.num_workers", str(workers)]
+    masked_dir = _fit("masked_volume.yaml", store, out / "runs" / "masked", *half)
     rec = _val_history(masked_dir, "val/masked_loss")
     print(f"masked-voxel MSE on the validation split, per epoch: {' '.join(f'{v:.4f}' for v in rec)} "
           f"({time.perf_counter() - t:.0f} s)")
@@ -181,23 +184,25 @@ def _pretrain(out: Path, n_cases: int, epochs: int, workers: int, segment_epochs
 
 def _segment(out: Path, store, table, pretrained_dir: Path, workers: int, organ: str = "spleen",
              epochs: int = 30) -> dict:
-    """Few-label segmentation of an organ no pretraining saw a label of: scratch and pretrained (encoder + decoder of
-    the masked-volume run), same seed, cases and patches; then volfm predict on raw test images."""
+    """Few-label segmentation of an organ no pretraining saw a label of: scratch and pretrained (the masked-volume
+    run's encoder, with a fresh decoder: the variant that did best in volfm bench pretraining), same seed, cases and
+    patches; then volfm predict on raw test images."""
     _step(f"12. segmentation of {organ} from 5 labelled cases (recipes/demo/seg_finetune.yaml, {epochs} epochs): "
-          "random init vs the masked-volume encoder + decoder, same cases, patches and seed")
+          "random init vs the masked-volume encoder, same cases, patches and seed")
     common = ["--trainer.max_epochs", str(epochs), "--data.init_args.num_workers", str(workers),
               "--model.init_args.labels", f"[{organ}]", "--trainer.check_val_every_n_epoch", str(epochs)]
     t = time.perf_counter()
     scratch_dir = _fit("seg_finetune.yaml", store, out / "runs" / "seg_scratch", *common)
     t_scratch = time.perf_counter() - t
+    # encoder only: in volfm bench pretraining the carried decoder did worse than a fresh one (README); add
+    # --model.init_args.decoder.pretrained <run>/decoder.safetensors to carry it
     seg_dir = _fit("seg_finetune.yaml", store, out / "runs" / "seg", *common,
-                   "--model.init_args.encoder.pretrained", str(pretrained_dir / "encoder.safetensors"),
-                   "--model.init_args.decoder.pretrained", str(pretrained_dir / "decoder.safetensors"))
+                   "--model.init_args.encoder.pretrained", str(pretrained_dir / "encoder.safetensors"))
     d_scratch = _val_history(scratch_dir, f"val/dice_{organ}")[-1]
     d_pre = _val_history(seg_dir, f"val/dice_{organ}")[-1]
     print(f"validation Dice ({organ}, sliding window over whole volumes, 5 labelled cases):")
     print(f"  random init (scratch)              {d_scratch:.3f}")
-    print(f"  masked-volume pretrained enc + dec {d_pre:.3f}   ({d_pre - d_scratch:+.3f}; one seed -- "
+    print(f"  masked-volume pretrained encoder   {d_pre:.3f}   ({d_pre - d_scratch:+.3f}; one seed -- "
           "volfm bench pretraining gives the spread over seeds)")
     print(f"  ({t_scratch:.0f} s per run)")
 
