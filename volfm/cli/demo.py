@@ -59,8 +59,8 @@ def _step(title: str):
     print(f"\n== {title} ==", flush=True)
 
 
-def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2, encoders=None, pretrain_cases: int = 320,
-             pretrain_epochs: int = 12, synthesis_cases: int = 24, synthesis_epochs: int = 12,
+def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2, encoders=None, pretrain_cases: int = 240,
+             pretrain_epochs: int = 10, synthesis_cases: int = 24, synthesis_epochs: int = 16,
              segment_epochs: int = 30) -> int:
     out = Path(out)
     t0 = time.perf_counter()
@@ -169,11 +169,11 @@ def _pretrain(out: Path, n_cases: int, epochs: int, workers: int, segment_epochs
     evaluate(clip_dir / "checkpoints" / "last.ckpt", store=store, out=eval_dir, subgroups=["sex"],
              num_workers=workers, progress=False)
 
-    _step(f"11. self-supervised masked-volume pretraining (recipes/demo/masked_volume.yaml, {max(1, epochs // 2)} epochs): "
+    _step(f"11. self-supervised masked-volume pretraining (recipes/demo/masked_volume.yaml, {max(1, epochs // 3)} epochs): "
           "75 % of 4^3-voxel blocks of random 32^3 crops masked, reconstructed by the encoder + a U-Net decoder")
     t = time.perf_counter()
-    half = ["--trainer.max_epochs", str(max(1, epochs // 2)), "--data.init_args.num_workers", str(workers)]
-    masked_dir = _fit("masked_volume.yaml", store, out / "runs" / "masked", *half)
+    third = ["--trainer.max_epochs", str(max(1, epochs // 3)), "--data.init_args.num_workers", str(workers)]
+    masked_dir = _fit("masked_volume.yaml", store, out / "runs" / "masked", *third)
     rec = _val_history(masked_dir, "val/masked_loss")
     print(f"masked-voxel MSE on the validation split, per epoch: {' '.join(f'{v:.4f}' for v in rec)} "
           f"({time.perf_counter() - t:.0f} s)")

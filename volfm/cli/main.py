@@ -149,12 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="volfm_demo")
     s.add_argument("--cases", type=int, default=8)
     s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--pretrain-cases", type=int, default=320,
+    s.add_argument("--pretrain-cases", type=int, default=240,
                    help="synthetic CT cases for the pretraining steps (0 skips pretraining)")
-    s.add_argument("--pretrain-epochs", type=int, default=12, help="epochs of each pretraining run")
+    s.add_argument("--pretrain-epochs", type=int, default=10,
+                   help="epochs of the ICD run (the contrastive run takes 2/3 of them, the masked-volume run 1/3)")
     s.add_argument("--synthesis-cases", type=int, default=24,
                    help="simulated MRI/PET cases for the MRI->PET synthesis step (0 skips it)")
-    s.add_argument("--synthesis-epochs", type=int, default=12)
+    s.add_argument("--synthesis-epochs", type=int, default=16)
     s.add_argument("--segment-epochs", type=int, default=30,
                    help="epochs of each few-label segmentation run (5 steps of 8 patches each)")
     s.set_defaults(fn=_cmd_demo)
