@@ -138,6 +138,15 @@ def read_checkpoint(path: str | Path):
                          f"{' '.join(str(exc).split())[:300]}") from exc
 
 
+def _checkpoint_part(path: Path, prefix: str) -> tuple:
+    """(checkpoint, its state dict, the tensors under ``prefix`` with the prefix removed) of a task ``.ckpt``."""
+    ckpt = read_checkpoint(path)
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise VolfmError(f"{path} does not hold a state dict (got {type(ckpt).__name__})")
+    return ckpt, state, {k[len(prefix):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
+
+
 def load_encoder_weights(model: nn.Module, path: str | Path, *, strict: bool = True, prefix: str = "encoder.") -> nn.Module:
     """Load encoder weights into ``model`` from any volfm checkpoint: an encoder ``.safetensors``
     (:func:`save_encoder`) or a Lightning ``.ckpt`` of a volfm task (ICD pretext, report contrastive,
@@ -149,11 +158,7 @@ def load_encoder_weights(model: nn.Module, path: str | Path, *, strict: bool = T
                          ".safetensors file")
     if path.suffix == ".safetensors":
         return load_encoder(model, path, strict=strict)
-    ckpt = read_checkpoint(path)
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise VolfmError(f"{path} does not hold a state dict (got {type(ckpt).__name__})")
-    enc = {k[len(prefix):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
+    ckpt, state, enc = _checkpoint_part(path, prefix)
     if not enc:
         raise VolfmError(f"{path} holds no encoder weights (no '{prefix}*' keys; first keys: "
                          f"{_list_keys(sorted(map(str, state)), 5)}); give a volfm task checkpoint or an encoder "
@@ -181,11 +186,7 @@ def load_decoder_weights(decoder: nn.Module, path: str | Path, *, prefix: str = 
     if path.suffix == ".safetensors":
         state = load_file(str(path))
     else:
-        ckpt = read_checkpoint(path)
-        full = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-        if not isinstance(full, dict):
-            raise VolfmError(f"{path} does not hold a state dict (got {type(ckpt).__name__})")
-        state = {k[len(prefix):]: v for k, v in full.items() if isinstance(k, str) and k.startswith(prefix)}
+        _, _, state = _checkpoint_part(path, prefix)
         if not state:
             raise VolfmError(f"{path} holds no decoder weights (no '{prefix}*' keys): only checkpoints of tasks with a "
                              "dense decoder (masked-volume pretraining, segmentation, synthesis) carry one; load the "
