@@ -14,13 +14,14 @@ import torch
 import yaml
 from lightning.pytorch.loggers import CSVLogger
 
+from volfm import VolfmError
 from volfm.data.datamodules import SegmentationDataModule
 from volfm.data.dataset import StoreDataset
 from volfm.metrics.segmentation import aggregate_segmentation_metrics, segmentation_metrics
 from volfm.preprocess.spec import load_spec
 from volfm.store.build import run_cohort
 from volfm.synth.ct import make_ct_cohort
-from volfm.tasks import EncoderConfig, SegmentationTask, load_task
+from volfm.tasks import EncoderConfig, SegmentationLossConfig, SegmentationTask, load_task
 
 VAL_IDS = ["ct_0001", "ct_0004", "ct_0006"]
 # two CPU processes over gloo; forked ones start in a second (spawned ones re-import torch and volfm, ~30 s on two
@@ -152,3 +153,44 @@ def test_two_process_ddp_validation_logs_the_single_process_metrics(trained, tmp
     assert set(logged) == set(single)
     bad = {k: (logged[k], single[k]) for k in single if logged[k] != pytest.approx(single[k], rel=1e-6)}
     assert not bad, f"2-process DDP vs single process: {bad}"
+
+
+def _dice_ce_by_hand(logits, target, batch_dice, include_background, dice_w=1.0, ce_w=1.0, eps=1e-5):
+    """Dice + CE written out from the formulas (softmax probabilities, one-hot target; Dice per class, summed over
+    the voxels of each patch or of the whole batch, averaged over the kept classes and patches)."""
+    p = torch.softmax(logits, 1)
+    t = torch.nn.functional.one_hot(target[:, 0], logits.shape[1]).permute(0, 4, 1, 2, 3).float()
+    if not include_background:
+        p, t = p[:, 1:], t[:, 1:]
+    dims = (0, 2, 3, 4) if batch_dice else (2, 3, 4)
+    dice = (2 * (p * t).sum(dims) + eps) / (p.sum(dims) + t.sum(dims) + eps)
+    ce = torch.nn.functional.cross_entropy(logits, target[:, 0])
+    return dice_w * (1 - dice).mean() + ce_w * ce
+
+
+@pytest.mark.parametrize("batch_dice,include_background", [(True, False), (False, True), (True, True), (False, False)])
+def test_segmentation_loss_equals_dice_plus_ce_by_hand(batch_dice, include_background):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 3, 6, 5, 4)
+    target = torch.randint(0, 3, (3, 1, 6, 5, 4))
+    target[1] = 0  # a patch without any organ: per-patch Dice asks for an empty prediction there
+    task = SegmentationTask(labels=["spleen"], loss={"batch_dice": batch_dice, "include_background": include_background,
+                                                     "dice_weight": 0.7, "ce_weight": 1.3})
+    got = task._loss(logits, target)
+    want = _dice_ce_by_hand(logits, target, batch_dice, include_background, 0.7, 1.3)
+    assert torch.allclose(got, want, atol=1e-5), (got, want)
+
+
+def test_segmentation_loss_defaults_are_nnunet_batch_dice_without_background():
+    task = SegmentationTask(labels=["spleen"])
+    assert task.loss_cfg == SegmentationLossConfig(batch_dice=True, include_background=False)
+    assert task.hparams["loss"] == {"batch_dice": True, "include_background": False, "dice_weight": 1.0,
+                                    "ce_weight": 1.0}
+
+
+@pytest.mark.parametrize("loss,match", [({"dice_weight": -1.0}, "must be >= 0"),
+                                        ({"dice_weight": 0.0, "ce_weight": 0.0}, "not both 0"),
+                                        ({"batch_dic": True}, "did you mean 'batch_dice'")])
+def test_bad_segmentation_loss_settings_fail_clearly(loss, match):
+    with pytest.raises(VolfmError, match=match):
+        SegmentationTask(labels=["spleen"], loss=loss)

@@ -201,12 +201,14 @@ def finetune_and_test(store, *, encoder: str, encoder_kwargs: dict, labels, k: i
                       decoder_pretrained: str | None = None, decoder_kwargs: dict | None = None,
                       finetune: str = "full", encoder_lr_scale: float = 0.1,
                       warmup_fraction: float = 0.0, foreground_fraction: float = 1 / 3, workers: int = 0,
+                      loss: dict | None = None,
                       accelerator: str = "auto",
                       precision: str = "32-true", out=".") -> dict:
     """One few-label segmentation run (the unit of this benchmark and of ``volfm bench pretraining``): seed, fine-tune
     a :class:`SegmentationTask` on the first ``k`` training cases for ``epochs`` x ``steps_per_epoch`` steps of
     ``batch_size`` patches (``samples_per_volume = ceil(steps_per_epoch x batch_size / k)``), test the last weights
-    on the whole test split; returns the numbers (mean/per-class Dice and HD95, per case, timings)."""
+    on the whole test split; returns the numbers (mean/per-class Dice and HD95, per case, timings). ``loss``: the
+    task's loss group (default: :class:`SegmentationLossConfig`'s, nnU-Net's batch Dice without background)."""
     spv = math.ceil(steps_per_epoch * batch_size / k)
     classes = None
     t0 = time.perf_counter()
@@ -217,7 +219,7 @@ def finetune_and_test(store, *, encoder: str, encoder_kwargs: dict, labels, k: i
             decoder=DecoderConfig(kwargs=dict(decoder_kwargs or {}), pretrained=decoder_pretrained),
             labels=list(labels), finetune=FinetuneConfig(mode=finetune, encoder_lr_scale=encoder_lr_scale),
             optim=OptimConfig(lr=lr, weight_decay=1e-5, warmup_fraction=warmup_fraction), patch_size=tuple(patch),
-            seed=seed)
+            seed=seed, loss=loss)
         # val_split = test split: validation never runs here (check_val_every_n_epoch > epochs), so this
         # only spares stores without a 'val' split from an error; nothing is selected or tuned on it
         dm = SegmentationDataModule(str(store), patch_size=tuple(patch), num_train_cases=k,

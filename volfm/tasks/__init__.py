@@ -11,14 +11,14 @@ from volfm.tasks.pretrain import (
     PretrainOptimConfig,
     PretrainTask,
 )
-from volfm.tasks.segmentation import FinetuneConfig, SegmentationOptimConfig, SegmentationTask
+from volfm.tasks.segmentation import FinetuneConfig, SegmentationLossConfig, SegmentationOptimConfig, SegmentationTask
 from volfm.tasks.ssl import MAEConfig, MaskedVolumeConfig
 from volfm.tasks.synthesis import DiscriminatorConfig, SynthesisLossConfig, SynthesisOptimConfig, SynthesisTask
 
 __all__ = ["ContrastiveConfig", "DecoderConfig", "DiscriminatorConfig", "EncoderConfig", "EncoderTask",
            "FinetuneConfig", "IcdHeadConfig", "InferenceConfig", "MAEConfig", "MAETask", "MaskedVolumeConfig",
            "MaskedVolumeTask", "OptimConfig", "PretrainEvalConfig", "PretrainOptimConfig", "PretrainTask",
-           "SegmentationOptimConfig", "SegmentationTask", "SynthesisLossConfig", "SynthesisOptimConfig",
+           "SegmentationLossConfig", "SegmentationOptimConfig", "SegmentationTask", "SynthesisLossConfig", "SynthesisOptimConfig",
            "SynthesisTask", "load_task"]
 
 _REPLACED = {

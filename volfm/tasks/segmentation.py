@@ -4,7 +4,8 @@ The researcher's workflow: a pretrained encoder (any volfm checkpoint: ICD prete
 contrastive, segmentation, or an encoder .safetensors), a handful of labelled scans, and a label map
 that says which source labels make up the new classes (e.g. pick ``pancreas`` out of a multi-organ
 map, or merge left and right kidney). Training uses patches with nnU-Net-style foreground
-oversampling (the DataModule), Dice + cross-entropy (MONAI's DiceCELoss, deep supervision optional);
+oversampling (the DataModule), Dice + cross-entropy (MONAI's DiceCELoss; by default nnU-Net's batch Dice without the
+background class, see :class:`SegmentationLossConfig`; deep supervision optional);
 validation runs sliding-window inference over each whole stored volume and reports Dice and HD95 in
 millimetres per class (MONAI's metrics with the store's voxel spacing).
 
@@ -40,7 +41,7 @@ from volfm.targets.labelmap import LabelMap, load_source_labels
 from volfm.tasks.base import DecoderConfig, EncoderConfig, EncoderTask, InferenceConfig, OptimConfig, as_config, gather_objects
 from volfm.tasks.optim import adamw_warmup_decay
 
-__all__ = ["SegmentationOptimConfig", "FINETUNE_MODES", "FinetuneConfig", "SegmentationTask"]
+__all__ = ["SegmentationOptimConfig", "FINETUNE_MODES", "FinetuneConfig", "SegmentationLossConfig", "SegmentationTask"]
 
 FINETUNE_MODES = ("full", "frozen", "partial", "lora")
 
@@ -71,6 +72,26 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class SegmentationLossConfig:
+    """Dice + cross-entropy (MONAI's DiceCELoss). ``batch_dice``: one Dice over all patches of the batch (nnU-Net's
+    choice for 3D) instead of one per patch -- with per-patch Dice every patch without the organ asks for an empty
+    prediction of its own, which in few-label runs pulls the network towards all-background; ``include_background``:
+    also average the background class's Dice (nnU-Net: no); ``dice_weight`` / ``ce_weight``: the terms' weights.
+    Measured on synthetic spleen, 5 labelled cases, 3 seeds (README, issue 13): test Dice 0.515 +- 0.004 with the
+    defaults vs 0.457 +- 0.068 with per-patch Dice including the background."""
+
+    batch_dice: bool = True
+    include_background: bool = False
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+
+    def __post_init__(self):
+        if min(self.dice_weight, self.ce_weight) < 0 or self.dice_weight + self.ce_weight <= 0:
+            raise VolfmError(f"loss.dice_weight and loss.ce_weight must be >= 0 and not both 0, got "
+                             f"{self.dice_weight} and {self.ce_weight}")
+
+
+@dataclass(frozen=True)
 class SegmentationOptimConfig(OptimConfig):
     """The optimiser group with fine-tuning's: AdamW at 1e-3, weight decay 1e-5, no warm-up, then poly decay."""
 
@@ -87,7 +108,8 @@ class SegmentationTask(EncoderTask):
         source label is its own class). source_labels: the source dataset's name -> value map (a
         labels.json, a cohort folder or a store; default: found from the DataModule's store).
     Groups: ``encoder`` (name, kwargs, ``pretrained``), ``decoder`` (auto / unet / unetr, kwargs, deep
-    supervision), ``finetune``, ``optim`` (AdamW, warm-up, poly decay), ``inference`` (sliding window).
+    supervision), ``finetune``, ``loss`` (batch Dice, background, term weights), ``optim`` (AdamW, warm-up, poly
+    decay), ``inference`` (sliding window).
     """
 
     optim_config_class = SegmentationOptimConfig
@@ -95,14 +117,16 @@ class SegmentationTask(EncoderTask):
     def __init__(self, encoder: EncoderConfig | None = None, decoder: DecoderConfig | None = None,
                  labels: Any = None, source_labels: str | None = None, finetune: FinetuneConfig | None = None,
                  optim: SegmentationOptimConfig | None = None, inference: InferenceConfig | None = None,
-                 hd_percentile: float = 95.0, patch_size: Sequence[int] | None = None, seed: int = 0):
+                 hd_percentile: float = 95.0, patch_size: Sequence[int] | None = None, seed: int = 0,
+                 loss: SegmentationLossConfig | None = None):
         super().__init__(encoder, optim, inference, patch_size, seed, default_encoder=EncoderConfig("resnet18_3d"))
         self.decoder_cfg = as_config(DecoderConfig, decoder, "decoder")
         self.finetune_cfg = as_config(FinetuneConfig, finetune, "finetune")
+        self.loss_cfg = as_config(SegmentationLossConfig, loss, "loss")
         self.labels, self.source_labels = labels, source_labels
         self.hd_percentile = float(hd_percentile)
         self.save_task_hparams(decoder=self.decoder_cfg, labels=labels, source_labels=source_labels,
-                               finetune=self.finetune_cfg, hd_percentile=self.hd_percentile)
+                               finetune=self.finetune_cfg, hd_percentile=self.hd_percentile, loss=self.loss_cfg)
         if self.finetune_cfg.mode not in FINETUNE_MODES:
             raise VolfmError(f"finetune.mode must be one of {', '.join(FINETUNE_MODES)}, got {self.finetune_cfg.mode!r}")
         self.encoder_name = self.encoder_cfg.name
@@ -261,7 +285,10 @@ class SegmentationTask(EncoderTask):
 
     def _loss(self, out, target: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "_dice_ce"):
-            self._dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+            c = self.loss_cfg
+            self._dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, batch=c.batch_dice,
+                                       include_background=c.include_background, lambda_dice=c.dice_weight,
+                                       lambda_ce=c.ce_weight)
         if isinstance(out, (list, tuple)):  # deep supervision: weights 1, 1/2, 1/4, ... normalised (nnU-Net)
             w = torch.tensor([0.5 ** i for i in range(len(out))])
             w = w / w.sum()
