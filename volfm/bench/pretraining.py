@@ -35,9 +35,9 @@ took. Runs go ``--jobs`` at a time in separate processes (default: 2 on a machin
     volfm bench pretraining [--store STORE | --cases 200] [--objectives scratch,icd,contrastive,multitask,masked,
         masked_enc,hybrid,mae] [--pretrain-steps 150] [--counts 1,5] [--seeds 0,1,2] [--modes full]
         [--frozen-counts 5] [--finetune-steps 100] [--finetune-batch 4] [--jobs 2] [--out DIR]
-    the default runs 54 fine-tuning runs of 100 steps x 4 patches (about 50 s each on one CPU thread); the full
-    protocol adds --counts 1,2,5,all --modes full,frozen --frozen-counts 1,2,5,all, and a GPU affords
-    --finetune-steps 300 --finetune-batch 8
+    the default runs 54 fine-tuning runs of 100 steps x 4 patches (about 50 s each for the CNN, 120 s for the ViT,
+    on one CPU thread; 34 min on 2 cores); the full protocol adds --counts 1,2,5,all --modes full,frozen
+    --frozen-counts 1,2,5,all, and a GPU affords --finetune-steps 300 --finetune-batch 8
 """
 from __future__ import annotations
 
@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frozen-counts", type=counts_arg, default=[5],
                    help="counts at which the frozen mode runs (default 5; 'all counts': give --frozen-counts 1,2,5,all)")
     p.add_argument("--finetune-steps", type=int, default=100,
-                   help="optimiser steps per fine-tuning run (default 100: the 30-minute CPU budget; 150-300 on a GPU)")
+                   help="optimiser steps per fine-tuning run (default 100, CPU-sized: the default run took 34 min on 2 cores; "
+                        "150-300 on a GPU)")
     p.add_argument("--finetune-batch", type=int, default=4, help="patches per fine-tuning step (default 4)")
     p.add_argument("--foreground-fraction", type=float, default=0.5,
                    help="fine-tuning patches forced to contain the organ (default 0.5)")
