@@ -44,7 +44,7 @@ def result(store):
     out = store / "out"
     rc, text, err = _main(["--store", store / "store", "--objectives", "scratch,masked,contrastive,mae",
                            "--counts", "1,2", "--seeds", "0,1", "--modes", "full,frozen", "--frozen-counts", "1",
-                           *TINY, "--out", out])
+                           "--recompute-bn-batches", "1", "--warmup-fraction", "0.5", *TINY, "--out", out])
     assert rc == 0, err
     return text, json.loads((out / "pretraining.json").read_text()), out
 
@@ -72,7 +72,10 @@ def test_finetuning_grid_is_complete_and_paired(result):
     assert {r["k"] for r in runs if r["finetune"] == "full"} == {1, 2}
     assert {r["k"] for r in runs if r["finetune"] == "frozen"} == {1}
     assert len(runs) == 5 * 2 * 2 + 5 * 1 * 2  # objectives x (full counts x seeds + frozen counts x seeds)
-    assert all(r["train_steps"] == 2 and r["train_patches"] == 4 for r in runs)
+    assert all(r["train_steps"] == 2 and r["train_patches"] == 4 and r["warmup_fraction"] == 0.5 for r in runs)
+    # BatchNorm statistics are recomputed in the frozen runs only (full fine-tuning re-learns them anyway)
+    assert {r["recompute_bn_batches"] for r in runs if r["finetune"] == "frozen"} == {1}
+    assert {r["recompute_bn_batches"] for r in runs if r["finetune"] == "full"} == {0}
     assert n_train >= 2
     by = {(r["objective"], r["finetune"], r["k"], r["seed"]): r for r in runs}
     # same cases for every objective at a given (k, seed): the comparison is paired
@@ -107,5 +110,18 @@ def test_bad_input_fails_before_training(store, tmp_path):
     assert rc == 2 and "unknown finding 'nope'" in err
     rc, _, err = _main(["--store", store / "store", *TINY, "--counts", "500", "--out", tmp_path / "o"])
     assert rc == 2 and "training cases" in err
+    rc, _, err = _main(["--store", store / "store", *TINY, "--warmup-fraction", "1", "--out", tmp_path / "o"])
+    assert rc == 2 and "--warmup-fraction must be in [0, 1)" in err
+    rc, _, err = _main(["--store", store / "store", *TINY, "--recompute-bn-batches", "-1", "--out", tmp_path / "o"])
+    assert rc == 2 and "--recompute-bn-batches must be >= 0" in err
     with pytest.raises(SystemExit):
         _main(["--objectives", "scratch,bogus"])
+
+
+def test_default_objectives_leave_out_the_vit_pair_and_all_adds_it():
+    assert bp.build_parser().parse_args([]).objectives == ["scratch", "icd", "contrastive", "multitask", "masked",
+                                                           "masked_enc", "hybrid"]
+    assert bp.expand_objectives(bp.build_parser().parse_args(["--objectives", "all"]).objectives) == [
+        "scratch", "icd", "contrastive", "multitask", "masked", "masked_enc", "hybrid", "scratch_vit", "mae"]
+    assert bp.expand_objectives(["masked_enc", "mae"]) == ["scratch", "masked", "masked_enc", "scratch_vit", "mae"]
+    assert "mae" in bp.OBJECTIVES and "mae" not in bp.DEFAULT_OBJECTIVES

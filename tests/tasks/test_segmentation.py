@@ -302,3 +302,36 @@ def test_validate_and_resume_from_a_checkpoint_through_the_cli(store, tmp_path):
     assert main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt)]) == 0
     resumed = torch.load(str(sorted(ck.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)[-1]), weights_only=True)
     assert resumed["epoch"] == first["epoch"] + 1 and resumed["global_step"] > first["global_step"]
+
+
+def test_frozen_encoder_recomputes_batchnorm_statistics_on_training_patches(store):
+    """recompute_bn_batches: the frozen encoder's BatchNorm statistics become the average over that many training
+    batches before the first step and then stay (eval mode); without it they stay as loaded."""
+    def fit(task, steps=2, val=0):
+        dm = SegmentationDataModule(str(store), patch_size=(16, 16, 16), num_workers=0, batch_size=2, seed=0)
+        pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                   num_sanity_val_steps=val, limit_val_batches=val, val_check_interval=1).fit(task, datamodule=dm)
+        return dm
+
+    kept = _task(finetune="frozen")  # trained through a sanity check and a validation between the two steps
+    fit(kept, val=1)
+    bn = kept.encoder.bn1
+    assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+
+    task = _task(finetune="frozen", recompute_bn_batches=3)
+    dm = fit(task)
+    bn = task.encoder.bn1
+    assert int(bn.num_batches_tracked) == 3  # the 3 recalibration batches, none from the 2 training steps
+    # reference: the mean of the stem conv's output over the first 3 training batches of the same loader
+    with torch.no_grad():
+        loader = dm.train_dataloader()
+        outs = [task.encoder.conv1(b["image"]).mean(dim=(0, 2, 3, 4)) for _, b in zip(range(3), loader)]
+    torch.testing.assert_close(bn.running_mean, torch.stack(outs).mean(0), rtol=1e-4, atol=1e-6)
+
+
+def test_recompute_bn_batches_needs_a_frozen_encoder():
+    with pytest.raises(VolfmError, match="recompute_bn_batches applies to a frozen encoder"):
+        _task(finetune="full", recompute_bn_batches=4)
+    with pytest.raises(VolfmError, match="must be >= 0"):
+        _task(finetune="frozen", recompute_bn_batches=-1)

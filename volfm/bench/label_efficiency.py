@@ -200,14 +200,16 @@ def finetune_and_test(store, *, encoder: str, encoder_kwargs: dict, labels, k: i
                       steps_per_epoch: int, batch_size: int, patch, lr: float, pretrained: str | None = None,
                       decoder_pretrained: str | None = None, decoder_kwargs: dict | None = None,
                       finetune: str = "full", encoder_lr_scale: float = 0.1,
-                      warmup_fraction: float = 0.0, foreground_fraction: float = 1 / 3, workers: int = 0,
+                      warmup_fraction: float = 0.0, recompute_bn_batches: int = 0,
+                      foreground_fraction: float = 1 / 3, workers: int = 0,
                       loss: dict | None = None,
                       accelerator: str = "auto",
                       precision: str = "32-true", out=".") -> dict:
     """One few-label segmentation run (the unit of this benchmark and of ``volfm bench pretraining``): seed, fine-tune
     a :class:`SegmentationTask` on the first ``k`` training cases for ``epochs`` x ``steps_per_epoch`` steps of
     ``batch_size`` patches (``samples_per_volume = ceil(steps_per_epoch x batch_size / k)``), test the last weights
-    on the whole test split; returns the numbers (mean/per-class Dice and HD95, per case, timings). ``loss``: the
+    on the whole test split; returns the numbers (mean/per-class Dice and HD95, per case, timings).
+    ``recompute_bn_batches``: see :class:`FinetuneConfig` (frozen mode only here). ``loss``: the
     task's loss group (default: :class:`SegmentationLossConfig`'s, nnU-Net's batch Dice without background)."""
     spv = math.ceil(steps_per_epoch * batch_size / k)
     classes = None
@@ -217,7 +219,8 @@ def finetune_and_test(store, *, encoder: str, encoder_kwargs: dict, labels, k: i
         task = SegmentationTask(
             encoder=EncoderConfig(encoder, dict(encoder_kwargs), pretrained),
             decoder=DecoderConfig(kwargs=dict(decoder_kwargs or {}), pretrained=decoder_pretrained),
-            labels=list(labels), finetune=FinetuneConfig(mode=finetune, encoder_lr_scale=encoder_lr_scale),
+            labels=list(labels), finetune=FinetuneConfig(mode=finetune, encoder_lr_scale=encoder_lr_scale,
+                                                                recompute_bn_batches=recompute_bn_batches),
             optim=OptimConfig(lr=lr, weight_decay=1e-5, warmup_fraction=warmup_fraction), patch_size=tuple(patch),
             seed=seed, loss=loss)
         # val_split = test split: validation never runs here (check_val_every_n_epoch > epochs), so this
@@ -251,7 +254,8 @@ def finetune_and_test(store, *, encoder: str, encoder_kwargs: dict, labels, k: i
     return {"k": k, "seed": seed, "finetune": finetune,
             "train_case_ids": list(train_ids), "samples_per_volume": spv,
             "patches_per_epoch": steps_per_epoch * batch_size, "train_steps": steps,
-            "train_patches": steps * batch_size,
+            "train_patches": steps * batch_size, "warmup_fraction": warmup_fraction,
+            "recompute_bn_batches": recompute_bn_batches,
             "pretrained_loaded": task.pretrained_loaded, "decoder_loaded": task.pretrained_decoder_loaded,
             "final_train_loss": _finite(loss.item()) if loss is not None else None,
             "test_mean_dice": _finite(m.get("test/mean_dice")), f"test_mean_{HD}": _finite(m.get(f"test/mean_{HD}")),

@@ -70,6 +70,16 @@ def _list_keys(keys: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def state_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """How ``state`` (a checkpoint's tensors) disagrees with ``own`` (a model's state dict): the keys it lacks, the keys
+    the model lacks, and the shared keys whose shapes differ (each as ``"key (checkpoint shape vs model shape)"``)."""
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    mismatched = sorted(f"{k} (checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)})"
+                        for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape))
+    return missing, unexpected, mismatched
+
+
 def load_state_dict_checked(
     model: nn.Module, state: dict[str, torch.Tensor], *, source: str, strict: bool = True
 ) -> nn.Module:
@@ -77,13 +87,7 @@ def load_state_dict_checked(
     the missing, unexpected and shape-mismatched keys. With ``strict=False`` only the keys present
     on both sides with equal shapes are loaded."""
     own = model.state_dict()
-    missing = sorted(k for k in own if k not in state)
-    unexpected = sorted(k for k in state if k not in own)
-    mismatched = sorted(
-        f"{k} (checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)})"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    )
+    missing, unexpected, mismatched = state_mismatch(own, state)
     if strict and (missing or unexpected or mismatched):
         lines = [f"checkpoint {source} does not fit the model {getattr(model, 'encoder_name', type(model).__name__)!r}:"]
         if mismatched:
@@ -193,8 +197,7 @@ def load_decoder_weights(decoder: nn.Module, path: str | Path, *, prefix: str = 
                              "encoder alone (encoder.pretrained) instead")
     state = {k: v for k, v in state.items() if not k.startswith(skip)}
     own = {k: v for k, v in decoder.state_dict().items() if not k.startswith(skip)}
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    bad = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    missing, unexpected, bad = state_mismatch(own, state)
     if missing or unexpected or bad:
         parts = [f"missing {_list_keys(missing)}" if missing else "", f"unexpected {_list_keys(unexpected)}"
                  if unexpected else "", f"shape mismatch {_list_keys(bad)}" if bad else ""]

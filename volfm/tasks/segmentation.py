@@ -37,6 +37,7 @@ from volfm.metrics.segmentation import (
     segmentation_metrics,
 )
 from volfm.models.decoders import SegmentationModel
+from volfm.models.norm import batchnorm_layers, recompute_batchnorm_stats
 from volfm.targets.labelmap import LabelMap, load_source_labels
 from volfm.tasks.base import DecoderConfig, EncoderConfig, EncoderTask, InferenceConfig, OptimConfig, as_config, gather_objects
 from volfm.tasks.optim import adamw_warmup_decay
@@ -60,7 +61,9 @@ class FinetuneConfig:
     """How the encoder trains (see the module docstring): ``mode`` full / frozen / partial / lora;
     ``encoder_lr_scale`` multiplies the encoder's learning rate (full, partial); ``unfreeze_stages`` the last
     stages that train (partial); ``lora_*`` the adapters' rank, alpha, dropout and target layer names (lora;
-    default: ViT attention/MLP linears, ResNet 3x3x3 block convs)."""
+    default: ViT attention/MLP linears, ResNet 3x3x3 block convs); ``recompute_bn_batches`` (frozen, partial, lora):
+    before training, the frozen BatchNorm layers re-estimate their running statistics on this many training batches
+    (:func:`volfm.models.norm.recompute_batchnorm_stats`; 0, the default, keeps the pretraining statistics)."""
 
     mode: str = "full"
     encoder_lr_scale: float = 0.1
@@ -69,6 +72,15 @@ class FinetuneConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: list[str] | None = None
+    recompute_bn_batches: int = 0
+
+    def __post_init__(self):
+        if self.recompute_bn_batches < 0:
+            raise VolfmError(f"finetune.recompute_bn_batches must be >= 0, got {self.recompute_bn_batches}")
+        if self.recompute_bn_batches and self.mode == "full":
+            raise VolfmError("finetune.recompute_bn_batches applies to a frozen encoder (mode frozen, partial or "
+                             "lora); in full fine-tuning every BatchNorm layer re-learns its statistics anyway: "
+                             "drop the setting or pick another mode")
 
 
 @dataclass(frozen=True)
@@ -263,10 +275,32 @@ class SegmentationTask(EncoderTask):
         if mode and self.finetune_cfg.mode != "full":
             # frozen layers keep their BatchNorm running statistics (frozen: all; partial: the frozen stages;
             # lora: every norm layer, the adapters sit on the convs)
-            for m in self.encoder.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
-                    m.eval()
+            for m in batchnorm_layers(self.encoder, frozen_only=True):
+                m.eval()
         return self
+
+    def on_train_start(self) -> None:
+        # Lightning starts fitting in the modules' current modes without calling train(): put the frozen BatchNorm
+        # layers in eval mode here (its validation loop captures and restores these modes afterwards)
+        self.train()
+        n = int(self.finetune_cfg.recompute_bn_batches)
+        if not n or self.trainer.global_step > 0:  # a resumed run keeps the statistics of its checkpoint
+            return
+        layers = batchnorm_layers(self.encoder, frozen_only=True)
+        if not layers:
+            self.info(f"finetune.recompute_bn_batches: {self.encoder_name} has no frozen BatchNorm layer; nothing "
+                      "to recompute")
+            return
+
+        def batches():
+            for i, batch in enumerate(self.trainer.train_dataloader):
+                if i >= n:
+                    return
+                yield batch["image"].to(self.device)
+
+        used = recompute_batchnorm_stats(self.encoder, layers, batches())
+        self.info(f"recomputed the running statistics of {len(layers)} frozen BatchNorm layers on {used} training "
+                  f"batches")
 
     # ------------------------------------------------------------------------------------ steps
     def forward(self, x: torch.Tensor):
