@@ -159,6 +159,8 @@ def test_scratch_only_and_seeded_runs(compared, data):
     ("other encoder", ["--store", "{store}", "--pretrained", "{ckpt}", "--encoder-kwargs", '{"base_channels": 16}'],
      "shape-mismatched keys"),
     ("not a store", ["--store", "{root}"], "is not a volfm store"),
+    ("BN recompute in full mode", ["--store", "{store}", "--recompute-bn-batches", "4"],
+     "needs --finetune frozen, partial or lora"),
 ])
 def test_errors_are_one_line_before_training(data, case, argv, message, tmp_path):
     for key in ("store", "nolabel", "ckpt", "root"):

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tuning mode, the same for both inits (default full)")
     p.add_argument("--encoder-lr-scale", type=float, default=0.1,
                    help="encoder lr = lr x this in full/partial mode, for both inits (default 0.1, the task's)")
+    p.add_argument("--recompute-bn-batches", type=int, default=0,
+                   help="frozen/partial/lora: re-estimate the frozen BatchNorm statistics on this many training "
+                        "batches first (default 0: keep the pretraining statistics; a random encoder needs this)")
     p.add_argument("--epochs", type=int, default=30, help="training epochs per run (default 30)")
     p.add_argument("--steps-per-epoch", type=int,
                    help="optimiser steps per epoch, the same for every k (default ceil(2 x n_train / batch-size))")
@@ -270,7 +273,8 @@ def run_one(args, plan: dict, k: int, init: str, seed: int) -> dict:
                           labels=args.labels, k=k, seed=seed, epochs=args.epochs,
                           steps_per_epoch=plan["steps_per_epoch"], batch_size=args.batch_size, patch=args.patch,
                           lr=args.lr, pretrained=args.pretrained if init == "pretrained" else None,
-                          finetune=args.finetune, encoder_lr_scale=args.encoder_lr_scale, workers=args.workers,
+                          finetune=args.finetune, encoder_lr_scale=args.encoder_lr_scale,
+                          recompute_bn_batches=args.recompute_bn_batches, workers=args.workers,
                           accelerator=args.accelerator, precision=args.precision, out=args.out)
     r.pop("finetune")
     r.pop("decoder_loaded")
@@ -410,6 +414,9 @@ def _check_args(args) -> None:
         raise VolfmError("--steps-per-epoch must be >= 1")
     if args.workers < 0 or args.lr <= 0:
         raise VolfmError("need --workers >= 0 and --lr > 0")
+    if args.recompute_bn_batches < 0 or (args.recompute_bn_batches and args.finetune == "full"):
+        raise VolfmError("--recompute-bn-batches must be >= 0 and needs --finetune frozen, partial or lora (full "
+                         "fine-tuning re-learns the statistics anyway)")
 
 
 def main(argv=None) -> int:
