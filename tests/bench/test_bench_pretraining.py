@@ -125,3 +125,13 @@ def test_default_objectives_leave_out_the_vit_pair_and_all_adds_it():
         "scratch", "icd", "contrastive", "multitask", "masked", "masked_enc", "hybrid", "scratch_vit", "mae"]
     assert bp.expand_objectives(["masked_enc", "mae"]) == ["scratch", "masked", "masked_enc", "scratch_vit", "mae"]
     assert "mae" in bp.OBJECTIVES and "mae" not in bp.DEFAULT_OBJECTIVES
+
+
+def test_frozen_counts_are_ignored_without_the_frozen_mode(store, tmp_path):
+    """--frozen-counts only matter with --modes ...,frozen: no error for a count the store lacks, no empty column."""
+    rc, text, err = _main(["--store", store / "store", "--objectives", "scratch", "--counts", "1", "--seeds", "0",
+                           "--frozen-counts", "500", *TINY, "--out", tmp_path / "o"])
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "o" / "pretraining.json").read_text())
+    assert [(r["finetune"], r["k"]) for r in doc["finetune_runs"]] == [("full", 1)]
+    assert "| objective | fine-tuning | k=1 |\n" in doc["tables"]["dice"] and "(frozen:" not in text

@@ -520,15 +520,18 @@ def _run(args) -> int:
         raise VolfmError(f"--findings: unknown finding {unknown[0]!r}; the prompt set has {', '.join(prompts)}")
     objectives = expand_objectives(args.objectives)
     ks = sorted({n_train if c == "all" else int(c) for c in args.counts})
-    frozen_ks = sorted({n_train if c == "all" else int(c) for c in args.frozen_counts})
+    # frozen counts only matter when the frozen mode runs (else no empty columns in the tables)
+    frozen_ks = (sorted({n_train if c == "all" else int(c) for c in args.frozen_counts}) if "frozen" in args.modes
+                 else [])
     if max(ks + frozen_ks) > n_train:
         raise VolfmError(f"--counts up to {max(ks + frozen_ks)} but {store} has {n_train} training cases")
     print(f"{PROG}: store {store} ({n_train} training cases); objectives {', '.join(objectives)}; {jobs} job(s) x "
           f"{threads} thread(s); torch {torch.__version__}")
     print(f"pretraining budget: {args.pretrain_steps} steps x {args.pretrain_batch} whole volumes per objective; "
           f"fine-tuning: {args.finetune_steps} steps x {args.finetune_batch} patches of "
-          f"{'x'.join(map(str, args.crop))}, counts {', '.join(map(str, ks))} (frozen: "
-          f"{', '.join(map(str, frozen_ks))}), seeds {', '.join(map(str, args.seeds))}, modes {', '.join(args.modes)}")
+          f"{'x'.join(map(str, args.crop))}, counts {', '.join(map(str, ks))}"
+          f"{' (frozen: ' + ', '.join(map(str, frozen_ks)) + ')' if frozen_ks else ''}, seeds "
+          f"{', '.join(map(str, args.seeds))}, modes {', '.join(args.modes)}")
 
     # 1. pretraining
     t0 = time.perf_counter()
