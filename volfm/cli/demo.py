@@ -12,8 +12,8 @@ The steps (each prints what it did and where its output is):
  8. ICD-code pretext training (``recipes/demo/icd_pretrain.yaml``);
  9. CT-report contrastive training staged from the ICD encoder (``recipes/demo/report_contrastive.yaml``);
 10. ``volfm evaluate`` of the contrastive checkpoint (linear probe, retrieval, zero-shot findings, subgroups);
-11. self-supervised masked-volume pretraining (``recipes/demo/masked_volume.yaml``), the objective that won
-    ``volfm bench pretraining`` for few-label segmentation;
+11. self-supervised masked-volume pretraining (``recipes/demo/masked_volume.yaml``), the best pretrained start for
+    few-label segmentation in ``volfm bench pretraining`` (it ties random initialisation there; none beats it);
 12. segmentation of an organ from 5 labelled cases, from scratch and from the masked-volume encoder, Dice side by
     side, then ``volfm predict`` on raw test images in their own grids;
 13. MRI -> PET synthesis (``recipes/demo/synth_mri2pet.yaml``) and its evaluation against baselines.
