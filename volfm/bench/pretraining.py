@@ -99,7 +99,8 @@ PROG = "volfm bench pretraining"
 OBJECTIVES = ("scratch", "icd", "contrastive", "multitask", "masked", "masked_enc", "hybrid", "mae")
 # The default run leaves out the ViT pair (mae vs scratch_vit): its UNETR does not leave the all-background solution
 # within the CPU-sized 100 fine-tuning steps (Dice 0.000 at lr 3e-4, 1e-3 and 3e-3; 0.516 after 300 steps, README)
-# and its 12 runs would take 24 of the 30 CPU minutes. ``--objectives all`` (or a list with mae) adds it.
+# while its 12 runs took about 12 of the old default's 34 wall minutes (2 jobs). ``--objectives all`` (or a list with
+# mae) adds it.
 DEFAULT_OBJECTIVES = tuple(o for o in OBJECTIVES if o != "mae")
 # objectives that fine-tune from another objective's checkpoint (no pretraining of their own)
 SHARED = {"masked_enc": "masked"}
