@@ -9,7 +9,7 @@ its per-batch input means and its running variance the mean of its per-batch (un
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -30,13 +30,12 @@ def batchnorm_layers(module: nn.Module, frozen_only: bool = False) -> list[nn.Mo
 
 
 @torch.no_grad()
-def recompute_batchnorm_stats(model: nn.Module, layers: Iterable[nn.Module], batches: Iterable[torch.Tensor],
-                              forward: Callable[[torch.Tensor], object] | None = None) -> int:
+def recompute_batchnorm_stats(model: nn.Module, layers: Iterable[nn.Module], batches: Iterable[torch.Tensor]) -> int:
     """Re-estimate the running statistics of ``layers`` (BatchNorm layers inside ``model``) on ``batches``.
 
     The layers are reset and put in train mode with a cumulative average (``momentum=None``); every other module of
-    ``model`` is in eval mode meanwhile (no dropout, other norms use their own statistics); ``forward(x)`` (default
-    ``model(x)``) runs on each batch without gradients. Afterwards the layers get their momentum back and every
+    ``model`` is in eval mode meanwhile (no dropout, other norms use their own statistics); ``model(x)`` runs on each
+    batch without gradients. Afterwards the layers get their momentum back and every
     module its previous train/eval mode; weights are never touched. Returns the number of batches used (0 leaves the
     statistics as they were)."""
     layers = list(layers)
@@ -45,7 +44,6 @@ def recompute_batchnorm_stats(model: nn.Module, layers: Iterable[nn.Module], bat
     modes = {m: m.training for m in model.modules()}
     momenta = [m.momentum for m in layers]
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
-    fwd = forward or model
     n = 0
     try:
         model.eval()
@@ -54,7 +52,7 @@ def recompute_batchnorm_stats(model: nn.Module, layers: Iterable[nn.Module], bat
             m.momentum = None
             m.train()
         for x in batches:
-            fwd(x)
+            model(x)
             n += 1
     finally:
         for m, mom in zip(layers, momenta):

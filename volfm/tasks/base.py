@@ -216,6 +216,12 @@ class EncoderTask(pl.LightningModule):
             **self.checkpoint_record(),
         }
 
+    def on_train_start(self) -> None:
+        # Lightning starts fitting in the modules' current modes without calling train(), so a subclass's train()
+        # override (a frozen encoder's BatchNorm layers kept in eval mode) would not act until after the first
+        # validation; call it here (the validation loop then captures and restores these modes)
+        self.train()
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # the encoder (and decoder) weights come from the checkpoint: ``pretrained`` is not loaded over them
         self._pretrained_loaded = True

@@ -280,9 +280,7 @@ class SegmentationTask(EncoderTask):
         return self
 
     def on_train_start(self) -> None:
-        # Lightning starts fitting in the modules' current modes without calling train(): put the frozen BatchNorm
-        # layers in eval mode here (its validation loop captures and restores these modes afterwards)
-        self.train()
+        super().on_train_start()  # frozen BatchNorm layers in eval mode (train())
         n = int(self.finetune_cfg.recompute_bn_batches)
         if not n or self.trainer.global_step > 0:  # a resumed run keeps the statistics of its checkpoint
             return
