@@ -208,3 +208,32 @@ def test_longformer_style_model(tokenizer):
     enc = TextEncoder(model, tokenizer, max_length=65)
     with torch.no_grad():
         assert enc(["liver: normal.", "spleen: enlarged, measuring 16 cm."]).shape == (2, 16)
+
+
+def test_merlin_text_settings(tokenizer, tmp_path):
+    """global_attention="none" is the model called without a global attention mask (Merlin); "first" differs from
+    it; normalize="merlin" lower-cases and splits punctuation before tokenizing; both survive save/load and specs."""
+    from transformers import LongformerConfig, LongformerModel
+
+    torch.manual_seed(0)
+    cfg = LongformerConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=32, attention_window=4, max_position_embeddings=66, pad_token_id=0)
+    model = LongformerModel(cfg).eval()
+    texts = ["Liver: Normal. Spleen: enlarged, 16 cm.", "Kidneys: normal size, no stones seen in either."]
+    merlin = TextEncoder(model, tokenizer, max_length=65, global_attention="none", normalize="merlin")
+    first = TextEncoder(model, tokenizer, max_length=65)
+    sanitized = ["liver : normal . spleen : enlarged , 16 cm .", "kidneys : normal size , no stones seen in either ."]
+    toks = merlin.tokenize(texts)
+    assert torch.equal(toks["input_ids"], first.tokenize(sanitized)["input_ids"])
+    with torch.no_grad():
+        want = model(**toks).last_hidden_state[:, 0]  # Merlin: no global_attention_mask, first token
+        assert torch.allclose(merlin(texts), want, atol=1e-6)
+        assert (first(sanitized) - want).abs().max() > 1e-4
+    again = TextEncoder.from_pretrained(merlin.save_pretrained(tmp_path / "t"))
+    assert (again.global_attention, again.normalize) == ("none", "merlin")
+    spec = TextEncoder.from_spec(merlin.to_spec())
+    assert (spec.global_attention, spec.normalize) == ("none", "merlin")
+    with pytest.raises(VolfmError, match="global_attention"):
+        TextEncoder(model, tokenizer, max_length=65, global_attention="all")
+    with pytest.raises(VolfmError, match="normalize"):
+        TextEncoder(model, tokenizer, max_length=65, normalize="lower")

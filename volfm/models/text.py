@@ -12,6 +12,7 @@ and ``AutoTokenizer.from_pretrained(hub_id).save_pretrained(dir)``.
 from __future__ import annotations
 
 import json
+import re
 import string
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -39,6 +40,18 @@ from transformers import (
 from volfm import VolfmError
 
 POOLINGS = ("cls", "mean")
+GLOBAL_ATTENTION = ("first", "none")  # Longformer: global attention on the first token (volfm's default) or none (Merlin)
+# NLTK's wordpunct_tokenize pattern, which Merlin's sanitize_report joins with spaces
+_WORDPUNCT = re.compile(r"\w+|[^\w\s]+", re.UNICODE | re.MULTILINE | re.DOTALL)
+
+
+def merlin_sanitize(text: str) -> str:
+    """Merlin's report normalisation: lower case, then NLTK's ``wordpunct_tokenize`` tokens joined by spaces
+    ("Liver: Normal." -> "liver : normal .")."""
+    return " ".join(_WORDPUNCT.findall(str(text).lower()))
+
+
+NORMALIZERS = {"none": str, "merlin": merlin_sanitize}
 SETTINGS_FILE = "volfm_text_encoder.json"
 # Models whose position ids start after the padding index (RoBERTa-style): usable length = max_pos - pad - 1.
 _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "longformer", "camembert", "data2vec-text", "roberta-prelayernorm",
@@ -56,13 +69,22 @@ def max_text_length(config) -> int | None:
 
 
 class TextEncoder(nn.Module):
-    """``forward(texts) -> (B, hidden_size)``: tokenize (pad, truncate to ``max_length``) and pool
-    the model's last hidden state: ``"cls"`` = first token, ``"mean"`` = attention-mask-weighted mean."""
+    """``forward(texts) -> (B, hidden_size)``: normalise the texts (``normalize``: "none", or "merlin": lower case
+    and NLTK word/punctuation tokens joined by spaces, as Merlin), tokenize (pad, truncate to ``max_length``) and
+    pool the model's last hidden state: ``"cls"`` = first token, ``"mean"`` = attention-mask-weighted mean.
+    ``global_attention`` (Longformer only): "first" puts global attention on the first token (as Longformer
+    classifiers do), "none" passes no global attention mask (as Merlin's text tower)."""
 
-    def __init__(self, model: nn.Module, tokenizer, max_length: int = 512, pooling: str = "cls"):
+    def __init__(self, model: nn.Module, tokenizer, max_length: int = 512, pooling: str = "cls",
+                 global_attention: str = "first", normalize: str = "none"):
         super().__init__()
         if pooling not in POOLINGS:
             raise VolfmError(f"unknown text pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if global_attention not in GLOBAL_ATTENTION:
+            raise VolfmError(f"unknown global_attention {global_attention!r}; choose one of "
+                             f"{', '.join(GLOBAL_ATTENTION)}")
+        if normalize not in NORMALIZERS:
+            raise VolfmError(f"unknown text normalize {normalize!r}; choose one of {', '.join(NORMALIZERS)}")
         max_length = int(max_length)
         if max_length < 2:
             raise VolfmError(f"max_length must be at least 2 tokens ([CLS] ... [SEP]), got {max_length}")
@@ -81,6 +103,8 @@ class TextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pooling = pooling
+        self.global_attention = global_attention
+        self.normalize = normalize
 
     @property
     def hidden_size(self) -> int:
@@ -94,7 +118,7 @@ class TextEncoder(nn.Module):
         """``{"input_ids", "attention_mask"}`` (B, L) long tensors, L <= max_length (e.g. in a data loader)."""
         if isinstance(texts, str):
             texts = [texts]
-        texts = ["" if t is None else str(t) for t in texts]
+        texts = [NORMALIZERS[self.normalize]("" if t is None else str(t)) for t in texts]
         if not texts:
             raise VolfmError("TextEncoder got an empty list of texts")
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
@@ -107,7 +131,7 @@ class TextEncoder(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         kwargs = {}
-        if getattr(self.model.config, "model_type", None) == "longformer":
+        if getattr(self.model.config, "model_type", None) == "longformer" and self.global_attention == "first":
             glob = torch.zeros_like(attention_mask)
             glob[:, 0] = 1  # global attention on the first token, as Longformer classifiers do
             kwargs["global_attention_mask"] = glob
@@ -128,7 +152,8 @@ class TextEncoder(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(directory))
         self.tokenizer.save_pretrained(str(directory))
-        settings = {"max_length": self.max_length, "pooling": self.pooling}
+        settings = {"max_length": self.max_length, "pooling": self.pooling,
+                    "global_attention": self.global_attention, "normalize": self.normalize}
         if _has_no_pooler(self.model):
             settings["model_kwargs"] = {"add_pooling_layer": False}
         (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
@@ -136,7 +161,8 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides) -> TextEncoder:
-        """Load what :meth:`save_pretrained` wrote (settings can be overridden: ``max_length``, ``pooling``)."""
+        """Load what :meth:`save_pretrained` wrote (settings can be overridden: ``max_length``, ``pooling``,
+        ``global_attention``, ``normalize``)."""
         settings_path = Path(directory).expanduser() / SETTINGS_FILE
         settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
         settings.update(overrides)
@@ -147,7 +173,8 @@ class TextEncoder(nn.Module):
         files, e.g. in a Lightning checkpoint; the weights travel in the state dict."""
 
         return {"config": self.model.config.to_dict(), "tokenizer": tokenizer_to_json(self.tokenizer),
-                "max_length": self.max_length, "pooling": self.pooling, "pooler": not _has_no_pooler(self.model)}
+                "max_length": self.max_length, "pooling": self.pooling, "pooler": not _has_no_pooler(self.model),
+                "global_attention": self.global_attention, "normalize": self.normalize}
 
     @classmethod
     def from_spec(cls, spec: dict) -> TextEncoder:
@@ -160,7 +187,8 @@ class TextEncoder(nn.Module):
         if not spec.get("pooler", True) and getattr(model, "pooler", None) is not None:
             model.pooler = None
         return cls(model, tokenizer_from_json(spec["tokenizer"]), max_length=spec["max_length"],
-                   pooling=spec["pooling"])
+                   pooling=spec["pooling"], global_attention=spec.get("global_attention", "first"),
+                   normalize=spec.get("normalize", "none"))
 
 
 def _has_no_pooler(model: nn.Module) -> bool:
@@ -215,13 +243,14 @@ def build_text_encoder(model_path: str | Path | None = None, *, texts: Sequence[
                        max_length: int = 512, pooling: str = "cls", vocab_size: int = 8000,
                        hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4,
                        intermediate_size: int = 1024, tokenizer=None, dropout: float = 0.1,
-                       model_kwargs: dict | None = None) -> TextEncoder:
+                       model_kwargs: dict | None = None, global_attention: str = "first",
+                       normalize: str = "none") -> TextEncoder:
     """Text encoder from a local model folder, or (``model_path=None``) the offline default.
 
     model_path: a folder written by ``save_pretrained`` (e.g. a clinical BERT or Longformer); loaded
         with ``local_files_only=True``, never downloaded; its tokenizer is loaded from the same folder
         unless ``tokenizer`` is given; ``model_kwargs`` go to ``AutoModel.from_pretrained``. The size
-        arguments are ignored.
+        arguments are ignored. ``global_attention`` and ``normalize``: see :class:`TextEncoder`.
     Default: a randomly initialised ``BertModel`` (``hidden_size``, ``num_layers``, ``num_heads``,
         ``intermediate_size``, no pooler layer, ``max_position_embeddings = max(512, max_length)``)
         with ``tokenizer``, or a WordPiece tokenizer of ``vocab_size`` trained on ``texts`` (the cohort's
@@ -229,10 +258,8 @@ def build_text_encoder(model_path: str | Path | None = None, *, texts: Sequence[
     """
     if model_path is not None:
         model, tokenizer = _load_local(str(model_path), tokenizer, model_kwargs)
-        return TextEncoder(model, tokenizer, max_length=max_length, pooling=pooling)
-
-
-
+        return TextEncoder(model, tokenizer, max_length=max_length, pooling=pooling,
+                           global_attention=global_attention, normalize=normalize)
     if tokenizer is None:
         if texts is None:
             raise VolfmError("build_text_encoder needs model_path (a local model folder), texts (training "
@@ -245,7 +272,7 @@ def build_text_encoder(model_path: str | Path | None = None, *, texts: Sequence[
                         max_position_embeddings=max(512, int(max_length)), pad_token_id=tokenizer.pad_token_id,
                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     return TextEncoder(BertModel(config, add_pooling_layer=False), tokenizer, max_length=max_length,
-                       pooling=pooling)
+                       pooling=pooling, global_attention=global_attention, normalize=normalize)
 
 
 # ------------------------------------------------------------------------------------------- tokenizers

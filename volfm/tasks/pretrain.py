@@ -112,15 +112,19 @@ class ContrastiveConfig:
 
     ``text_model``: a local Hugging Face folder, or None for the offline default (a small BERT from
     ``text_config`` with a WordPiece tokenizer trained on the training reports); ``text_lr`` its learning rate
-    (default the optimiser's). ``report_mode`` "whole", "findings_impression" or "random_section" (Merlin's
-    organ sections). ``gather``: under DDP the embeddings of all ranks are gathered. Cases with an empty report
-    are skipped for this loss and kept for the ICD loss.
+    (default the optimiser's). ``text_global_attention`` ("first" or "none") and ``text_normalize`` ("none" or
+    "merlin"): see :class:`volfm.models.text.TextEncoder`; Merlin's text tower is ``text_max_length: 1024``,
+    ``text_global_attention: none``, ``text_normalize: merlin``. ``report_mode`` "whole", "findings_impression"
+    or "random_section" (Merlin's organ sections). ``gather``: under DDP the embeddings of all ranks are gathered.
+    Cases with an empty report are skipped for this loss and kept for the ICD loss.
     """
 
     weight: float = 1.0
     text_model: str | None = None
     text_max_length: int = 512
     text_pooling: str = "cls"
+    text_global_attention: str = "first"
+    text_normalize: str = "none"
     text_config: dict[str, Any] = field(default_factory=dict)
     text_lr: float | None = None
     report_mode: str = "whole"
@@ -291,7 +295,9 @@ class PretrainTask(EncoderTask):
                     tok_json = self.trainer.strategy.broadcast(tok_json, src=0)
                 tokenizer = tokenizer_from_json(tok_json)
             self._build_text(build_text_encoder(c.text_model, texts=reports, max_length=c.text_max_length,
-                                                pooling=c.text_pooling, tokenizer=tokenizer, **cfg))
+                                                pooling=c.text_pooling, tokenizer=tokenizer,
+                                                global_attention=c.text_global_attention,
+                                                normalize=c.text_normalize, **cfg))
             src = c.text_model or f"a small BERT with a WordPiece tokenizer trained on {len(reports)} training reports"
             n = sum(p.numel() for p in self.text.parameters())
             self.info(f"text encoder: {src} ({n / 1e6:.1f} M parameters, hidden {self.text.hidden_size})")
