@@ -1,5 +1,5 @@
-"""`volfm` command line: synth, preprocess, inspect, demo, bench, and the training subcommands
-fit / validate / test (LightningCLI over recipe YAMLs).
+"""`volfm` command line: synth, preprocess, inspect, demo, evaluate, predict, export, convert, bench, and the
+training subcommands fit / validate / test (LightningCLI over recipe YAMLs).
 
 Errors a user can fix (VolfmError) print one line and exit 2; anything else is a bug and shows
 its traceback.
@@ -90,15 +90,46 @@ def _cmd_evaluate(args) -> int:
 def _cmd_predict(args) -> int:
     from volfm.cli.predict import predict_files  # noqa: PLC0415 - deferred, see BENCHMARKS
 
-    s = predict_files(args.ckpt_path, args.input, args.out, config=args.config, store=args.store, device=args.device,
-                      qc=not args.no_qc, progress=not args.quiet, target=args.target)
+    if bool(args.ckpt_path) == bool(args.model):
+        raise VolfmError("volfm predict needs exactly one of --model MODEL_DIR (a package from volfm export / volfm "
+                         "convert) and --ckpt_path CKPT (a checkpoint from volfm fit)")
+    s = predict_files(args.model or args.ckpt_path, args.input, args.out, config=args.config, store=args.store,
+                      device=args.device, qc=not args.no_qc, progress=not args.quiet, target=args.target)
     for r in s["outputs"]:
         extra = "".join(f", {k} {v:.3f}" for k, v in (r.get("metrics") or {}).items())
-        print(f"{r['input']} -> {r['output']} {tuple(r['shape'])} ({r['seconds']} s{extra})")
+        if "top_classes" in r:
+            extra += ", top: " + "; ".join(f"{c['class']} {c['description'][:30]} {c['probability']:.2f}".replace("  ", " ")
+                                           for c in r["top_classes"][:3])
+        shape = f" {tuple(r['shape'])}" if "shape" in r else ""
+        print(f"{r['input']} -> {r['output']}{shape} ({r['seconds']} s{extra})")
+    for name, path in (s.get("tables") or {}).items():
+        print(f"{name}: {path}")
     for r in s["failures"]:
         print(f"FAILED {r['input']}: {r['error']}")
     print(f"{len(s['outputs'])} written, {len(s['failures'])} failed; summary: {Path(args.out) / 'predictions.json'}")
     return 1 if s["failures"] else 0
+
+
+def _cmd_export(args) -> int:
+    from volfm.tasks.package import export_checkpoint  # noqa: PLC0415 - deferred, see BENCHMARKS
+
+    out = export_checkpoint(args.ckpt, args.out, store=args.store, name=args.name, overwrite=args.overwrite)
+    print(f"model package written to {out} (model.yaml, model.safetensors, README.md); "
+          f"run it with volfm predict --model {out} --input ... --out ...")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from volfm.cli.convert import convert_merlin  # noqa: PLC0415 - deferred, see BENCHMARKS
+
+    r = convert_merlin(args.ckpt, args.out, phenotypes=args.phenotypes, text_model=args.text_model, spec=args.spec,
+                       overwrite=args.overwrite)
+    heads = ", ".join(h for h, on in (("classifier", True), ("contrastive head", r["contrastive_head"]),
+                                      ("text tower", r["text"])) if on)
+    print(f"converted {args.ckpt} ({r['layout']} layout): {r['tensors']} encoder tensors -> {r['encoder_name']}, "
+          f"{r['classes']} classes; {heads}" + "".join(f"; {n}" for n in r["notes"]))
+    print(f"encoder weights: {r['encoder']}; model package: {r['out']} (volfm predict --model {r['out']} ...)")
+    return 0
 
 
 def _cmd_bench(args) -> int:
@@ -178,19 +209,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_evaluate)
 
-    s = sub.add_parser("predict", help="run a trained segmentation or synthesis model on raw images; outputs in each "
-                                       "image's own grid")
+    s = sub.add_parser("predict", help="run a trained model on raw images: segmentation/synthesis outputs in each "
+                                       "image's own grid; pretraining models: features, class probabilities, embeddings")
     s.add_argument("--config", help="the recipe YAML the model was trained with (its data store and patch size)")
-    s.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", required=True, help="checkpoint written by volfm fit")
+    s.add_argument("--model", help="a model package folder (volfm export, volfm convert merlin): needs no store")
+    s.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", help="a checkpoint written by volfm fit")
     s.add_argument("--input", required=True, help="an image file (NIfTI/NRRD/MHA), a DICOM folder, or a folder of them")
     s.add_argument("--out", required=True, help="output folder (<name>_seg.nii.gz, <name>_qc.png, predictions.json)")
-    s.add_argument("--store", help="the training store (default: from --config or the checkpoint)")
+    s.add_argument("--store", help="the training store, whose spec.yaml then wins (default: the spec the model "
+                                   "recorded; for checkpoints of older volfm versions, from --config or the checkpoint)")
     s.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     s.add_argument("--target", help="synthesis: the measured target image (file) or a folder of them named like the "
                                     "inputs, for metrics and the QC picture")
     s.add_argument("--no-qc", action="store_true", help="skip the QC PNGs")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_predict)
+
+    s = sub.add_parser("export", help="write a self-contained model package (model.yaml, model.safetensors, model card) "
+                                      "from a checkpoint, for volfm predict --model and pretrained:")
+    s.add_argument("--ckpt", required=True, help="a checkpoint written by volfm fit")
+    s.add_argument("--out", required=True, help="the package folder")
+    s.add_argument("--store", help="the training store: only for checkpoints of older volfm versions, which do not "
+                                   "record their preprocessing spec")
+    s.add_argument("--name", help="the model's name in the card (default: the folder's name)")
+    s.add_argument("--overwrite", action="store_true", help="replace a package already in --out")
+    s.set_defaults(fn=_cmd_export)
+
+    s = sub.add_parser("convert", help="convert foreign checkpoints into volfm model packages (merlin)")
+    s.add_argument("source", choices=["merlin"], help="merlin: Merlin's released .pt (StanfordMIMI/Merlin)")
+    s.add_argument("ckpt", help="the checkpoint file (read with torch.load(weights_only=True))")
+    s.add_argument("--out", required=True, help="the package folder")
+    s.add_argument("--phenotypes", help="Merlin's documentation/phenotypes.csv: names the classifier's outputs")
+    s.add_argument("--text-model", help="a local Clinical-Longformer folder (save_pretrained): the text tower is "
+                                        "converted too")
+    s.add_argument("--spec", default="ct_merlin", help="preprocessing recorded in the package (default ct_merlin, "
+                                                       "Merlin's own)")
+    s.add_argument("--overwrite", action="store_true", help="replace a package already in --out")
+    s.set_defaults(fn=_cmd_convert)
 
     s = sub.add_parser("bench", help="benchmarks against named peers")
     s.add_argument("name", help=", ".join(BENCHMARKS))

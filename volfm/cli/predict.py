@@ -1,28 +1,34 @@
 """`volfm predict`: run a trained volfm model on raw images and write results in each image's own grid.
 
-Segmentation checkpoints write label maps (``<name>_seg.nii.gz``); synthesis checkpoints write the
-synthesised image (``<name>_synth.nii.gz``, float32), and with ``--target`` (a file, or a folder of files
-named like the inputs) also the metrics against it and a QC PNG with source, prediction, target and
-difference.
+    volfm predict --model models/spleen --input scan.nii.gz|folder/ --out predictions/     # a package (volfm export)
+    volfm predict --ckpt_path runs/.../last.ckpt --input ... --out ...                     # a checkpoint (volfm fit)
+
+Segmentation models write label maps (``<name>_seg.nii.gz``); synthesis models write the synthesised image
+(``<name>_synth.nii.gz``, float32), and with ``--target`` (a file, or a folder of files named like the inputs) also
+the metrics against it and a QC PNG with source, prediction, target and difference. Pretraining models (ICD /
+phenotype heads, report contrastive; a converted Merlin) write per input ``<name>_embedding.json`` (pooled features,
+class probabilities with descriptions, the joint image-report embedding) and, over all inputs, ``features.csv``,
+``probabilities.csv`` and ``embeddings.csv``, plus a QC PNG of what the model saw.
+
+Preprocessing: every input goes through the spec the model was trained with (same orientation, spacing, intensity,
+crop). volfm records that spec in every checkpoint (``checkpoint["volfm"]["data"]``) and package (model.yaml), so no
+store is needed; ``--store`` makes a store's spec.yaml win, and is how checkpoints of older volfm versions (no
+record) find theirs. Segmentation and synthesis run sliding-window inference with the training patch size and map
+the prediction back onto the source grid through meta (the inverse of preprocessing, nearest for labels):
+``<name>_seg.nii.gz`` has exactly the input's shape and affine; ``<name>_qc.png`` shows source slices with the
+prediction overlaid. One file failing (unreadable, 4D, sheared, ...) is reported and the others go on; the exit
+status is 1 then.
 
 Units of a synthesised image (:func:`output_units`; in the NIfTI ``descrip`` field and ``predictions.json``):
 the target modality's physical units where the store's intensity step can be undone (SUV for PET stored as
 SUV, the files' own values for PET stored as values x factor, HU for a CT window), else the store's units (a
 z-scored MRI). A ``--target`` file goes through the same intensity step into the same units before it is
 compared, so a PET target in Bq/ml (DICOM with dose tags) or an MRI on any scale is scored fairly.
-
-    volfm predict --config recipes/seg_finetune.yaml --ckpt_path runs/.../last.ckpt \
-                  --input scan.nii.gz|folder/ --out predictions/
-
-For every input file: preprocess it with the spec of the store the model was trained on (the
-store's spec.yaml: same orientation, spacing, intensity, crop), run sliding-window inference with the
-training patch size, map the prediction back onto the source grid through meta (the inverse of
-preprocessing, nearest for labels), and write ``<name>_seg.nii.gz`` with exactly the input's shape
-and affine, plus ``<name>_qc.png`` (source slices with the prediction overlaid). One file failing
-(unreadable, 4D, sheared, ...) is reported and the others go on; the exit status is 1 then.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import time
@@ -38,6 +44,7 @@ from tqdm import tqdm
 from volfm import VolfmError
 from volfm.inference.sliding_window import predict_to_source
 from volfm.io import is_image_path, read_volume, write_nifti
+from volfm.io.atomic import write_json_atomic, write_text_atomic
 from volfm.metrics.synthesis import synthesis_metrics
 from volfm.preprocess.intensity import apply_intensity
 from volfm.preprocess.pipeline import Pipeline
@@ -45,7 +52,7 @@ from volfm.preprocess.qc import render_case_png
 from volfm.preprocess.resample import resample_to_grid
 from volfm.tasks import load_task
 
-__all__ = ["OutputUnits", "output_units", "predict_files"]
+__all__ = ["OutputUnits", "load_predictor", "output_units", "predict_files", "training_spec"]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -86,13 +93,35 @@ def _config_data(config) -> dict:
     return ((doc.get("data") or {}).get("init_args") or {}) if isinstance(doc, dict) else {}
 
 
-def load_predictor(ckpt):
-    """The volfm task stored in a checkpoint (eval mode, CPU) and the raw checkpoint; it must predict images."""
-    task, raw = load_task(ckpt, "a segmentation .ckpt written by volfm fit")
-    if not hasattr(task, "predict_volume"):
-        raise VolfmError(f"{ckpt} holds a {type(task).__name__}, which does not predict images; volfm predict takes "
-                         "segmentation (or synthesis) checkpoints")
+def load_predictor(model):
+    """The volfm task of a checkpoint or model package (eval mode, CPU) and the raw checkpoint dict."""
+    task, raw = load_task(model, "a .ckpt written by volfm fit or a model package folder (volfm export)")
+    if not hasattr(task, "predict_volume") and not hasattr(task, "predict_embedding"):
+        raise VolfmError(f"{model} holds a {type(task).__name__}, which does not predict images; volfm predict takes "
+                         "segmentation, synthesis or pretraining (embeddings) models")
     return task, raw
+
+
+def training_spec(model, raw: dict, config=None, store=None) -> tuple[dict, str, dict]:
+    """(the resolved preprocessing spec the model was trained with, where it came from, the data settings).
+
+    Order: an explicit ``store`` (its spec.yaml); the spec the checkpoint or package recorded at training (volfm
+    records it in ``checkpoint["volfm"]["data"]``, so the store is not needed); the store named by the checkpoint's
+    DataModule or by ``config``. A checkpoint from an older volfm carries no spec: then the store must exist."""
+    data = {**_config_data(config), **(raw.get("datamodule_hyper_parameters") or {})}
+    recorded = (raw.get("volfm") or {}).get("data") or {}
+    if store is None and recorded.get("spec"):
+        return recorded["spec"], f"{model} (the spec recorded at training)", {**data, **recorded}
+    store = Path(store or data.get("store") or "")
+    spec_file = store / "spec.yaml"
+    if not spec_file.is_file():
+        raise VolfmError(f"{model} records no preprocessing spec (a checkpoint from an older volfm) and the training "
+                         f"store's spec {spec_file} is missing; pass --store STORE (or a --config naming it), or "
+                         "re-export the model with volfm export --store STORE")
+    spec = (yaml.safe_load(spec_file.read_text()) or {}).get("spec")
+    if not spec:
+        raise VolfmError(f"{spec_file} holds no resolved spec; rerun volfm preprocess --overwrite on {store}")
+    return spec, str(spec_file), {**data, **{k: v for k, v in recorded.items() if k in ("input", "arrays")}}
 
 
 def _matching(f: Path, target) -> Path | None:
@@ -180,37 +209,71 @@ def _qc_png(path: Path, f: Path, vol, tgt, label_out: bool, task, intensity: dic
     return render_case_png(path, src.array[0], src.affine, None, title=f"{f.name}: source", extra=extra)
 
 
-def predict_files(ckpt, inputs, out, config=None, store=None, device: str | None = None, qc: bool = True,
+def _embedding_outputs(task, res: dict, case: str, out: Path) -> dict:
+    """``<case>_embedding.json`` (features, embedding, class probabilities with their descriptions) and the row of
+    predictions.json (the top classes)."""
+    doc: dict = {"features": [round(float(v), 6) for v in res["features"]]}
+    row: dict = {"features": len(res["features"])}
+    if "embedding" in res:
+        doc["embedding"] = [round(float(v), 6) for v in res["embedding"]]
+        row["embedding"] = len(res["embedding"])
+    if "probabilities" in res:
+        vocab = task.vocab
+        p = res["probabilities"]
+        doc["probabilities"] = {c: round(float(v), 6) for c, v in zip(vocab.classes, p)}
+        top = np.argsort(-p)[:10]
+        row["top_classes"] = [{"class": vocab.classes[i], "description": vocab.descriptions.get(vocab.classes[i], ""),
+                               "probability": round(float(p[i]), 4)} for i in top]
+    path = out / f"{case}_embedding.json"
+    write_json_atomic(path, doc)
+    row["output"] = str(path)
+    return row
+
+
+def _write_tables(out: Path, rows: list[tuple[str, dict]], task) -> dict:
+    """features.csv, embeddings.csv and probabilities.csv: one row per input (embedding models)."""
+    written = {}
+    for key, name, cols in (("features", "features.csv", None), ("embedding", "embeddings.csv", None),
+                            ("probabilities", "probabilities.csv", getattr(getattr(task, "vocab", None), "classes", None))):
+        have = [(case, res[key]) for case, res in rows if key in res]
+        if not have:
+            continue
+        header = cols or [f"{key[:4]}_{i}" for i in range(len(have[0][1]))]
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["case", *header])
+        w.writerows([case, *(f"{float(v):.6g}" for v in vec)] for case, vec in have)
+        write_text_atomic(out / name, buf.getvalue())
+        written[key] = str(out / name)
+    return written
+
+
+def predict_files(model, inputs, out, config=None, store=None, device: str | None = None, qc: bool = True,
                   progress: bool = True, target=None) -> dict:
-    task, raw = load_predictor(ckpt)
-    # what the model was trained with wins over the recipe's defaults: --store, then the checkpoint, then --config
-    data = {**_config_data(config), **(raw.get("datamodule_hyper_parameters") or {})}
-    store = Path(store or data.get("store") or "")
-    spec_file = store / "spec.yaml"
-    if not spec_file.is_file():
-        raise VolfmError(f"the training store's spec {spec_file} is missing: predict preprocesses inputs with the "
-                         "spec the model was trained on; pass --store STORE (or a --config naming it)")
-    spec = (yaml.safe_load(spec_file.read_text()) or {}).get("spec")
-    if not spec:
-        raise VolfmError(f"{spec_file} holds no resolved spec; rerun volfm preprocess --overwrite on {store}")
+    """Run a checkpoint or model package on ``inputs`` (a file, a DICOM folder or a folder of them); see the module
+    docstring. Returns the summary also written to ``out/predictions.json``."""
+    task, raw = load_predictor(model)
+    spec, spec_source, data = training_spec(model, raw, config, store)
     image_inputs = [n for n, c in spec["inputs"].items() if c.get("kind") != "label"]
-    # the array the model reads: a synthesis task's source, else the DataModule's first image array
-    name = getattr(task, "source_name", None) or (list(data.get("arrays") or []) or image_inputs)[0]
+    # the array the model reads: recorded at training; else a synthesis task's source, else the first image array
+    name = (data.get("input") or getattr(task, "source_name", None)
+            or (list(data.get("arrays") or []) or image_inputs)[0])
     if name not in image_inputs:
-        raise VolfmError(f"the model reads '{name}' but the store spec {spec_file} has image inputs {image_inputs}")
+        raise VolfmError(f"the model reads '{name}' but the spec of {spec_source} has image inputs {image_inputs}")
     target_name = getattr(task, "target_name", None)
     target_intensity = (spec["inputs"].get(target_name) or {}).get("intensity") if target_name else None
     units = output_units(target_intensity)
     spec = {**spec, "inputs": {n: c for n, c in spec["inputs"].items() if n == name}, "reference": name}
-    pipe = Pipeline(spec, source=str(spec_file))
+    pipe = Pipeline(spec, source=spec_source)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     task = task.to(device)
     patch = task.patch_size or data.get("patch_size")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = _inputs(inputs)
-    results, failures, used = [], [], set()
-    label_out = getattr(task, "output_kind", "label") == "label"
+    results, failures, used, vectors = [], [], set(), []
+    kind = getattr(task, "output_kind", "label")
+    label_out = kind == "label"
     suffix = "_seg" if label_out else "_synth"
     for f in tqdm(files, desc="predict", unit="image", disable=not progress):
         t0 = time.perf_counter()
@@ -220,6 +283,16 @@ def predict_files(ckpt, inputs, out, config=None, store=None, device: str | None
         used.add(case)
         try:
             proc = pipe({name: str(f)}, case_id=case, hash_sources=False)
+            if kind == "embedding":
+                res = task.predict_embedding(proc.arrays[name])
+                vectors.append((case, res))
+                row = {"input": str(f), **_embedding_outputs(task, res, case, out),
+                       "seconds": round(time.perf_counter() - t0, 2)}
+                if qc:  # what the model saw: the input on the model's grid, after the intensity step
+                    row["qc"] = str(render_case_png(out / f"{case}_qc.png", proc.arrays[name][0], proc.affine, None,
+                                                    title=f"{f.name}: model input ({spec.get('name')})"))
+                results.append(row)
+                continue
             pred = task.predict_volume(proc.arrays[name], patch_size=patch)
             meta = {**proc.meta, "affine": proc.affine.tolist(), "case_id": case}
             vol = predict_to_source(pred.astype(np.float32), meta, order="nearest" if label_out else "linear")
@@ -242,6 +315,8 @@ def predict_files(ckpt, inputs, out, config=None, store=None, device: str | None
             results.append(row)
         except VolfmError as exc:
             failures.append({"input": str(f), "error": " ".join(str(exc).split())})
-    summary = {"checkpoint": str(ckpt), "store": str(store), "outputs": results, "failures": failures}
+    summary = {"model": str(model), "spec": spec_source, "outputs": results, "failures": failures}
+    if vectors:
+        summary["tables"] = _write_tables(out, vectors, task)
     (out / "predictions.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -18,8 +18,9 @@ from torch import nn
 from volfm import VolfmError
 from volfm.models.registry import META_KWARGS, META_NAME, create_encoder
 
-__all__ = ["DECODER_HEADS", "load_decoder_weights", "load_encoder", "load_encoder_weights", "load_state_dict_checked",
-           "merge_lora_state", "read_checkpoint", "read_encoder_metadata", "save_encoder", "save_weights"]
+__all__ = ["DECODER_HEADS", "load_decoder_state", "load_decoder_weights", "load_encoder", "load_encoder_weights",
+           "load_state_dict_checked", "load_task_encoder", "merge_lora_state", "read_checkpoint",
+           "read_encoder_metadata", "save_encoder", "save_weights"]
 
 # Output layers of the dense decoders (U-Net ``head``/``ds_heads``, UNETR ``out``): they depend on the task's
 # output channels, so a pretrained decoder is carried without them.
@@ -162,18 +163,27 @@ def load_encoder_weights(model: nn.Module, path: str | Path, *, strict: bool = T
                          ".safetensors file")
     if path.suffix == ".safetensors":
         return load_encoder(model, path, strict=strict)
-    ckpt, state, enc = _checkpoint_part(path, prefix)
+    ckpt, state, _ = _checkpoint_part(path, prefix)
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    return load_task_encoder(model, state, ckpt.get("hyper_parameters") or {}, ckpt.get("volfm") or {},
+                             source=str(path), strict=strict, prefix=prefix)
+
+
+def load_task_encoder(model: nn.Module, state: dict[str, torch.Tensor], hyper_parameters: dict, record: dict, *,
+                      source: str, strict: bool = True, prefix: str = "encoder.") -> nn.Module:
+    """Load the encoder of a volfm task's state dict (keys ``prefix*``; LoRA adapters merged with the task's
+    ``finetune`` settings) into ``model``; ``record`` is the task's ``volfm`` record (names the encoder in errors)."""
+    enc = {k[len(prefix):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
     if not enc:
-        raise VolfmError(f"{path} holds no encoder weights (no '{prefix}*' keys; first keys: "
+        raise VolfmError(f"{source} holds no encoder weights (no '{prefix}*' keys; first keys: "
                          f"{_list_keys(sorted(map(str, state)), 5)}); give a volfm task checkpoint or an encoder "
                          ".safetensors file")
-    hp = (ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
+    hp = hyper_parameters
     if any(".lora_A." in k for k in enc):
         ft = hp.get("finetune") if isinstance(hp.get("finetune"), dict) else hp  # grouped, or flat (older volfm)
         enc = merge_lora_state(enc, float(ft.get("lora_alpha", 16)) / float(ft.get("lora_r", 8)))
-    info = (ckpt.get("volfm") or {}) if isinstance(ckpt, dict) else {}
-    saved_as = (info.get("encoder") or {}).get("name") if isinstance(info.get("encoder"), dict) else None
-    source = f"{path}" + (f" (saved from {saved_as!r})" if saved_as else "")
+    saved_as = (record.get("encoder") or {}).get("name") if isinstance(record.get("encoder"), dict) else None
+    source = f"{source}" + (f" (saved from {saved_as!r})" if saved_as else "")
     return load_state_dict_checked(model, enc, source=source, strict=strict)
 
 
@@ -191,10 +201,17 @@ def load_decoder_weights(decoder: nn.Module, path: str | Path, *, prefix: str = 
         state = load_file(str(path))
     else:
         _, _, state = _checkpoint_part(path, prefix)
-        if not state:
-            raise VolfmError(f"{path} holds no decoder weights (no '{prefix}*' keys): only checkpoints of tasks with a "
-                             "dense decoder (masked-volume pretraining, segmentation, synthesis) carry one; load the "
-                             "encoder alone (encoder.pretrained) instead")
+    return load_decoder_state(decoder, state, source=str(path), skip=skip, prefix=prefix)
+
+
+def load_decoder_state(decoder: nn.Module, state: dict[str, torch.Tensor], *, source: str,
+                       skip: tuple[str, ...] = DECODER_HEADS, prefix: str = "decoder.") -> nn.Module:
+    """Load decoder tensors (names without ``prefix``) into ``decoder``, all but the ``skip`` output layers."""
+    if not state:
+        raise VolfmError(f"{source} holds no decoder weights (no '{prefix}*' keys): only checkpoints of tasks with a "
+                         "dense decoder (masked-volume pretraining, segmentation, synthesis) carry one; load the "
+                         "encoder alone (encoder.pretrained) instead")
+    path = source
     state = {k: v for k, v in state.items() if not k.startswith(skip)}
     own = {k: v for k, v in decoder.state_dict().items() if not k.startswith(skip)}
     missing, unexpected, bad = state_mismatch(own, state)

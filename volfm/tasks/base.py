@@ -22,8 +22,10 @@ with; ``None`` means whole volumes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
@@ -33,8 +35,9 @@ from torch import nn
 
 from volfm import VolfmError
 from volfm.inference import SlidingWindowInferer
-from volfm.models import create_encoder, load_encoder_weights
-from volfm.models.weights import load_decoder_weights
+from volfm.models import create_encoder
+from volfm.models.pretrained import load_pretrained_decoder, load_pretrained_encoder
+from volfm.store.layout import CohortStore
 from volfm.utils import did_you_mean, parse_triple
 
 __all__ = ["DecoderConfig", "EncoderConfig", "EncoderTask", "InferenceConfig", "OptimConfig", "as_config", "gather_objects",
@@ -46,8 +49,9 @@ C = TypeVar("C")
 @dataclass(frozen=True)
 class EncoderConfig:
     """The image encoder: a registry ``name`` (``volfm.models.list_encoders()``), its ``kwargs``, and
-    ``pretrained``: any volfm checkpoint (a task .ckpt or an encoder .safetensors) whose encoder weights are
-    loaded before training starts."""
+    ``pretrained``: where its starting weights come from, loaded before training starts: a volfm task .ckpt, an
+    encoder .safetensors, a model package folder (volfm export / volfm convert), or ``merlin:PATH`` (Merlin's
+    released .pt, converted on the fly; see volfm.models.pretrained)."""
 
     name: str = "resnet18_3d"
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -159,6 +163,8 @@ class EncoderTask(pl.LightningModule):
         self._pretrained_loaded = False
         self._decoder_loaded = False
         self.last_metrics: dict = {}
+        self._data_record: dict = {}     # what data_record() found (or a loaded checkpoint carried)
+        self._saved_metrics: dict = {}   # the metrics record of a loaded checkpoint
 
     def save_task_hparams(self, **groups: Any) -> None:
         """Record the base groups and the subclass's ``groups`` as plain data (``self.hparams``, the checkpoint's
@@ -179,14 +185,14 @@ class EncoderTask(pl.LightningModule):
         """Load ``encoder.pretrained`` once, when fitting starts (not over a checkpoint being resumed)."""
         path = self.encoder_cfg.pretrained
         if stage == "fit" and path and not self._pretrained_loaded:
-            load_encoder_weights(self.encoder, path)
+            load_pretrained_encoder(self.encoder, path)
             self._pretrained_loaded = True
             self.info(f"encoder weights loaded from {path}")
 
     def load_pretrained_decoder(self, stage: str, decoder: nn.Module, cfg: DecoderConfig) -> None:
         """Load ``decoder.pretrained`` into ``decoder`` once, when fitting starts (not over a resumed checkpoint)."""
         if stage == "fit" and cfg.pretrained and not self._decoder_loaded:
-            load_decoder_weights(decoder, cfg.pretrained)
+            load_pretrained_decoder(decoder, cfg.pretrained)
             self._decoder_loaded = True
             self.info(f"decoder weights (all but the output layers) loaded from {cfg.pretrained}")
 
@@ -208,11 +214,46 @@ class EncoderTask(pl.LightningModule):
     def restore_record(self, record: dict) -> None:
         """Rebuild what :meth:`checkpoint_record` saved (called before the weights are loaded)."""
 
+    def input_name(self, arrays: Sequence[str]) -> str:
+        """The store array the model reads (a synthesis task overrides this with its source)."""
+        return str(arrays[0])
+
+    def data_record(self) -> dict:
+        """What the model was trained on, as plain data (``checkpoint["volfm"]["data"]``): the store, its resolved
+        preprocessing spec (what ``volfm predict`` puts new images through, without the store), the array the model
+        reads, the case counts per split. Taken from the trainer's DataModule when it reads a store; a checkpoint
+        loaded without one keeps the record it was saved with."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        store = getattr(dm, "store", None)
+        if self._data_record or not store:
+            return self._data_record
+        try:
+            cs = CohortStore(store)
+        except VolfmError:
+            return self._data_record
+        arrays = list(getattr(dm.hparams, "arrays", None) or ["image"])
+        counts: dict[str, int] = {}
+        for r in cs.rows:
+            key = (r.get("split") or "unsplit") if r.get("status") == "ok" else "failed"
+            counts[key] = counts.get(key, 0) + 1
+        self._data_record = plain_data({
+            "store": str(Path(store).resolve()), "spec": cs.spec_doc.get("spec"), "spec_hash": cs.spec_doc.get("spec_hash"),
+            "input": self.input_name(arrays), "arrays": arrays, "label": getattr(dm.hparams, "label", None),
+            "cases": counts})
+        return self._data_record
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        metrics = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in self.last_metrics.items()
+                   if isinstance(v, (int, float))}
+        if self._trainer is not None:
+            metrics = {"epoch": int(self.current_epoch), "global_step": int(self.global_step), **metrics}
         checkpoint["volfm"] = {
             "task": f"{type(self).__module__}.{type(self).__qualname__}",
             **plain_data({"encoder": {"name": self.encoder_cfg.name, "kwargs": dict(self.encoder_cfg.kwargs)},
                           "patch_size": self.patch_size}),
+            **({"inference": plain_data(self.inference_cfg)} if self.uses_sliding_window else {}),
+            "data": self.data_record(),
+            "metrics": metrics or self._saved_metrics,
             **self.checkpoint_record(),
         }
 
@@ -226,7 +267,10 @@ class EncoderTask(pl.LightningModule):
         # the encoder (and decoder) weights come from the checkpoint: ``pretrained`` is not loaded over them
         self._pretrained_loaded = True
         self._decoder_loaded = True
-        self.restore_record(checkpoint.get("volfm") or {})
+        record = checkpoint.get("volfm") or {}
+        self._data_record = dict(record.get("data") or {})
+        self._saved_metrics = dict(record.get("metrics") or {})
+        self.restore_record(record)
 
     # ----------------------------------------------------------------------------------------- inference
     @torch.no_grad()

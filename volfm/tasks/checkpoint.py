@@ -1,27 +1,51 @@
-"""Loading a volfm task back from a Lightning checkpoint, whatever its class."""
+"""Loading a volfm task back, whatever its class: from a Lightning checkpoint or a model package folder."""
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
 
 from volfm import VolfmError
-from volfm.models.weights import read_checkpoint
+from volfm.models.package import is_package, read_package
+from volfm.models.weights import load_state_dict_checked, read_checkpoint
+
+
+def _task_class(name: str, where: Path):
+    module, _, cls = str(name).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise VolfmError(f"{where} was written by task {name}, which this volfm does not have ({exc})") from exc
+
+
+def load_package_task(path):
+    """(task in eval mode on the CPU, a checkpoint-like dict: ``volfm`` record, ``hyper_parameters``) from a model
+    package (``volfm export``); every file's sha256 is checked first (:func:`volfm.models.package.read_package`)."""
+    path = Path(path)
+    doc, state = read_package(path)
+    cls = _task_class(doc.get("task", ""), path)
+    hp = {k: v for k, v in (doc.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+    task = cls(**hp)
+    record = {"task": doc.get("task"), **doc["record"]}
+    task.on_load_checkpoint({"volfm": record, "state_dict": state})  # rebuilds heads, label maps, text tower
+    load_state_dict_checked(task, state, source=f"{path} (model package)", strict=True)
+    return task.eval(), {"volfm": record, "hyper_parameters": hp, "package": doc}
 
 
 def load_task(ckpt, what: str = "a .ckpt written by volfm fit"):
-    """(task in eval mode on the CPU, the raw checkpoint dict). The class comes from the checkpoint's
-    ``volfm`` record, which every volfm task writes; the file is read with ``weights_only=True``."""
+    """(task in eval mode on the CPU, the raw checkpoint dict). ``ckpt`` is a Lightning checkpoint, whose class
+    comes from the ``volfm`` record every volfm task writes (read with ``weights_only=True``), or a model package
+    folder (:func:`load_package_task`)."""
     ckpt = Path(ckpt)
+    if is_package(ckpt):
+        return load_package_task(ckpt)
+    if ckpt.is_dir():
+        raise VolfmError(f"{ckpt} is a folder without model.yaml; give {what} or a model package (volfm export)")
     if not ckpt.is_file():
         raise VolfmError(f"checkpoint {ckpt} does not exist; give {what}")
     raw = read_checkpoint(ckpt)
     info = raw.get("volfm") if isinstance(raw, dict) else None
     if not info or "task" not in info:
         raise VolfmError(f"{ckpt} is not a volfm checkpoint (no 'volfm' record); give {what}")
-    module, _, name = info["task"].rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise VolfmError(f"{ckpt} was written by task {info['task']}, which this volfm does not have ({exc})") from exc
+    cls = _task_class(info["task"], ckpt)
     task = cls.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
     return task.eval(), raw

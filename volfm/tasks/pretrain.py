@@ -356,6 +356,27 @@ class PretrainTask(EncoderTask):
     def text_embedding(self, texts: list[str]) -> torch.Tensor:
         return nn.functional.normalize(self.text_proj(self.text(list(texts))), dim=-1)
 
+    output_kind = "embedding"  # what volfm predict writes for this task
+
+    @torch.no_grad()
+    def predict_embedding(self, image) -> dict[str, Any]:
+        """One stored-grid image (C, I, J, K), whole, through the encoder: ``features`` (the pooled encoder features,
+        num_features), ``probabilities`` (the ICD/phenotype head's sigmoid per class, when there is a head) and
+        ``embedding`` (the L2-normalised joint image-report embedding, when there is a projection)."""
+        was_training = self.training
+        self.eval()
+        try:
+            x = torch.as_tensor(np.asarray(image, dtype=np.float32), device=self.device)[None]
+            feats = self.image_features(x)
+            out: dict[str, Any] = {"features": feats[0].float().cpu().numpy()}
+            if self.icd_head is not None:
+                out["probabilities"] = torch.sigmoid(self.icd_head(feats))[0].float().cpu().numpy()
+            if self.image_proj is not None:
+                out["embedding"] = self.image_embedding(feats)[0].float().cpu().numpy()
+            return out
+        finally:
+            self.train(was_training)
+
     def _codes(self, batch: dict, train: bool) -> list[list[str]]:
         codes = batch.get("icd_codes") or [[] for _ in batch["case_id"]]
         if train and self._shuffled_codes:

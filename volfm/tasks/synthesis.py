@@ -167,6 +167,9 @@ class SynthesisTask(EncoderTask):
     def checkpoint_record(self) -> dict:
         return {"source": self.source_name, "target": self.target_name}
 
+    def input_name(self, arrays) -> str:
+        return self.source_name
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         info = checkpoint.get("volfm") or {}
