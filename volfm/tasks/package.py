@@ -21,6 +21,7 @@ from volfm import VolfmError, __version__
 from volfm.models.package import PACKAGE_FILE, WEIGHTS_FILE, write_package
 from volfm.models.weights import read_checkpoint
 from volfm.store.layout import CohortStore
+from volfm.targets.labelmap import LabelMap
 from volfm.tasks.checkpoint import load_package_task
 
 __all__ = ["LARGE_PARTS", "export_checkpoint", "model_card", "package_task", "write_task_package"]
@@ -35,10 +36,11 @@ def _kind(task_path: str) -> str:
 
 
 def _labels(record: dict) -> list[str] | None:
+    """The class names of a segmentation record's label map (output channel order)."""
     lm = record.get("labelmap")
-    if isinstance(lm, dict):
-        return [str(c.get("name")) for c in lm.get("classes", []) if isinstance(c, dict)] or None
-    return None
+    if not isinstance(lm, dict):
+        return None
+    return LabelMap.from_yaml(lm).class_names
 
 
 def write_task_package(out, state: dict[str, torch.Tensor], hyper_parameters: dict, record: dict, *,
