@@ -1,4 +1,6 @@
 """`volfm demo` runs end to end on a small cohort and leaves the promised outputs."""
+import json
+
 from volfm.cli.demo import run_demo
 
 
@@ -27,3 +29,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "baseline: mean image" in out and (tmp_path / "demo" / "eval_synthesis" / "synthesis_eval.png").is_file()
     n_pred = len(list((tmp_path / "demo" / "predictions").glob("*_seg.nii.gz")))
     assert n_pred >= 1 and out.count("Dice vs the source label") == n_pred
+    # the segmentation model went out as a package and the predictions came from it, without the store
+    pkg = tmp_path / "demo" / "models" / "spleen_seg"
+    assert (pkg / "model.yaml").is_file() and (pkg / "model.safetensors").is_file() and (pkg / "README.md").is_file()
+    assert f"volfm predict --model {pkg}" in out
+    assert json.loads((tmp_path / "demo" / "predictions" / "predictions.json").read_text())["model"] == str(pkg)

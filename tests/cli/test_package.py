@@ -13,6 +13,7 @@ import yaml
 from transformers import LongformerConfig, LongformerModel
 
 from volfm import VolfmError
+from volfm.cli.convert import MERLIN_TEXT
 from volfm.cli.main import main
 from volfm.cli.predict import predict_files
 from volfm.io import write_nifti
@@ -23,7 +24,7 @@ from volfm.preprocess.pipeline import Pipeline
 from volfm.preprocess.spec import load_spec
 from volfm.store.build import run_cohort
 from volfm.synth.ct import make_ct_case, make_ct_cohort
-from volfm.tasks import EncoderConfig, PretrainTask, SegmentationTask
+from volfm.tasks import ContrastiveConfig, EncoderConfig, PretrainTask, SegmentationTask
 from volfm.tasks.checkpoint import load_task
 from volfm.tasks.package import export_checkpoint
 
@@ -258,3 +259,13 @@ def test_convert_merlin_with_a_local_longformer(merlin_pt, tmp_path):
     (pkg2 / "text.json").write_text("{}")
     with pytest.raises(VolfmError, match="text.json does not match"):
         load_task(pkg2)
+    # continuing report-contrastive pretraining: the projections and logit scale start from the package's / Merlin's
+    for source in (str(out), f"merlin:{pt}"):
+        cont = PretrainTask(encoder=EncoderConfig("resnet50_3d", {}, source), icd=None,
+                            contrastive=ContrastiveConfig(text_model=str(out / "text"), **MERLIN_TEXT))
+        cont.restore_record({"text": task.text.to_spec()})  # builds the text tower and fresh projections
+        assert not torch.equal(cont.text_proj.net.weight, proj.weight.data)
+        cont._continue_projections()
+        assert torch.equal(cont.text_proj.net.weight, proj.weight.data)
+        assert torch.equal(cont.image_proj.net.weight, task.image_proj.net.weight)
+        assert torch.equal(cont.logit_scale.log_scale, task.logit_scale.log_scale)

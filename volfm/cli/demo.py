@@ -15,7 +15,8 @@ The steps (each prints what it did and where its output is):
 11. self-supervised masked-volume pretraining (``recipes/demo/masked_volume.yaml``), the best pretrained start for
     few-label segmentation in ``volfm bench pretraining`` (it ties random initialisation there; none beats it);
 12. segmentation of an organ from 5 labelled cases, from scratch and from the masked-volume encoder, Dice side by
-    side, then ``volfm predict`` on raw test images in their own grids;
+    side, then ``volfm export`` of the pretrained model to a package and ``volfm predict --model`` on raw test
+    images in their own grids (no store needed);
 13. MRI -> PET synthesis (``recipes/demo/synth_mri2pet.yaml``) and its evaluation against baselines.
 
 ``--pretrain-cases 0`` skips steps 7-12, ``--synthesis-cases 0`` skips step 13.
@@ -50,6 +51,7 @@ from volfm.store.build import print_summary, run_cohort
 from volfm.store.cohort import read_table
 from volfm.synth.ct import FINDINGS, LABEL_IDS, make_ct_cohort
 from volfm.synth.mripet import make_mripet_cohort
+from volfm.tasks.package import export_checkpoint
 
 # the smallest and the largest of each family (Merlin's ResNet-152, ViT-Base): what a user picks between
 DEMO_ENCODERS = ("resnet18_3d", "resnet152_3d", "vit_tiny_3d", "vit_base_3d")
@@ -211,9 +213,12 @@ def _segment(out: Path, store, table, pretrained_dir: Path, workers: int, organ:
     raw.mkdir(exist_ok=True)
     for r in rows:
         (raw / Path(r["image"]).name).write_bytes((Path(table).parent / r["image"]).read_bytes())
-    print(f"volfm predict (pretrained model) on {len(rows)} raw test images (their own grids: orientations/obliquity "
-          "as acquired):")
-    res = predict_files(seg_dir / "checkpoints" / "last.ckpt", raw, out / "predictions", store=store, progress=False)
+    package = export_checkpoint(seg_dir / "checkpoints" / "last.ckpt", out / "models" / f"{organ}_seg", overwrite=True)
+    print(f"volfm export: the pretrained model as a self-contained package {package} (model.yaml with its "
+          f"preprocessing spec and labels, model.safetensors, model card README.md)")
+    print(f"volfm predict --model {package} on {len(rows)} raw test images (no store needed; their own grids: "
+          "orientations/obliquity as acquired):")
+    res = predict_files(package, raw, out / "predictions", progress=False)
     scores = []
     for r, o in zip(rows, res["outputs"]):
         pred = np.asarray(nib.load(o["output"]).dataobj) == 1
@@ -221,7 +226,7 @@ def _segment(out: Path, store, table, pretrained_dir: Path, workers: int, organ:
         d = 2 * (pred & truth).sum() / max(1, pred.sum() + truth.sum())
         scores.append(float(d))
         print(f"  {Path(o['output']).name}: shape {tuple(o['shape'])}, Dice vs the source label {d:.2f}; QC {o['qc']}")
-    return {"seg_dir": seg_dir, "seg_scratch_dir": scratch_dir, "seg_dice": scores,
+    return {"seg_dir": seg_dir, "seg_scratch_dir": scratch_dir, "seg_dice": scores, "package": package,
             "val_dice": {"scratch": d_scratch, "pretrained": d_pre}}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from volfm import VolfmError
@@ -23,9 +24,12 @@ from volfm.models.weights import (
     load_task_encoder,
 )
 
-__all__ = ["MERLIN_SCHEME", "load_pretrained_decoder", "load_pretrained_encoder"]
+__all__ = ["MERLIN_SCHEME", "PROJECTION_PREFIXES", "load_pretrained_decoder", "load_pretrained_encoder",
+           "pretrained_projections"]
 
 MERLIN_SCHEME = "merlin:"
+# the report-contrastive heads a pretraining run can continue from (task state-dict prefixes)
+PROJECTION_PREFIXES = ("image_proj.", "text_proj.", "logit_scale.")
 
 
 def load_pretrained_encoder(model: nn.Module, source: str | Path, *, strict: bool = True) -> nn.Module:
@@ -65,3 +69,25 @@ def load_pretrained_decoder(decoder: nn.Module, source: str | Path, *,
         dec = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
         return load_decoder_state(decoder, dec, source=f"{path} (model package)", skip=skip)
     return load_decoder_weights(decoder, path, skip=skip)
+
+
+def pretrained_projections(source: str | Path | None) -> dict[str, torch.Tensor]:
+    """The report-contrastive heads (``image_proj.*``, ``text_proj.*``, ``logit_scale.*``, task state-dict names) that
+    a ``pretrained`` source carries: a model package's, or Merlin's contrastive head, text projection and logit
+    scale; empty for other sources (a .ckpt or .safetensors carries the encoder only as far as pretrained: goes)."""
+    if not source:
+        return {}
+    text = str(source)
+    if text.startswith(MERLIN_SCHEME):
+        path = Path(text[len(MERLIN_SCHEME):]).expanduser()
+        w = convert_merlin_state(read_merlin_state(path), source=str(path))
+        out = {f"image_proj.net.{k}": v for k, v in w.contrastive_head.items()}
+        out.update({f"text_proj.net.{k}": v for k, v in w.text_proj.items()})
+        if w.logit_scale is not None:
+            out["logit_scale.log_scale"] = w.logit_scale.reshape(())
+        return out
+    path = Path(text).expanduser()
+    if is_package(path):
+        _, state = read_package(path)
+        return {k: v for k, v in state.items() if k.startswith(PROJECTION_PREFIXES)}
+    return {}

@@ -55,6 +55,7 @@ from volfm.metrics.zeroshot import (
 )
 from volfm.models import save_encoder
 from volfm.models.heads import MultiLabelHead, ProjectionHead
+from volfm.models.pretrained import PROJECTION_PREFIXES, pretrained_projections
 from volfm.models.text import (
     TextEncoder,
     build_text_encoder,
@@ -301,6 +302,28 @@ class PretrainTask(EncoderTask):
             src = c.text_model or f"a small BERT with a WordPiece tokenizer trained on {len(reports)} training reports"
             n = sum(p.numel() for p in self.text.parameters())
             self.info(f"text encoder: {src} ({n / 1e6:.1f} M parameters, hidden {self.text.hidden_size})")
+            if stage == "fit" and not self.trainer_resuming():
+                self._continue_projections()
+
+    def trainer_resuming(self) -> bool:
+        """Whether fitting resumes from a checkpoint (its weights then replace anything loaded at setup)."""
+        return self._trainer is not None and getattr(self.trainer, "ckpt_path", None) is not None
+
+    def _continue_projections(self) -> None:
+        """With ``encoder.pretrained`` a model package or merlin:PATH that carries report-contrastive heads of the same
+        shapes (a pretraining package; Merlin's contrastive head, text projection and logit scale), start the new
+        projections from them, so report-contrastive training continues from both towers instead of fresh heads."""
+        heads = pretrained_projections(self.encoder_cfg.pretrained)
+        own = {k: v for k, v in self.state_dict().items() if k.startswith(PROJECTION_PREFIXES)}
+        fit = {k: v for k, v in heads.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+        if not heads:
+            return
+        if len(fit) != len(own):
+            self.info(f"contrastive heads of {self.encoder_cfg.pretrained} do not fit this task's "
+                      f"({sorted(set(own) - set(fit))[:3]} differ or are missing): the projections start fresh")
+            return
+        self.load_state_dict(fit, strict=False)
+        self.info(f"contrastive projections and logit scale continued from {self.encoder_cfg.pretrained}")
 
     # ---------------------------------------------------------------------------------- checkpoints
     def checkpoint_record(self) -> dict:
