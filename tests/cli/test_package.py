@@ -2,6 +2,7 @@
 gives; tampered files are refused; checkpoints of older volfm versions still predict with --store; pretrained:
 accepts packages and merlin:PATH; volfm convert merlin writes a package whose predictions match a forward pass
 written from Merlin's layout, with the text tower when a local Longformer is given."""
+import json
 import shutil
 from pathlib import Path
 
@@ -30,12 +31,12 @@ from volfm.tasks.package import export_checkpoint
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 TINY_ENC = {"in_chans": 1, "base_channels": 8}
-TINY = ["--model.init_args.encoder.name", "resnet18_3d", "--model.init_args.encoder.kwargs",
-        '{"in_chans": 1, "base_channels": 8}',
-        "--data.init_args.patch_size", "[16, 16, 16]", "--data.init_args.num_workers", "0",
-        "--data.init_args.batch_size", "2", "--data.init_args.samples_per_volume", "1",
-        "--trainer.precision", "32-true", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-        "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+# a tiny encoder, 16^3 patches, one CPU process, no logger: the seg_finetune demo recipe made fast
+TINY = ["--model.init_args.encoder", json.dumps({"name": "resnet18_3d", "kwargs": TINY_ENC}),
+        "--data.init_args", json.dumps({"patch_size": [16, 16, 16], "num_workers": 0, "batch_size": 2,
+                                        "samples_per_volume": 1, "num_train_cases": 2}),
+        "--trainer", json.dumps({"precision": "32-true", "accelerator": "cpu", "devices": 1, "logger": False,
+                                 "enable_progress_bar": False})]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def trained(tmp_path_factory):
     assert run_cohort(root / "spec.yaml", store, cohort=table, progress=False, qc=False)["failed"] == 0
     assert main(["fit", "--config", str(RECIPES / "demo/seg_finetune.yaml"), "--data.init_args.store", str(store),
                  "--trainer.default_root_dir", str(root / "run"), *TINY, "--trainer.max_epochs", "1",
-                 "--data.init_args.num_train_cases", "2", "--trainer.limit_val_batches", "1",
+                 "--trainer.limit_val_batches", "1",
                  "--trainer.check_val_every_n_epoch", "1",
                  "--trainer.enable_checkpointing", "true"]) == 0
     return sorted((root / "run").rglob("*.ckpt"))[-1], store
