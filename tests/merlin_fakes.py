@@ -48,9 +48,10 @@ def make_merlin_state(depth: int = 50, classes: int = 7, seed: int = 0, prefix: 
             inplanes = planes * 4
     state[prefix + "classifier.weight"] = 0.02 * torch.randn(classes, 2048, 1, 1, 1, generator=g, dtype=dtype)
     state[prefix + "classifier.bias"] = 0.1 * torch.randn(classes, generator=g, dtype=dtype)
-    if prefix:  # the contrastive checkpoint; the five-year one (bare keys) has no contrastive head
-        state[prefix + "contrastive_head.weight"] = 0.02 * torch.randn(512, 2048, 1, 1, 1, generator=g, dtype=dtype)
-        state[prefix + "contrastive_head.bias"] = 0.1 * torch.randn(512, generator=g, dtype=dtype)
+    # I3ResNet(conv_class=True) always builds the contrastive head, the five-year checkpoint (bare keys) included
+    state[prefix + "contrastive_head.weight"] = 0.02 * torch.randn(512, 2048, 1, 1, 1, generator=g, dtype=dtype)
+    state[prefix + "contrastive_head.bias"] = 0.1 * torch.randn(512, generator=g, dtype=dtype)
+    if prefix:  # the full MerlinArchitecture
         state["logit_scale"] = torch.tensor(1.0, dtype=dtype)
     if text:
         state["encode_text.linear_layer.weight"] = 0.02 * torch.randn(512, 768, generator=g, dtype=dtype)

@@ -27,7 +27,7 @@ from volfm.store.build import run_cohort
 from volfm.synth.ct import make_ct_case, make_ct_cohort
 from volfm.tasks import ContrastiveConfig, EncoderConfig, PretrainTask, SegmentationTask
 from volfm.tasks.checkpoint import load_task
-from volfm.tasks.package import export_checkpoint
+from volfm.tasks.package import export_checkpoint, inference_only
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 TINY_ENC = {"in_chans": 1, "base_channels": 8}
@@ -74,8 +74,14 @@ def test_checkpoint_records_spec_input_counts_and_metrics(trained):
     rec = torch.load(ckpt, weights_only=True)["volfm"]
     assert rec["data"]["spec"] == yaml.safe_load((store / "spec.yaml").read_text())["spec"]
     assert rec["data"]["input"] == "image" and sum(rec["data"]["cases"].values()) == 6
-    assert rec["inference"] == {"overlap": 0.5, "batch_size": 2} or set(rec["inference"]) == {"overlap", "batch_size"}
+    assert rec["data"]["train_cases_used"] == 2 and rec["data"]["cases"]["train"] > 2
+    assert set(rec["inference"]) == {"overlap", "batch_size"}
     assert "val/mean_dice" in rec["metrics"] and rec["metrics"]["global_step"] == 1
+    # a checkpoint loaded without its store and saved again keeps the record (no trainer, no validation since)
+    task, _ = load_task(ckpt)
+    again: dict = {}
+    task.on_save_checkpoint(again)
+    assert again["volfm"]["data"] == rec["data"] and again["volfm"]["metrics"] == rec["metrics"]
 
 
 def test_export_then_predict_without_the_store_is_exact(trained, oblique, tmp_path, capsys):
@@ -92,6 +98,7 @@ def test_export_then_predict_without_the_store_is_exact(trained, oblique, tmp_pa
     assert len(doc["files"]["model.safetensors"]) == 64 and doc["encoder"]["name"] == "resnet18_3d"
     card = (pkg / "README.md").read_text()
     assert "## Trained on" in card and "val/mean_dice" in card and "[10.5, 10.5, 15.0]" in card
+    assert "The run trained on 2 of the" in card and "spleen" in card
     gone = store.with_name("store_moved")
     store.rename(gone)  # the training store is not there any more
     try:
@@ -115,7 +122,8 @@ def test_a_tampered_package_is_refused(trained, tmp_path, capsys):
     pkg = tmp_path / "m"
     main(["export", "--ckpt", str(ckpt), "--out", str(pkg)])
     w = pkg / "model.safetensors"
-    data = bytearray(w.read_bytes())
+    original = w.read_bytes()
+    data = bytearray(original)
     data[-5] ^= 0x01  # one bit of one weight
     w.write_bytes(bytes(data))
     assert main(["predict", "--model", str(pkg), "--input", str(tmp_path), "--out", str(tmp_path / "p")]) == 2
@@ -123,6 +131,13 @@ def test_a_tampered_package_is_refused(trained, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "model.safetensors does not match the sha256" in err
     with pytest.raises(VolfmError, match="does not match the sha256"):
         SegmentationTask(encoder=EncoderConfig("resnet18_3d", TINY_ENC, str(pkg)), labels=["spleen"]).load_pretrained("fit")
+    # model.yaml names the class to build: anything but a volfm task is refused (no code runs from a package)
+    doc = yaml.safe_load((pkg / "model.yaml").read_text())
+    w.write_bytes(original)
+    for task_name in ("os.system", "volfm.io.readers.read_volume", "volfm.tasks.base.as_config"):
+        (pkg / "model.yaml").write_text(yaml.safe_dump({**doc, "task": task_name}))
+        with pytest.raises(VolfmError, match="not a volfm task"):
+            load_task(pkg)
     (pkg / "model.yaml").write_text("format: something-else\n")
     with pytest.raises(VolfmError, match="not a volfm model description"):
         read_package(pkg)
@@ -138,8 +153,10 @@ def test_an_old_checkpoint_without_the_record_predicts_with_store(trained, obliq
     raw["datamodule_hyper_parameters"]["store"] = str(tmp_path / "nowhere")
     old = tmp_path / "old.ckpt"
     torch.save(raw, old)
-    with pytest.raises(VolfmError, match="records no preprocessing spec.*--store"):
+    with pytest.raises(VolfmError, match="records no preprocessing spec.*nowhere/spec.yaml is missing; pass --store"):
         predict_files(old, oblique, tmp_path / "x", progress=False)
+    with pytest.raises(VolfmError, match="--store /nonexistent: /nonexistent/spec.yaml is missing"):
+        predict_files(ckpt, oblique, tmp_path / "x", store="/nonexistent", progress=False)
     predict_files(old, oblique, tmp_path / "a", store=store, progress=False, qc=False)
     predict_files(ckpt, oblique, tmp_path / "b", progress=False, qc=False)
     np.testing.assert_array_equal(np.asarray(_seg(tmp_path / "a").dataobj), np.asarray(_seg(tmp_path / "b").dataobj))
@@ -223,7 +240,7 @@ def test_convert_merlin_errors(merlin_pt, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "junk.pt" in err and "weights_only=True" in err
 
 
-def test_convert_merlin_with_a_local_longformer(merlin_pt, tmp_path):
+def test_convert_merlin_with_a_local_longformer(merlin_pt, merlin_fakes, tmp_path):
     """The text tower: Merlin's text weights in a local Longformer folder, Merlin's settings (normalised reports, no
     global attention, first token), its 768->512 projection: the package's text embedding is Merlin's."""
     _, image_state = merlin_pt
@@ -255,6 +272,13 @@ def test_convert_merlin_with_a_local_longformer(merlin_pt, tmp_path):
         want = torch.nn.functional.normalize(proj(merlin_text(**enc).last_hidden_state[:, 0]), dim=-1)
         got = task.text_embedding(texts)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the image side: pooled features -> Merlin's contrastive head, normalised
+    x = torch.randn(1, 1, 40, 36, 20, generator=torch.Generator().manual_seed(5))
+    s64 = {k: v.double() if v.is_floating_point() else v for k, v in image_state.items()}
+    ref = merlin_fakes.merlin_reference(s64, x.double())
+    with torch.no_grad():
+        emb = task.image_embedding(task.image_features(x)).double()
+    torch.testing.assert_close(emb, torch.nn.functional.normalize(ref["contrastive"], dim=-1), atol=1e-5, rtol=1e-4)
     pkg2 = tmp_path / "copy"
     shutil.copytree(out, pkg2)
     (pkg2 / "text.json").write_text("{}")
@@ -270,3 +294,14 @@ def test_convert_merlin_with_a_local_longformer(merlin_pt, tmp_path):
         assert torch.equal(cont.text_proj.net.weight, proj.weight.data)
         assert torch.equal(cont.image_proj.net.weight, task.image_proj.net.weight)
         assert torch.equal(cont.logit_scale.log_scale, task.logit_scale.log_scale)
+
+
+def test_export_leaves_out_a_training_only_perceptual_network():
+    t = torch.zeros(2)
+    state, hp, notes = inference_only({"encoder.w": t, "perceptual.enc.w": t, "decoder.w": t},
+                                      {"losses": {"l1": 1.0, "perceptual": 0.1, "perceptual_encoder": "/train/enc.st"}})
+    assert sorted(state) == ["decoder.w", "encoder.w"]
+    assert hp["losses"] == {"l1": 1.0, "perceptual": 0.0, "perceptual_encoder": None}
+    assert "/train/enc.st" in notes[0]
+    plain = {"losses": {"perceptual": 0.0}}
+    assert inference_only({"encoder.w": t}, plain) == ({"encoder.w": t}, plain, [])

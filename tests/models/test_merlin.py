@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from volfm import VolfmError
+from volfm.models import create_encoder
 from volfm.models import merlin as M
 from volfm.models.text import merlin_sanitize
-from volfm.models.weights import load_encoder, save_encoder
+from volfm.models.weights import load_encoder, load_state_dict_checked, save_encoder
 
 PREFIX = "encode_image.i3_resnet."
 
@@ -68,11 +69,19 @@ def test_depth50_parity_every_stage(fake50, x_ct, ref50):
     assert rel(proj, ref50["contrastive"]) < 1e-9
 
 
+def _stem_right(wrong):
+    """``wrong`` for every kernel but the stem's (the one kernel whose shape would give a wrong map away): what a
+    converter that only special-cases the stem would do."""
+    return lambda w: w.permute(0, 1, 3, 4, 2).contiguous() if w.shape[-1] == 7 else wrong(w)
+
+
 @pytest.mark.parametrize("wrong", [
-    lambda w: w.contiguous(),                                    # the permute skipped: loads without complaint
+    lambda w: w.contiguous(),                                    # the permute skipped
+    _stem_right(lambda w: w.contiguous()),                       # skipped for the 1x1x1 / 3x3x3 kernels: loads silently
     lambda w: w.permute(0, 1, 4, 3, 2).contiguous(),             # another axis order
+    _stem_right(lambda w: w.permute(0, 1, 4, 3, 2).contiguous()),
     lambda w: w.permute(0, 1, 3, 4, 2).flip(-1).contiguous(),    # K reversed
-], ids=["no-permute", "wrong-order", "k-flip"])
+], ids=["no-permute", "no-permute-but-stem", "wrong-order", "wrong-order-but-stem", "k-flip"])
 def test_a_wrong_axis_map_is_caught(monkeypatch, fake50, x_ct, ref50, wrong):
     def patched(w):
         if w.ndim != 5:
@@ -82,7 +91,8 @@ def test_a_wrong_axis_map_is_caught(monkeypatch, fake50, x_ct, ref50, wrong):
     monkeypatch.setattr(M, "merlin_conv_to_volfm", patched)
     try:
         enc = M.convert_merlin_state(fake50).build_encoder().double()
-    except VolfmError:  # a shape that no longer fits is caught as well
+    except VolfmError:  # the stem's shape no longer fits: caught at conversion
+        assert wrong(torch.zeros(64, 1, 3, 7, 7)).shape != (64, 1, 7, 7, 3)
         return
     with torch.no_grad():
         assert rel(enc.forward_pooled(x_ct), ref50["pooled"]) > 1e-2
@@ -91,11 +101,7 @@ def test_a_wrong_axis_map_is_caught(monkeypatch, fake50, x_ct, ref50, wrong):
 def test_other_geometry_is_not_merlins(fake50, x_ct, ref50):
     """The kwargs matter: time_kernel=1 cannot take the weights, pool_time_stride=1 computes something else."""
     w = M.convert_merlin_state(fake50)
-    from volfm.models import create_encoder
-
     with pytest.raises(VolfmError, match="shape-mismatched"):
-        from volfm.models.weights import load_state_dict_checked
-
         load_state_dict_checked(create_encoder("resnet50_3d", time_kernel=1), w.encoder, source="x")
     enc = create_encoder("resnet50_3d", pool_time_stride=1).double().eval()
     enc.load_state_dict(w.encoder)
@@ -119,7 +125,7 @@ def test_depth152_parity_and_key_count(merlin_fakes):
 def test_bare_five_year_layout(merlin_fakes, x_ct):
     state = merlin_fakes.make_merlin_state(depth=50, classes=6, seed=5, prefix="")
     w = M.convert_merlin_state(state)
-    assert (w.layout, w.num_classes, bool(w.contrastive_head), w.logit_scale) == ("bare", 6, False, None)
+    assert (w.layout, w.num_classes, bool(w.contrastive_head), w.logit_scale) == ("bare", 6, True, None)
     ref = merlin_fakes.merlin_reference(state, x_ct, prefix="")
     with torch.no_grad():
         pooled = w.build_encoder().double().forward_pooled(x_ct)

@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+from transformers import LongformerConfig, LongformerModel
 
 from volfm import VolfmError
 from volfm.models.text import TextEncoder, build_text_encoder, train_wordpiece_tokenizer
@@ -198,8 +199,6 @@ def test_gradients_reach_text_model(tokenizer, reports):
 
 
 def test_longformer_style_model(tokenizer):
-    from transformers import LongformerConfig, LongformerModel
-
     cfg = LongformerConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                            intermediate_size=32, attention_window=4, max_position_embeddings=66, pad_token_id=0)
     model = LongformerModel(cfg).eval()
@@ -213,8 +212,6 @@ def test_longformer_style_model(tokenizer):
 def test_merlin_text_settings(tokenizer, tmp_path):
     """global_attention="none" is the model called without a global attention mask (Merlin); "first" differs from
     it; normalize="merlin" lower-cases and splits punctuation before tokenizing; both survive save/load and specs."""
-    from transformers import LongformerConfig, LongformerModel
-
     torch.manual_seed(0)
     cfg = LongformerConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=32, attention_window=4, max_position_embeddings=66, pad_token_id=0)

@@ -28,9 +28,9 @@ from safetensors.torch import save_file
 
 from volfm import VolfmError
 from volfm.models.merlin import MERLIN_ENCODER_KWARGS, MerlinWeights, convert_merlin_state, read_merlin_state
-from volfm.models.package import is_package
+from volfm.models.package import check_package_target
 from volfm.models.text import build_text_encoder
-from volfm.models.weights import save_encoder
+from volfm.models.weights import save_encoder, state_mismatch
 from volfm.preprocess.spec import load_spec, spec_hash
 from volfm.targets.icd import IcdMapping, IcdVocabulary
 from volfm.tasks import ContrastiveConfig, EncoderConfig, IcdHeadConfig, PretrainTask
@@ -80,9 +80,8 @@ def _text_encoder(w: MerlinWeights, text_model: str | Path, source: str):
     state = {k: v for k, v in w.text.items() if k in own or not k.endswith("position_ids")}
     if enc.model.pooler is None:
         state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
-    missing = sorted(k for k in own if k not in state and not k.endswith("position_ids"))
-    unexpected = sorted(k for k in state if k not in own)
-    bad = sorted(k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape))
+    missing, unexpected, bad = state_mismatch(own, state)
+    missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected or bad:
         raise VolfmError(f"--text-model {text_model} does not fit Merlin's text weights in {source} (missing "
                          f"{missing[:3]}, unexpected {unexpected[:3]}, shape mismatch {bad[:3]}); give a local copy of "
@@ -94,11 +93,11 @@ def _text_encoder(w: MerlinWeights, text_model: str | Path, source: str):
 def convert_merlin(ckpt, out, *, phenotypes=None, text_model=None, spec: str = "ct_merlin",
                    overwrite: bool = False) -> dict:
     """Convert Merlin's ``.pt`` into the package folder ``out`` (see the module docstring); returns a summary."""
-    ckpt, out = Path(ckpt), Path(out)
-    if is_package(out) and not overwrite:
-        raise VolfmError(f"{out} already holds a model package (model.yaml); pass --overwrite to replace it or give "
-                         "another --out")
+    ckpt, out = Path(ckpt), check_package_target(out, overwrite)
     w = convert_merlin_state(read_merlin_state(ckpt), source=str(ckpt))
+    if not w.classifier:
+        raise VolfmError(f"{ckpt} has no classifier ('classifier.weight/bias' of the I3ResNet); Merlin's released "
+                         "checkpoints all have one: is the file complete?")
     out.mkdir(parents=True, exist_ok=True)
     encoder = w.build_encoder().float()
     enc_path = save_encoder(encoder, out / "encoder.safetensors")
@@ -111,25 +110,18 @@ def convert_merlin(ckpt, out, *, phenotypes=None, text_model=None, spec: str = "
     task = PretrainTask(encoder=EncoderConfig(w.encoder_name, dict(MERLIN_ENCODER_KWARGS)),
                         icd=IcdHeadConfig(level="category", min_count=1), contrastive=con)
     task.restore_record({"icd_vocab": vocab.to_dict(), **({"text": text.to_spec()} if text is not None else {})})
+    heads = w.task_heads()
     with torch.no_grad():
         task.encoder.load_state_dict(encoder.state_dict())
-        task.icd_head[1].weight.copy_(w.classifier["weight"])
-        task.icd_head[1].bias.copy_(w.classifier["bias"])
         if text is not None:
             task.text.model.load_state_dict(text.model.state_dict())
-            if w.contrastive_head:
-                task.image_proj.net.weight.copy_(w.contrastive_head["weight"])
-                task.image_proj.net.bias.copy_(w.contrastive_head["bias"])
-            if w.text_proj:
-                task.text_proj.net.weight.copy_(w.text_proj["weight"])
-                task.text_proj.net.bias.copy_(w.text_proj["bias"])
-            if w.logit_scale is not None:
-                task.logit_scale.log_scale.copy_(w.logit_scale.reshape(()))
-    heads = {"icd_head.1.weight": w.classifier["weight"], "icd_head.1.bias": w.classifier["bias"]}
-    for pre, part in (("image_proj.net.", w.contrastive_head), ("text_proj.net.", w.text_proj)):
-        heads.update({pre + k: v for k, v in part.items()})
-    if w.logit_scale is not None:
-        heads["logit_scale.log_scale"] = w.logit_scale.reshape(())
+        own = task.state_dict()
+        fit = {k: v for k, v in heads.items() if k in own}
+        _, _, bad = state_mismatch({k: own[k] for k in fit}, fit)
+        if bad:
+            raise VolfmError(f"{ckpt}: Merlin's heads do not fit volfm's ({', '.join(bad[:3])}); is this a Merlin "
+                             "checkpoint?")
+        task.load_state_dict(fit, strict=False)
     save_file({k: v.detach().float().contiguous() for k, v in heads.items()}, str(out / "merlin_heads.safetensors"),
               metadata={"format": "pt", "source": ckpt.name, "classes": str(w.num_classes),
                         "logit_scale": "copied as log_scale, assuming CLIP's exp convention (unverified: Merlin's "
@@ -142,7 +134,10 @@ def convert_merlin(ckpt, out, *, phenotypes=None, text_model=None, spec: str = "
              f"{w.num_classes} outputs ({vocab.mapping.info['note']})"
              + (", Clinical-Longformer text tower with Merlin's 768->512 projection" if text is not None else "")
              + ". Merlin's inference preprocessing is RAS, 1.5 x 1.5 x 3 mm, HU [-1000, 1000] -> [0, 1], "
-               "224 x 224 x 160 (the ct_merlin spec).")
+               "224 x 224 x 160 (the ct_merlin spec)."
+             + (" Without its text tower the package has no joint embedding: Merlin's contrastive head (2048 -> 512) "
+                "is in merlin_heads.safetensors (image_proj.net.*); convert with --text-model to package it."
+                if text is None and w.contrastive_head else ""))
     package_task(task, out, data={"spec": resolved, "spec_hash": spec_hash(resolved), "input": "image"},
                  source=str(ckpt), name=out.resolve().name, overwrite=overwrite, card_notes=notes)
     return {"out": str(out), "encoder": str(enc_path), "encoder_name": w.encoder_name, "layout": w.layout,

@@ -112,12 +112,18 @@ def training_spec(model, raw: dict, config=None, store=None) -> tuple[dict, str,
     recorded = (raw.get("volfm") or {}).get("data") or {}
     if store is None and recorded.get("spec"):
         return recorded["spec"], f"{model} (the spec recorded at training)", {**data, **recorded}
-    store = Path(store or data.get("store") or "")
+    if store is not None:
+        where = f"--store {store}"
+    elif data.get("store"):
+        where = f"{model} records no preprocessing spec (a checkpoint from an older volfm) and the training store"
+    else:
+        raise VolfmError(f"{model} records no preprocessing spec (a checkpoint from an older volfm) and names no "
+                         "training store; pass --store STORE (or a --config naming it)")
+    store = Path(store or data["store"])
     spec_file = store / "spec.yaml"
     if not spec_file.is_file():
-        raise VolfmError(f"{model} records no preprocessing spec (a checkpoint from an older volfm) and the training "
-                         f"store's spec {spec_file} is missing; pass --store STORE (or a --config naming it), or "
-                         "re-export the model with volfm export --store STORE")
+        raise VolfmError(f"{where}: {spec_file} is missing; pass --store STORE, the store the model was trained on "
+                         "(or a --config naming it), or re-export the model with volfm export --store STORE")
     spec = (yaml.safe_load(spec_file.read_text()) or {}).get("spec")
     if not spec:
         raise VolfmError(f"{spec_file} holds no resolved spec; rerun volfm preprocess --overwrite on {store}")

@@ -84,6 +84,18 @@ class MerlinWeights:
     def num_classes(self) -> int:
         return int(self.classifier["weight"].shape[0]) if self.classifier else 0
 
+    def task_heads(self) -> dict[str, torch.Tensor]:
+        """The heads under the names a volfm ``PretrainTask`` gives them: ``icd_head.1.*`` (the classifier),
+        ``image_proj.net.*`` (the contrastive head), ``text_proj.net.*`` (the text projection) and
+        ``logit_scale.log_scale`` (copied as volfm's log scale, assuming CLIP's convention: Merlin's training loss is
+        not public)."""
+        out = {f"icd_head.1.{k}": v for k, v in self.classifier.items()}
+        out.update({f"image_proj.net.{k}": v for k, v in self.contrastive_head.items()})
+        out.update({f"text_proj.net.{k}": v for k, v in self.text_proj.items()})
+        if self.logit_scale is not None:
+            out["logit_scale.log_scale"] = self.logit_scale.reshape(())
+        return out
+
     def build_encoder(self) -> nn.Module:
         """A volfm encoder with these weights (strictly loaded, in their floating dtype), in eval mode."""
         model = create_encoder(self.encoder_name, **MERLIN_ENCODER_KWARGS).to(self.encoder["conv1.weight"].dtype)

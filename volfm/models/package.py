@@ -2,7 +2,7 @@
 
     MODEL_DIR/model.yaml          what the model is: the task class and its settings, the encoder (name, kwargs), the
                                   labels or vocabulary, the preprocessing spec its inputs go through, the sliding-window
-                                  settings, the volfm version, and the sha256 of every file below
+                                  settings, the volfm version, and the sha256 of the weights and of each part
     MODEL_DIR/model.safetensors   the task's full state dict
     MODEL_DIR/<part>.json         large plain-data parts of the record (the text tower's tokenizer), hashed likewise
     MODEL_DIR/README.md           the model card (written by volfm.tasks.package)
@@ -13,6 +13,7 @@ truncated weights file is refused instead of predicting with it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -20,15 +21,16 @@ from typing import Any
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 
 from volfm import VolfmError, __version__
 from volfm.io.atomic import atomic_path, write_text_atomic
 from volfm.io.yamlfile import UniqueKeyLoader
 from volfm.preprocess.pipeline import file_sha256
 
-__all__ = ["PACKAGE_FILE", "PACKAGE_FORMAT", "WEIGHTS_FILE", "is_package", "read_package", "read_package_description",
-           "write_package"]
+__all__ = ["PACKAGE_FILE", "PACKAGE_FORMAT", "WEIGHTS_FILE", "check_package_target", "is_package", "read_package",
+           "read_package_description", "write_package"]
 
 PACKAGE_FILE = "model.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -48,17 +50,23 @@ def is_package(path: str | Path) -> bool:
     return p.is_dir() and (p / PACKAGE_FILE).is_file()
 
 
-def write_package(out: str | Path, state: dict[str, torch.Tensor], description: dict[str, Any], *,
-                  parts: dict[str, Any] | None = None, card: str | None = None, overwrite: bool = False) -> Path:
-    """Write a package to ``out``: ``state`` as model.safetensors, each of ``parts`` (name -> plain data) as
-    ``<name>.json`` (read back into ``description["record"][name]``), the model card, then model.yaml =
-    ``description`` + format, volfm version and the files' sha256."""
+def check_package_target(out: str | Path, overwrite: bool = False) -> Path:
+    """``out`` as a Path, if a package may be written there (a new or non-package folder, or ``overwrite``)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise VolfmError(f"--out {out} is a file; give a folder for the model package")
     if is_package(out) and not overwrite:
         raise VolfmError(f"{out} already holds a model package (model.yaml); pass --overwrite to replace it or give "
                          "another --out")
+    return out
+
+
+def write_package(out: str | Path, state: dict[str, torch.Tensor], description: dict[str, Any], *,
+                  parts: dict[str, Any] | None = None, card: str | None = None, overwrite: bool = False) -> Path:
+    """Write a package to ``out``: ``state`` as model.safetensors, each of ``parts`` (name -> plain data) as
+    ``<name>.json`` (read back into ``description["record"][name]``), the model card, then model.yaml =
+    ``description`` + format, volfm version and the files' sha256."""
+    out = check_package_target(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         (out / PACKAGE_FILE).unlink(missing_ok=True)  # the folder is no package until the new model.yaml lands
@@ -99,24 +107,31 @@ def read_package_description(path: str | Path) -> dict[str, Any]:
 
 
 def read_package(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(model.yaml with its ``parts`` read back into ``record``, the state dict). Every file listed in model.yaml
-    must exist with the sha256 written there: a changed weights file is refused, not used."""
+    """(model.yaml with its ``parts`` read back into ``record``, the state dict). The weights and every part are read
+    once, as bytes, and used only if those bytes have the sha256 written in model.yaml: a changed file is refused."""
     path = Path(path)
     doc = read_package_description(path)
-    for name, digest in doc["files"].items():
+
+    def checked(name: str) -> bytes:
+        digest = doc["files"].get(name)
+        if digest is None:
+            raise VolfmError(f"{path / PACKAGE_FILE} lists {name} without its sha256 under 'files'; re-export the model")
         f = path / name
         if not f.is_file():
             raise VolfmError(f"model package {path} is incomplete: {name} (listed in {PACKAGE_FILE}) is missing")
-        if file_sha256(f) != digest:
+        data = f.read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
             raise VolfmError(f"{f} does not match the sha256 recorded in {path / PACKAGE_FILE} (the file was changed "
                              "or is corrupt); re-export the model or copy the package again")
+        return data
+
     try:
-        state = load_file(str(path / WEIGHTS_FILE))
-    except (SafetensorError, OSError) as exc:
+        state = load_bytes(checked(WEIGHTS_FILE))
+    except SafetensorError as exc:
         raise VolfmError(f"cannot read {path / WEIGHTS_FILE}: {exc}") from exc
     record = dict(doc.get("record") or {})
     for name in doc.get("parts") or []:
-        record[name] = json.loads((path / f"{name}.json").read_text(encoding="utf-8"))
+        record[name] = json.loads(checked(f"{name}.json").decode("utf-8"))
     doc["record"] = record
     return doc, state
 

@@ -80,12 +80,8 @@ def pretrained_projections(source: str | Path | None) -> dict[str, torch.Tensor]
     text = str(source)
     if text.startswith(MERLIN_SCHEME):
         path = Path(text[len(MERLIN_SCHEME):]).expanduser()
-        w = convert_merlin_state(read_merlin_state(path), source=str(path))
-        out = {f"image_proj.net.{k}": v for k, v in w.contrastive_head.items()}
-        out.update({f"text_proj.net.{k}": v for k, v in w.text_proj.items()})
-        if w.logit_scale is not None:
-            out["logit_scale.log_scale"] = w.logit_scale.reshape(())
-        return out
+        heads = convert_merlin_state(read_merlin_state(path), source=str(path)).task_heads()
+        return {k: v for k, v in heads.items() if k.startswith(PROJECTION_PREFIXES)}
     path = Path(text).expanduser()
     if is_package(path):
         _, state = read_package(path)

@@ -181,17 +181,23 @@ class EncoderTask(pl.LightningModule):
             print(text, flush=True)
 
     # ---------------------------------------------------------------------------------------- pretrained
+    @property
+    def resuming(self) -> bool:
+        """Whether the trainer is resuming from a checkpoint, whose weights replace anything loaded at setup (which
+        Lightning runs before it restores): the pretrained sources are then not read at all."""
+        return self._trainer is not None and getattr(self.trainer, "ckpt_path", None) is not None
+
     def load_pretrained(self, stage: str) -> None:
         """Load ``encoder.pretrained`` once, when fitting starts (not over a checkpoint being resumed)."""
         path = self.encoder_cfg.pretrained
-        if stage == "fit" and path and not self._pretrained_loaded:
+        if stage == "fit" and path and not self._pretrained_loaded and not self.resuming:
             load_pretrained_encoder(self.encoder, path)
             self._pretrained_loaded = True
             self.info(f"encoder weights loaded from {path}")
 
     def load_pretrained_decoder(self, stage: str, decoder: nn.Module, cfg: DecoderConfig) -> None:
         """Load ``decoder.pretrained`` into ``decoder`` once, when fitting starts (not over a resumed checkpoint)."""
-        if stage == "fit" and cfg.pretrained and not self._decoder_loaded:
+        if stage == "fit" and cfg.pretrained and not self._decoder_loaded and not self.resuming:
             load_pretrained_decoder(decoder, cfg.pretrained)
             self._decoder_loaded = True
             self.info(f"decoder weights (all but the output layers) loaded from {cfg.pretrained}")
@@ -221,14 +227,16 @@ class EncoderTask(pl.LightningModule):
     def data_record(self) -> dict:
         """What the model was trained on, as plain data (``checkpoint["volfm"]["data"]``): the store, its resolved
         preprocessing spec (what ``volfm predict`` puts new images through, without the store), the array the model
-        reads, the case counts per split. Taken from the trainer's DataModule when it reads a store; a checkpoint
-        loaded without one keeps the record it was saved with."""
+        reads, the case counts per split (and how many training cases the run used: ``num_train_cases`` /
+        ``train_fraction``). Taken from the trainer's DataModule when it reads a store; a checkpoint loaded without one
+        keeps the record it was saved with."""
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         store = getattr(dm, "store", None)
-        if self._data_record or not store:
-            return self._data_record
+        if not store or self._data_record.get("store") == str(Path(store).resolve()):
+            return self._data_record  # no store at hand, or already recorded for this one
         try:
             cs = CohortStore(store)
+            trained_on = len(dm.train_dataset())
         except VolfmError:
             return self._data_record
         arrays = list(getattr(dm.hparams, "arrays", None) or ["image"])
@@ -239,21 +247,31 @@ class EncoderTask(pl.LightningModule):
         self._data_record = plain_data({
             "store": str(Path(store).resolve()), "spec": cs.spec_doc.get("spec"), "spec_hash": cs.spec_doc.get("spec_hash"),
             "input": self.input_name(arrays), "arrays": arrays, "label": getattr(dm.hparams, "label", None),
-            "cases": counts})
+            "cases": counts, "train_cases_used": trained_on})
         return self._data_record
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
+    def metrics_record(self) -> dict:
+        """The last validation metrics with the epoch and step at which a checkpoint first carried them (kept as
+        they were when no validation has run since, e.g. after resuming)."""
         metrics = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in self.last_metrics.items()
                    if isinstance(v, (int, float))}
-        if self._trainer is not None:
-            metrics = {"epoch": int(self.current_epoch), "global_step": int(self.global_step), **metrics}
+        if not metrics:
+            return self._saved_metrics
+        seen = {k: v for k, v in self._saved_metrics.items() if k not in ("epoch", "global_step")}
+        if metrics != seen:
+            when = ({"epoch": int(self.current_epoch), "global_step": int(self.global_step)}
+                    if self._trainer is not None else {})
+            self._saved_metrics = {**when, **metrics}
+        return self._saved_metrics
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["volfm"] = {
             "task": f"{type(self).__module__}.{type(self).__qualname__}",
             **plain_data({"encoder": {"name": self.encoder_cfg.name, "kwargs": dict(self.encoder_cfg.kwargs)},
                           "patch_size": self.patch_size}),
             **({"inference": plain_data(self.inference_cfg)} if self.uses_sliding_window else {}),
             "data": self.data_record(),
-            "metrics": metrics or self._saved_metrics,
+            "metrics": self.metrics_record(),
             **self.checkpoint_record(),
         }
 

@@ -71,7 +71,8 @@ def write_task_package(out, state: dict[str, torch.Tensor], hyper_parameters: di
         "labels": _labels(record),
         "classes": len(parts["icd_vocab"]["classes"]) if "icd_vocab" in parts else None,
         "preprocessing": {"input": data.get("input"), "spec_hash": data.get("spec_hash"), "spec": data.get("spec")},
-        "training": {"store": data.get("store"), "cases": data.get("cases"), "metrics": record.get("metrics") or {}},
+        "training": {"store": data.get("store"), "cases": data.get("cases"),
+                     "train_cases_used": data.get("train_cases_used"), "metrics": record.get("metrics") or {}},
         "hyper_parameters": hp,
         "record": record,
     }
@@ -82,9 +83,22 @@ def write_task_package(out, state: dict[str, torch.Tensor], hyper_parameters: di
     mine = task.state_dict()
     bad = [k for k, v in state.items() if k not in mine or not torch.equal(mine[k].cpu(), v.detach().cpu())]
     if bad or len(mine) != len(state):
+        (out / PACKAGE_FILE).unlink(missing_ok=True)  # no package rather than a wrong one
         raise VolfmError(f"the package written to {out} does not load back with the same weights "
                          f"({bad[:3] or 'key count differs'}); this is a volfm bug, please report it")
     return out
+
+
+def inference_only(state: dict, hyper_parameters: dict) -> tuple[dict, dict, list[str]]:
+    """(state, hyper-parameters, notes) without what only training needs from outside the package: a synthesis
+    task's perceptual-loss network, which its settings would load from a file on the training machine."""
+    losses = hyper_parameters.get("losses")
+    if isinstance(losses, dict) and float(losses.get("perceptual") or 0) > 0:
+        hp = {**hyper_parameters, "losses": {**losses, "perceptual": 0.0, "perceptual_encoder": None}}
+        state = {k: v for k, v in state.items() if not k.startswith("perceptual.")}
+        return state, hp, [f"The training-only perceptual loss (weight {losses.get('perceptual')}, network "
+                           f"{losses.get('perceptual_encoder')}) is not in the package."]
+    return state, hyper_parameters, []
 
 
 def export_checkpoint(ckpt, out, *, store=None, name: str | None = None, overwrite: bool = False) -> Path:
@@ -108,8 +122,9 @@ def export_checkpoint(ckpt, out, *, store=None, name: str | None = None, overwri
         data.update(store=str(Path(store).resolve()), spec=cs.spec_doc["spec"], spec_hash=cs.spec_doc.get("spec_hash"))
         data.setdefault("input", record.get("source") or arrays[0])
         record["data"] = data
-    return write_task_package(out, raw["state_dict"], raw.get("hyper_parameters") or {}, record, source=str(ckpt),
-                              name=name, overwrite=overwrite)
+    state, hp, notes = inference_only(raw["state_dict"], raw.get("hyper_parameters") or {})
+    return write_task_package(out, state, hp, record, source=str(ckpt), name=name, overwrite=overwrite,
+                              card_notes="\n".join(notes))
 
 
 def package_task(task, out, *, data: dict, source: str, name: str | None = None, overwrite: bool = False,
@@ -177,7 +192,11 @@ def model_card(desc: dict, notes: str = "") -> str:
     cases = train.get("cases") or {}
     if train.get("store"):
         lines.append(f"Store `{train.get('store')}`: " + (", ".join(f"{k} {v}" for k, v in sorted(cases.items()))
-                                                          or "case counts not recorded") + " cases.")
+                                                          or "case counts not recorded") + " cases (ok cases per "
+                     "split; failed: cases the store could not preprocess).")
+        used = train.get("train_cases_used")
+        if used is not None:
+            lines.append(f"The run trained on {used} of the {cases.get('train', '?')} training cases.")
     else:
         lines.append("Not recorded.")
     metrics = train.get("metrics") or {}
@@ -193,7 +212,8 @@ def model_card(desc: dict, notes: str = "") -> str:
               + ("The numbers above come from the run's own validation split; o" if metrics else "O")
               + "n data from other scanners, sites or protocols, evaluate before relying on it.",
               "", "## Files", "",
-              f"`{PACKAGE_FILE}` (description, sha256 of every file; loading refuses a file that does not match), "
+              f"`{PACKAGE_FILE}` (description; sha256 of the weights and record files: loading refuses a file that "
+              "does not match), "
               f"`{WEIGHTS_FILE}` (the task's weights), " + ", ".join(f"`{k}.json`" for k in LARGE_PARTS if k in rec)
               + (" (large record parts), " if any(k in rec for k in LARGE_PARTS) else "") + "this card.", ""]
     return "\n".join(lines)

@@ -302,12 +302,8 @@ class PretrainTask(EncoderTask):
             src = c.text_model or f"a small BERT with a WordPiece tokenizer trained on {len(reports)} training reports"
             n = sum(p.numel() for p in self.text.parameters())
             self.info(f"text encoder: {src} ({n / 1e6:.1f} M parameters, hidden {self.text.hidden_size})")
-            if stage == "fit" and not self.trainer_resuming():
+            if stage == "fit" and not self.resuming:
                 self._continue_projections()
-
-    def trainer_resuming(self) -> bool:
-        """Whether fitting resumes from a checkpoint (its weights then replace anything loaded at setup)."""
-        return self._trainer is not None and getattr(self.trainer, "ckpt_path", None) is not None
 
     def _continue_projections(self) -> None:
         """With ``encoder.pretrained`` a model package or merlin:PATH that carries report-contrastive heads of the same
