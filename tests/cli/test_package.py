@@ -96,6 +96,8 @@ def test_export_then_predict_without_the_store_is_exact(trained, oblique, tmp_pa
     assert doc["kind"] == "segmentation" and doc["labels"] == ["background", "spleen"]
     assert doc["preprocessing"]["input"] == "image" and doc["preprocessing"]["spec"]["spacing"] == [10.5, 10.5, 15.0]
     assert len(doc["files"]["model.safetensors"]) == 64 and doc["encoder"]["name"] == "resnet18_3d"
+    # readable by others as a plainly written file is (safetensors alone writes owner-only files)
+    assert (pkg / "model.safetensors").stat().st_mode & 0o777 == (pkg / "README.md").stat().st_mode & 0o777
     card = (pkg / "README.md").read_text()
     assert "## Trained on" in card and "val/mean_dice" in card and "[10.5, 10.5, 15.0]" in card
     assert "The run trained on 2 of the" in card and "spleen" in card

@@ -24,13 +24,12 @@ import csv
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from volfm import VolfmError
 from volfm.models.merlin import MERLIN_ENCODER_KWARGS, MerlinWeights, convert_merlin_state, read_merlin_state
 from volfm.models.package import check_package_target
 from volfm.models.text import build_text_encoder
-from volfm.models.weights import save_encoder, state_mismatch
+from volfm.models.weights import save_encoder, save_weights_dict, state_mismatch
 from volfm.preprocess.spec import load_spec, spec_hash
 from volfm.targets.icd import IcdMapping, IcdVocabulary
 from volfm.tasks import ContrastiveConfig, EncoderConfig, IcdHeadConfig, PretrainTask
@@ -122,10 +121,10 @@ def convert_merlin(ckpt, out, *, phenotypes=None, text_model=None, spec: str = "
             raise VolfmError(f"{ckpt}: Merlin's heads do not fit volfm's ({', '.join(bad[:3])}); is this a Merlin "
                              "checkpoint?")
         task.load_state_dict(fit, strict=False)
-    save_file({k: v.detach().float().contiguous() for k, v in heads.items()}, str(out / "merlin_heads.safetensors"),
-              metadata={"format": "pt", "source": ckpt.name, "classes": str(w.num_classes),
-                        "logit_scale": "copied as log_scale, assuming CLIP's exp convention (unverified: Merlin's "
-                                       "training loss is not public)"})
+    save_weights_dict({k: v.detach().float() for k, v in heads.items()}, out / "merlin_heads.safetensors",
+                      {"source": ckpt.name, "classes": str(w.num_classes),
+                       "logit_scale": "copied as log_scale, assuming CLIP's exp convention (unverified: Merlin's "
+                                      "training loss is not public)"})
     resolved = load_spec(spec)
     notes = (f"## Source\n\nConverted by `volfm convert merlin` from `{ckpt.name}` (Merlin, Blankemeier et al. 2024, "
              "StanfordMIMI/Merlin, MIT licence): image encoder I3D "

@@ -33,6 +33,14 @@ def atomic_path(path):
             tmp.unlink()
 
 
+def default_permissions(path) -> None:
+    """Give ``path`` the permissions a plainly created file gets (0o666 less the umask): some writers (safetensors)
+    create their files readable by the owner only, which a model shared on a group file system cannot be."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_text_atomic(path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -22,11 +22,11 @@ import torch
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
-from safetensors.torch import save_file
 
 from volfm import VolfmError, __version__
-from volfm.io.atomic import atomic_path, write_text_atomic
+from volfm.io.atomic import write_text_atomic
 from volfm.io.yamlfile import UniqueKeyLoader
+from volfm.models.weights import save_weights_dict
 from volfm.preprocess.pipeline import file_sha256
 
 __all__ = ["PACKAGE_FILE", "PACKAGE_FORMAT", "WEIGHTS_FILE", "check_package_target", "is_package", "read_package",
@@ -71,9 +71,7 @@ def write_package(out: str | Path, state: dict[str, torch.Tensor], description: 
     if overwrite:
         (out / PACKAGE_FILE).unlink(missing_ok=True)  # the folder is no package until the new model.yaml lands
     files: dict[str, str] = {}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    with atomic_path(out / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "volfm.package": PACKAGE_FORMAT})
+    save_weights_dict(state, out / WEIGHTS_FILE, {"volfm.package": PACKAGE_FORMAT})
     files[WEIGHTS_FILE] = file_sha256(out / WEIGHTS_FILE)
     for name, value in (parts or {}).items():
         write_text_atomic(out / f"{name}.json", json.dumps(value))

@@ -16,27 +16,36 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from volfm import VolfmError
+from volfm.io.atomic import default_permissions
 from volfm.models.registry import META_KWARGS, META_NAME, create_encoder
 
 __all__ = ["DECODER_HEADS", "load_decoder_state", "load_decoder_weights", "load_encoder", "load_encoder_weights",
            "load_state_dict_checked", "load_task_encoder", "merge_lora_state", "read_checkpoint",
-           "read_encoder_metadata", "save_encoder", "save_weights"]
+           "read_encoder_metadata", "save_encoder", "save_weights", "save_weights_dict"]
 
 # Output layers of the dense decoders (U-Net ``head``/``ds_heads``, UNETR ``out``): they depend on the task's
 # output channels, so a pretrained decoder is carried without them.
 DECODER_HEADS = ("head.", "ds_heads.", "out.")
 
 
-def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``model``'s state dict to ``path`` as safetensors (atomically: a temporary file, then renamed)."""
+def save_weights_dict(state: dict[str, torch.Tensor], path: str | Path,
+                      metadata: dict[str, str] | None = None) -> Path:
+    """Write tensors to ``path`` as safetensors, atomically (a temporary file, then renamed), readable as a plainly
+    created file is (safetensors itself creates owner-only files)."""
     path = Path(path)
     # contiguous() also turns channels_last_3d weights into the standard layout safetensors needs.
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    default_permissions(tmp)
     tmp.replace(path)
     return path
+
+
+def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model``'s state dict to ``path`` as safetensors (see :func:`save_weights_dict`)."""
+    return save_weights_dict(model.state_dict(), path, metadata)
 
 
 def save_encoder(model: nn.Module, path: str | Path) -> Path:
