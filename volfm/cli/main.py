@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs of the ICD run (the contrastive run takes 2/3 of them, the masked-volume run 1/3)")
     s.add_argument("--synthesis-cases", type=int, default=24,
                    help="simulated MRI/PET cases for the MRI->PET synthesis step (0 skips it)")
-    s.add_argument("--synthesis-epochs", type=int, default=16)
+    s.add_argument("--synthesis-epochs", type=int, default=14)
     s.add_argument("--segment-epochs", type=int, default=30,
                    help="epochs of each few-label segmentation run (5 steps of 8 patches each)")
     s.set_defaults(fn=_cmd_demo)
