@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from volfm import VolfmError
-from volfm.models.merlin import MERLIN_ENCODER_KWARGS, MerlinWeights, convert_merlin_state, read_merlin_state
+from volfm.models.merlin import MERLIN_ENCODER_KWARGS, MerlinWeights, merlin_weights
 from volfm.models.package import check_package_target
 from volfm.models.text import build_text_encoder
 from volfm.models.weights import save_encoder, save_weights_dict, state_mismatch
@@ -93,7 +93,7 @@ def convert_merlin(ckpt, out, *, phenotypes=None, text_model=None, spec: str = "
                    overwrite: bool = False) -> dict:
     """Convert Merlin's ``.pt`` into the package folder ``out`` (see the module docstring); returns a summary."""
     ckpt, out = Path(ckpt), check_package_target(out, overwrite)
-    w = convert_merlin_state(read_merlin_state(ckpt), source=str(ckpt))
+    w = merlin_weights(ckpt)
     if not w.classifier:
         raise VolfmError(f"{ckpt} has no classifier ('classifier.weight/bias' of the I3ResNet); Merlin's released "
                          "checkpoints all have one: is the file complete?")

@@ -39,7 +39,8 @@ from volfm.models.resnet3d import RESNET_DEPTHS, Bottleneck3d
 from volfm.models.weights import load_state_dict_checked, read_checkpoint
 
 __all__ = ["MERLIN_ENCODER_KWARGS", "MERLIN_IMAGE_PREFIX", "MERLIN_TEXT_PREFIX", "MERLIN_TEXT_PROJ_PREFIX",
-           "MerlinWeights", "convert_merlin_state", "merlin_conv_to_volfm", "merlin_encoder", "read_merlin_state"]
+           "MerlinWeights", "convert_merlin_state", "merlin_conv_to_volfm", "merlin_encoder", "merlin_weights",
+           "read_merlin_state"]
 
 MERLIN_IMAGE_PREFIX = "encode_image.i3_resnet."
 MERLIN_TEXT_PREFIX = "encode_text.text_encoder."
@@ -210,6 +211,11 @@ def convert_merlin_state(state: dict[str, torch.Tensor], source: str = "the chec
     return out
 
 
+def merlin_weights(path: str | Path) -> MerlinWeights:
+    """A Merlin ``.pt`` file read (:func:`read_merlin_state`) and converted (:func:`convert_merlin_state`)."""
+    return convert_merlin_state(read_merlin_state(path), source=str(path))
+
+
 def merlin_encoder(path: str | Path) -> nn.Module:
     """The image encoder of a Merlin ``.pt`` file as a volfm ``resnet152_3d`` (eval mode)."""
-    return convert_merlin_state(read_merlin_state(path), source=str(path)).build_encoder()
+    return merlin_weights(path).build_encoder()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from volfm import VolfmError
-from volfm.models.merlin import MERLIN_ENCODER_KWARGS, convert_merlin_state, read_merlin_state
+from volfm.models.merlin import MERLIN_ENCODER_KWARGS, merlin_weights
 from volfm.models.package import is_package, read_package
 from volfm.models.weights import (
     DECODER_HEADS,
@@ -25,19 +25,25 @@ from volfm.models.weights import (
 )
 
 __all__ = ["MERLIN_SCHEME", "PROJECTION_PREFIXES", "load_pretrained_decoder", "load_pretrained_encoder",
-           "pretrained_projections"]
+           "merlin_path", "pretrained_projections"]
 
 MERLIN_SCHEME = "merlin:"
 # the report-contrastive heads a pretraining run can continue from (task state-dict prefixes)
 PROJECTION_PREFIXES = ("image_proj.", "text_proj.", "logit_scale.")
 
 
+def merlin_path(source: str | Path) -> Path | None:
+    """The file of a ``merlin:PATH`` source (None for any other source)."""
+    text = str(source)
+    return Path(text[len(MERLIN_SCHEME):]).expanduser() if text.startswith(MERLIN_SCHEME) else None
+
+
 def load_pretrained_encoder(model: nn.Module, source: str | Path, *, strict: bool = True) -> nn.Module:
     """Load encoder weights from any source ``pretrained:`` accepts (see the module docstring) into ``model``."""
     text = str(source)
-    if text.startswith(MERLIN_SCHEME):
-        path = Path(text[len(MERLIN_SCHEME):]).expanduser()
-        weights = convert_merlin_state(read_merlin_state(path), source=str(path))
+    path = merlin_path(source)
+    if path is not None:
+        weights = merlin_weights(path)
         name = getattr(model, "encoder_name", None)
         if name is not None and name != weights.encoder_name:
             raise VolfmError(f"pretrained: {text} is Merlin's {weights.encoder_name} but the encoder is {name!r}; set "
@@ -77,12 +83,11 @@ def pretrained_projections(source: str | Path | None) -> dict[str, torch.Tensor]
     scale; empty for other sources (a .ckpt or .safetensors carries the encoder only as far as pretrained: goes)."""
     if not source:
         return {}
-    text = str(source)
-    if text.startswith(MERLIN_SCHEME):
-        path = Path(text[len(MERLIN_SCHEME):]).expanduser()
-        heads = convert_merlin_state(read_merlin_state(path), source=str(path)).task_heads()
+    path = merlin_path(source)
+    if path is not None:
+        heads = merlin_weights(path).task_heads()
         return {k: v for k, v in heads.items() if k.startswith(PROJECTION_PREFIXES)}
-    path = Path(text).expanduser()
+    path = Path(str(source)).expanduser()
     if is_package(path):
         _, state = read_package(path)
         return {k: v for k, v in state.items() if k.startswith(PROJECTION_PREFIXES)}

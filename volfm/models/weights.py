@@ -220,14 +220,13 @@ def load_decoder_state(decoder: nn.Module, state: dict[str, torch.Tensor], *, so
         raise VolfmError(f"{source} holds no decoder weights (no '{prefix}*' keys): only checkpoints of tasks with a "
                          "dense decoder (masked-volume pretraining, segmentation, synthesis) carry one; load the "
                          "encoder alone (encoder.pretrained) instead")
-    path = source
     state = {k: v for k, v in state.items() if not k.startswith(skip)}
     own = {k: v for k, v in decoder.state_dict().items() if not k.startswith(skip)}
     missing, unexpected, bad = state_mismatch(own, state)
     if missing or unexpected or bad:
         parts = [f"missing {_list_keys(missing)}" if missing else "", f"unexpected {_list_keys(unexpected)}"
                  if unexpected else "", f"shape mismatch {_list_keys(bad)}" if bad else ""]
-        raise VolfmError(f"decoder weights in {path} do not fit this decoder ({'; '.join(p for p in parts if p)}); "
+        raise VolfmError(f"decoder weights in {source} do not fit this decoder ({'; '.join(p for p in parts if p)}); "
                          "the pretrained decoder must come from the same encoder and decoder settings")
     decoder.load_state_dict(state, strict=False)
     return decoder

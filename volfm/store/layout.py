@@ -108,6 +108,12 @@ class CohortStore:
                 raise StoreError(f"{self.root / 'spec.yaml'}: unreadable store spec ({exc}); "
                                  "rerun volfm preprocess with --overwrite") from exc
 
+    def spec_record(self) -> dict:
+        """``{"store", "spec", "spec_hash"}``: where the store is and the resolved spec it was built with (``spec``
+        None when spec.yaml holds none): what a model trained on it puts new images through."""
+        return {"store": str(self.root.resolve()), "spec": self.spec_doc.get("spec"),
+                "spec_hash": self.spec_doc.get("spec_hash")}
+
     @property
     def ok_ids(self) -> list[str]:
         return [r["case_id"] for r in self.rows if r.get("status") == "ok"]

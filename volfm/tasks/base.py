@@ -245,9 +245,8 @@ class EncoderTask(pl.LightningModule):
             key = (r.get("split") or "unsplit") if r.get("status") == "ok" else "failed"
             counts[key] = counts.get(key, 0) + 1
         self._data_record = plain_data({
-            "store": str(Path(store).resolve()), "spec": cs.spec_doc.get("spec"), "spec_hash": cs.spec_doc.get("spec_hash"),
-            "input": self.input_name(arrays), "arrays": arrays, "label": getattr(dm.hparams, "label", None),
-            "cases": counts, "train_cases_used": trained_on})
+            **cs.spec_record(), "input": self.input_name(arrays), "arrays": arrays,
+            "label": getattr(dm.hparams, "label", None), "cases": counts, "train_cases_used": trained_on})
         return self._data_record
 
     def metrics_record(self) -> dict:

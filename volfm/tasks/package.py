@@ -113,13 +113,13 @@ def export_checkpoint(ckpt, out, *, store=None, name: str | None = None, overwri
         raise VolfmError(f"{ckpt} is not a volfm task checkpoint (no 'volfm' record or state dict); give a .ckpt "
                          "written by volfm fit")
     if store is not None:
-        cs = CohortStore(store)
-        if not cs.spec_doc.get("spec"):
+        spec = CohortStore(store).spec_record()
+        if not spec["spec"]:
             raise VolfmError(f"{store}/spec.yaml holds no resolved spec; rerun volfm preprocess --overwrite there")
         data = dict(record.get("data") or {})
         dm = raw.get("datamodule_hyper_parameters") or {}
         arrays = list(dm.get("arrays") or data.get("arrays") or ["image"])
-        data.update(store=str(Path(store).resolve()), spec=cs.spec_doc["spec"], spec_hash=cs.spec_doc.get("spec_hash"))
+        data.update(spec)
         data.setdefault("input", record.get("source") or arrays[0])
         record["data"] = data
     state, hp, notes = inference_only(raw["state_dict"], raw.get("hyper_parameters") or {})
