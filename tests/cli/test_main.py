@@ -359,3 +359,79 @@ def test_inspect_several_paths_and_damaged_store(mixed_store, cohort, tmp_path, 
     assert main(["inspect", str(damaged / "cases" / "ct1")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "meta.json" in err
+
+
+# ----------------------------------------------------------------------------------- store encodings
+def test_convert_store_then_inspect_and_verify(mixed_store, cohort, tmp_path, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(mixed_store[0], store)
+    assert main(["preprocess", "--convert-store", str(store), "--storage", "codec=blosc2,dtype=compact",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 converted, 0 already blosc2 compact (chunks for 96x96x96 patches, clevel 5), 0 failed")
+    assert "MiB ->" in out and "of before)" in out
+    assert sorted(p.name for p in (store / "cases" / "ct0").iterdir()) == ["image.b2nd", "label.b2nd", "label_fg.npz",
+                                                                          "meta.json"]
+    assert main(["inspect", str(store)]) == 0
+    text = capsys.readouterr().out
+    assert "storage  blosc2 compact (chunks for 96x96x96 patches, clevel 5)" in text
+    assert "image    (case ct0) float32 (1, 32, 32, 16)" in text
+    assert "stored as blosc2 ct_level int16 in 1x32x32x16 chunks (lz4hc 5): " in text and "of the decoded float32" in text
+    assert "stored as blosc2 raw uint8" in text
+    assert main(["inspect", "--verify", str(store / "cases" / "ct1")]) == 0
+    text = capsys.readouterr().out
+    assert "verify   every array file matches its recorded sha256" in text and "max abs error" in text
+    assert main(["inspect", "--verify", str(store)]) == 0
+    assert "verified 2 ok cases: every array file matches its recorded sha256" in capsys.readouterr().out
+    # damage that decoding cannot see (LZ4 has no checksum): --verify reports it on one line, exit 2
+    p = store / "cases" / "ct1" / "image.b2nd"
+    data = bytearray(p.read_bytes())
+    data[-20] ^= 0x01
+    p.write_bytes(bytes(data))
+    assert main(["inspect", "--verify", str(store / "cases" / "ct1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "case ct1 fails verification" in err and "sha256 mismatch" in err
+    assert str(p) in err and "volfm preprocess" in err
+    assert main(["inspect", "--verify", str(store)]) == 2
+    assert "1 of 2 ok cases fail verification" in capsys.readouterr().err
+    # converting back to npy: the damaged case fails on one line saying what to do; spec.yaml keeps its storage
+    assert main(["preprocess", "--convert-store", str(store), "--storage", "codec=npy", "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("1 converted, 0 already npy float32, 1 failed")
+    assert ("spec.yaml keeps storage blosc2 compact (chunks for 96x96x96 patches, clevel 5) while 1 case(s) failed"
+            in out) and "FAILED ct1: " in out and "sha256 mismatch" in out
+    assert (store / "cases" / "ct0" / "image.npy").is_file()
+    row = next(r for r in read_rows(store / "manifest.csv") if r["case_id"] == "ct1")
+    assert row["status"] == "failed" and "sha256 mismatch" in row["error"] and f"delete {store / 'cases' / 'ct1'}" in row["error"]
+    # volfm preprocess with a spec without a storage block keeps the store's storage, converts nothing; the damaged
+    # case, deleted, is rebuilt from its source file in that storage
+    shutil.rmtree(store / "cases" / "ct1")
+    argv = ["preprocess", "--spec", str(cohort["spec"]), "--cohort", str(cohort["mixed"]), "--out", str(store),
+            "--quiet"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "2 ok, 1 failed, 1 already done (2 processed" in out  # ct1 and the broken one
+    assert "storage:  blosc2 compact (chunks for 96x96x96 patches, clevel 5) (kept from the store's spec.yaml)" in out
+    assert (store / "cases" / "ct0" / "image.npy").is_file() and (store / "cases" / "ct1" / "image.b2nd").is_file()
+    # asked for explicitly, it converts: ct1 back to npy
+    assert main([*argv, "--storage", "codec=npy"]) == 1
+    assert "2 ok, 1 failed, 1 already done, 1 converted to the spec's storage" in capsys.readouterr().out
+    assert isinstance(np.load(store / "cases" / "ct1" / "image.npy", mmap_mode="r"), np.memmap)
+    # and once every case is npy, convert-store finishes: spec.yaml says npy
+    assert main(["preprocess", "--convert-store", str(store), "--storage", "codec=npy", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("0 converted, 2 already npy float32, 0 failed")
+    assert main(["inspect", str(store)]) == 0
+    assert "storage  npy float32 (chunks" not in (text := capsys.readouterr().out) and "storage  npy float32" in text
+
+
+def test_convert_store_usage_errors(mixed_store, tmp_path, capsys):
+    for argv, match in ((["--convert-store", str(mixed_store[0])], "--convert-store needs --storage"),
+                        (["--convert-store", str(mixed_store[0]), "--storage", "codec=blosc2", "--out", "x"],
+                         "drop --out"),
+                        (["--convert-store", str(tmp_path), "--storage", "codec=blosc2"], "not a volfm store"),
+                        (["--convert-store", str(mixed_store[0]), "--storage", "codec=zarr"],
+                         "storage.codec must be one of npy, blosc2"),
+                        (["--spec", "ct_merlin", "--cohort", "x.csv"], "needs --out STORE")):
+        assert main(["preprocess", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("volfm preprocess: error: ") and match in err, err

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from volfm.inference.sliding_window import SlidingWindowInferer, grid_starts, importance_map, predict_to_source, scan_interval
+from volfm.store.arrays import open_array, write_array
 
 RNG = np.random.default_rng(0)
 
@@ -117,6 +118,18 @@ def test_identity_small_volume_memmap_and_tensor(tmp_path, short_axis):
     if short_axis == "center":
         assert float(first[0, 0, 0]) == -7.0
 
+
+
+def test_stored_array_volume_is_decoded_once(tmp_path):
+    """A compressed, compact store array (volfm.store.arrays.StoredArray) goes through inference like its decoded
+    ndarray: same output, bit for bit."""
+    vol = RNG.standard_normal((1, 21, 17, 11)).astype(np.float32)
+    rec = write_array(tmp_path, "mri", vol, {"codec": "blosc2", "dtype": "compact", "chunk_patch": [8, 8, 8]})
+    stored = open_array(tmp_path, "mri", rec)
+    assert rec["encoding"] == "float16" and stored.dtype == np.float32
+    conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+    inf = SlidingWindowInferer((8, 8, 8), overlap=0.5)
+    assert torch.equal(inf(stored, conv), inf(np.asarray(stored), conv))
 
 def test_linear_model_matches_dense():
     torch.manual_seed(0)

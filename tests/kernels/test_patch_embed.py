@@ -265,3 +265,193 @@ def test_module_backends_agree(bias):
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
     for a, r in zip(grads[1], grads[0]):
         torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- dtype policy and routing
+
+
+@pytest.mark.parametrize("device_type, dtype, requested, prefer, triton_ok, expected", [
+    ("cuda", torch.bfloat16, "auto", True, True, "triton"),
+    ("cuda", torch.float16, "auto", True, True, "triton"),
+    ("cuda", torch.float32, "auto", True, True, "torch"),  # never the fp32 kernels by default
+    ("cuda", torch.bfloat16, "auto", False, True, "torch"),  # kernels not measured faster: torch
+    ("cuda", torch.bfloat16, "auto", True, False, "torch"),  # no triton
+    ("cpu", torch.bfloat16, "auto", True, True, "torch"),  # the interpreter is never chosen by itself
+    ("cpu", torch.float32, "triton", False, False, "triton"),  # explicit choices are kept
+    ("cuda", torch.bfloat16, "torch", True, True, "torch"),
+])
+def test_choose_backend_policy(device_type, dtype, requested, prefer, triton_ok, expected):
+    assert pe.choose_backend(device_type, dtype, requested, triton_ok=triton_ok, prefer_triton=prefer) == expected
+
+
+def test_choose_backend_defaults_and_errors(monkeypatch):
+    monkeypatch.setattr(pe, "AUTO_PREFERS_TRITON", True)
+    monkeypatch.setattr(pe, "HAS_TRITON", True)
+    assert pe.choose_backend("cuda", torch.bfloat16) == "triton"
+    monkeypatch.setattr(pe, "AUTO_PREFERS_TRITON", False)
+    assert pe.choose_backend("cuda", torch.bfloat16) == "torch"
+    with pytest.raises(ValueError, match="backend"):
+        pe.choose_backend("cuda", torch.bfloat16, "cudnn")
+
+
+def test_compute_dtype_follows_autocast():
+    x = torch.randn(1, 1, 4, 4, 4)
+    assert pe.compute_dtype(x) == torch.float32 and pe.compute_dtype(x.half()) == torch.float16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pe.compute_dtype(x) == torch.bfloat16
+        assert pe.compute_dtype(x.double()) == torch.float64  # not autocast-eligible
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert pe.compute_dtype(x) == torch.float32
+
+
+def test_module_auto_routing_uses_compute_dtype(monkeypatch):
+    """auto -> torch on CPU whatever the flag; the module asks choose_backend with the autocast dtype."""
+    m = PatchEmbed3d(1, 8, 4)
+    x = torch.randn(1, 1, 4, 4, 4)
+    seen = []
+    real = pe.choose_backend
+
+    def spy(device_type, dtype, requested="auto", **kw):
+        seen.append((device_type, dtype, requested))
+        return real(device_type, dtype, requested, **kw)
+
+    monkeypatch.setattr("volfm.models.patch_embed.choose_backend", spy)
+    monkeypatch.setattr(pe, "AUTO_PREFERS_TRITON", True)
+    assert m.resolved_backend(x) == "torch"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m.resolved_backend(x) == "torch"
+    assert seen == [("cpu", torch.float32, "auto"), ("cpu", torch.bfloat16, "auto")]
+    assert PatchEmbed3d(1, 8, 4, backend="triton").resolved_backend(x) == "triton"
+
+
+@needs_triton
+def test_triton_autocast_fp16_interpreted():
+    """Under autocast (fp16 on CPU: the interpreter's bf16 dot is wrong) fp32 inputs and parameters give an fp16
+    output like the torch path under the same autocast, and fp32 gradients for the fp32 parameters and input."""
+    x, w, b, p, patch = _make(CASES[0], seed=11)
+    g = torch.randn(x.shape[0], p.shape[0], w.shape[0], generator=torch.Generator().manual_seed(12))
+    res = {}
+    for name, fn in (("torch", patch_embed_torch), ("triton", patch_embed_triton)):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b, p)]
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = fn(leaves[0], leaves[1], leaves[2], patch, leaves[3])
+        grads = torch.autograd.grad(out, leaves, g.to(out.dtype))
+        res[name] = (out.detach(), grads)
+    (out_t, grads_t), (out_x, grads_x) = res["torch"], res["triton"]
+    assert out_x.dtype == out_t.dtype == torch.float16
+    scale = out_t.float().abs().max()
+    torch.testing.assert_close(out_x.float(), out_t.float(), atol=4e-3 * scale, rtol=0)
+    for name, got, ref in zip(("x", "weight", "bias", "pos"), grads_x, grads_t):
+        assert got.dtype == torch.float32 and ref.dtype == torch.float32, name
+        torch.testing.assert_close(got, ref, atol=4e-3 * ref.abs().max(), rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@needs_triton
+def test_bias_grad_is_dy_sum_and_grad_out_may_be_strided():
+    """grad bias = grad_out summed over batch and tokens (in fp32), also for a non-contiguous grad_out."""
+    x, w, b, p, patch = _make(CASES[1], seed=13)
+    B, N, E = x.shape[0], p.shape[0], w.shape[0]
+    g = torch.randn(B, E, N, generator=torch.Generator().manual_seed(14)).transpose(1, 2)  # a strided view
+    assert not g.is_contiguous()
+    _, grads = _grads(patch_embed_triton, x, w, b, p, patch, g)
+    _, ref = _grads(patch_embed_torch, x, w, b, p, patch, g.contiguous())
+    torch.testing.assert_close(grads[2], g.reshape(-1, E).sum(0, dtype=torch.float32), atol=1e-6, rtol=1e-6)
+    for got, r in zip(grads, ref):
+        torch.testing.assert_close(got, r, atol=1e-4, rtol=1e-4)
+
+
+@needs_triton
+def test_split_k_weight_grad_deterministic(monkeypatch):
+    """dW with the token reduction split over 3 programs: two runs bit-equal, and equal to one split up to
+    float reassociation."""
+    x, w, b, p, patch = _make(CASES[0], seed=15)  # M = 96 tokens: 3 splits of 32 under 16-token tiles
+    g = torch.randn(x.shape[0], p.shape[0], w.shape[0], generator=torch.Generator().manual_seed(16))
+    monkeypatch.setattr(pe, "_SPLIT_OVERRIDE", 3)
+    runs = [_grads(patch_embed_triton, x, w, b, p, patch, g)[1][1] for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    monkeypatch.setattr(pe, "_SPLIT_OVERRIDE", 1)
+    one = _grads(patch_embed_triton, x, w, b, p, patch, g)[1][1]
+    torch.testing.assert_close(runs[0], one, atol=1e-4, rtol=1e-4)
+    _, ref = _grads(patch_embed_torch, x, w, b, p, patch, g)
+    torch.testing.assert_close(runs[0], ref[1], atol=1e-4, rtol=1e-4)
+
+
+@needs_triton
+def test_weight_grad_in_parameter_dtype():
+    """An fp32 input with bf16 parameters computes in fp32 (no autocast) and returns bf16 parameter grads."""
+    x, w, b, p, patch = _make(CASES[0], seed=17)
+    wb, bb = w.bfloat16().requires_grad_(True), b.bfloat16().requires_grad_(True)
+    out = patch_embed_triton(x, wb, bb, patch, p)
+    assert out.dtype == torch.float32
+    gw, gb = torch.autograd.grad(out.sum(), [wb, bb])
+    assert gw.dtype == torch.bfloat16 and gb.dtype == torch.bfloat16 and gw.shape == w.shape
+
+
+def test_wave_model_and_helpers():
+    """The host-side planning: split-K only where the weight-gradient tiles leave SMs idle and the token loop is
+    long; forward tiles by waves; token-offset alignment."""
+    half = True
+    # ViT-B on 4 x 224x224x160 at patch 16 on 132 SMs: 6 x 32 tiles of 128 = 1.45 waves -> splitting pays
+    s, _ = pe._dw_split((128, 128, 64, 8, 4), 7840, 768, 4096, 132, half)
+    assert s > 1
+    # 96^3 crops: M = 432 tokens is too short a loop to split
+    assert pe._dw_split((128, 128, 64, 8, 4), 432, 768, 4096, 132, half)[0] == 1
+    # a grid that fills the SMs twice over needs no split
+    assert pe._dw_split((64, 64, 64, 4, 4), 7840, 768, 4096, 66, half)[0] == 1
+    assert pe._row_align((4, 1, 224, 224, 160), (224 * 224 * 160, 224 * 224 * 160, 224 * 160, 160, 1), (16,) * 3) == 16
+    assert pe._row_align((1, 3, 6, 10, 9), (540, 180, 90, 9, 1), (3, 5, 3)) == 1
+    assert pe._m_bucket(7840) == 8192 and pe._m_bucket(8192) == 8192 and pe._m_bucket(1) == 16
+    ranked = pe._rank_fwd([(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4)], 7840, 768, 4096, 132)
+    assert ranked[0] == (128, 128, 64, 8, 4)  # 2.8 waves beat 1.4 waves of the bigger tile
+    small = pe._rank_fwd([(128, 128, 64, 8, 4), (64, 64, 64, 4, 4)], 432, 768, 4096, 132)
+    assert small[0] == (64, 64, 64, 4, 4)
+
+
+def test_select_times_the_top_candidates_and_caches(monkeypatch):
+    """The tile choice on a GPU, with the timer and the CUDA calls faked: the fastest of the first _TUNE_TOP
+    ranked candidates wins, a candidate that fails to compile is skipped, the choice is cached per key; small
+    GEMMs, autotune off and CUDA-graph capture take the first ranked candidate that launches, untimed."""
+    dev = torch.device("cuda", 0)
+    speed = {"a": 3.0, "b": 1.0, "c": 2.0, "d": 0.5}  # "d" is fastest but ranked 4th: never timed
+    launched = []
+
+    def launch(c):
+        launched.append(c)
+        if c == "bad":
+            raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(pe, "_TUNED", {})
+    monkeypatch.setattr(pe, "_timed_ms", lambda fn, device: (fn(), speed[launched[-1]])[1])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    big = 2 * pe._TUNE_MIN_FLOPS
+    assert pe._select("k1", lambda: ["a", "bad", "b", "c", "d"], launch, dev, big) == "b"
+    assert "d" not in launched and "c" not in launched  # top 3 = a, bad, b
+    launched.clear()
+    assert pe._select("k1", lambda: 1 / 0, launch, dev, big) == "b" and launched == []  # cached: no ranking, no launch
+    assert pe._select("k2", lambda: ["bad", "c", "a"], launch, dev, 1.0) == "c"  # small: first that launches
+    monkeypatch.setenv("VOLFM_PATCH_EMBED_AUTOTUNE", "0")
+    assert pe._select("k3", lambda: ["a", "b"], launch, dev, big) == "a"
+    monkeypatch.delenv("VOLFM_PATCH_EMBED_AUTOTUNE")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    launched.clear()
+    assert pe._select("k4", lambda: ["c", "a"], launch, dev, big) == "c" and launched == [] and "k4" not in pe._TUNED
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with pytest.raises(RuntimeError, match="out of resources"):
+        pe._select("k5", lambda: ["bad", "bad"], launch, dev, big)
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [1, 2])
+def test_triton_even_tiles_take_the_unmasked_paths(monkeypatch, splits):
+    """M, E and K all multiples of the interpreter's 16-wide tiles: every kernel runs without masks (EVEN_*), the
+    weight gradient also with 2 splits of 32 tokens."""
+    case = (1, 1, (8, 8, 16), (2, 2, 4), 32)  # grid 4x4x4: M = 64, K = 16, E = 32
+    x, w, b, p, patch = _make(case, seed=18)
+    g = torch.randn(1, p.shape[0], w.shape[0], generator=torch.Generator().manual_seed(19))
+    monkeypatch.setattr(pe, "_SPLIT_OVERRIDE", splits)
+    out, grads = _grads(patch_embed_triton, x, w, b, p, patch, g)
+    ref_out, ref_grads = _grads(patch_embed_torch, x, w, b, p, patch, g)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    for got, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

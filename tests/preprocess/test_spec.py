@@ -6,7 +6,15 @@ import pytest
 import yaml
 
 from volfm import VolfmError
-from volfm.preprocess.spec import SpecError, load_spec, resolve_spec_path, spec_hash, validate_spec
+from volfm.preprocess.spec import (
+    SpecError,
+    load_spec,
+    parse_storage_text,
+    resolve_spec_path,
+    spec_hash,
+    validate_spec,
+    with_storage,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC_DIR = ROOT / "preprocessing"
@@ -243,3 +251,52 @@ def test_spec_hash_stable_and_sensitive():
                    _set(["inputs", "image", "intensity", "hu_max"], 1001), _set(["antialias"], True),
                    _set(["inputs", "label", "interpolation"], "onehot_linear"), _set(["orientation"], "LPS")):
         assert spec_hash(validate_spec(edit("ct_merlin", change), "x.yaml")) != h
+
+
+# --- storage ------------------------------------------------------------------------------------------
+
+def test_storage_key_validates():
+    assert load_spec("ct_merlin")["storage"] == {"codec": "npy", "dtype": "float32", "chunk_patch": [96, 96, 96],
+                                                 "clevel": 5}
+    spec = validate_spec(edit("ct_merlin", _set(["storage"], {"codec": "blosc2", "dtype": "compact",
+                                                               "chunk_patch": 64})), "x.yaml")
+    assert spec["storage"] == {"codec": "blosc2", "dtype": "compact", "chunk_patch": [64, 64, 64], "clevel": 5}
+    for value, match in (({"codec": "zarr"}, r"x.yaml: storage.codec must be one of npy, blosc2, got 'zarr'"),
+                         ({"dtype": "int16"}, r"x.yaml: storage.dtype must be one of float32, compact"),
+                         ({"clevel": 10}, r"x.yaml: storage.clevel must be an integer in \[0, 9\], got 10"),
+                         ({"clevel": True}, r"storage.clevel must be an integer"),
+                         ({"chunk_patch": [96, 0, 96]}, r"x.yaml: storage.chunk_patch must be"),
+                         ({"codecs": "npy"}, r"x.yaml: unknown key 'codecs' in storage \(did you mean 'codec'\?\)"),
+                         ("blosc2", r"x.yaml: storage must be a mapping")):
+        with pytest.raises(SpecError, match=match) as info:
+            validate_spec(edit("ct_merlin", _set(["storage"], value)), "x.yaml")
+        assert "\n" not in str(info.value)
+    assert parse_storage_text("codec=blosc2, dtype=compact,chunk_patch=96x96x64,clevel=3") == {
+        "codec": "blosc2", "dtype": "compact", "chunk_patch": [96, 96, 64], "clevel": 3}
+    for text, match in (("codec", "expected key=value pairs"), ("codec=zarr", "--storage: storage.codec must be"),
+                        ("chunk_patch=0", "--storage: chunk_patch must be")):
+        with pytest.raises(SpecError, match=match):
+            parse_storage_text(text)
+
+
+def test_storage_not_in_spec_hash():
+    spec = load_spec("ct_merlin")
+    h = spec_hash(spec)
+    assert h == "b431903ac2bc03ba"  # the hash of ct_merlin before storage blocks existed: stores and checkpoints keep it
+    assert spec_hash(with_storage(spec, "codec=blosc2,dtype=compact,clevel=9")) == h
+    assert spec_hash(validate_spec(edit("ct_merlin", _set(["storage"], {"codec": "blosc2"})), "x.yaml")) == h
+    assert with_storage(spec, {"codec": "blosc2"})["storage"]["codec"] == "blosc2" and spec["storage"]["codec"] == "npy"
+
+
+def test_compact_needs_integer_hu_window():
+    frac = _set(["inputs", "image", "intensity", "hu_min"], -1000.5)
+    assert validate_spec(edit("ct_merlin", frac), "x.yaml")["storage"]["dtype"] == "float32"  # fine uncompacted
+    with pytest.raises(SpecError, match=r"x.yaml: storage.dtype compact stores CT windows as integer HU levels, so "
+                                        r"inputs.image.intensity.hu_min must be a whole number, got -1000.5"):
+        validate_spec(edit("ct_merlin", lambda r: (frac(r), _set(["storage"], {"dtype": "compact"})(r))), "x.yaml")
+    with pytest.raises(SpecError, match=r"--storage: .*hu_min must be a whole number"):
+        with_storage(validate_spec(edit("ct_merlin", frac), "x.yaml"), "dtype=compact")
+    # 1000.0 is a whole number; MRI/PET specs have no window to check
+    whole = _set(["inputs", "image", "intensity", "hu_max"], 1000.0)
+    assert validate_spec(edit("ct_merlin", lambda r: (whole(r), _set(["storage"], {"dtype": "compact"})(r))), "x.yaml")
+    assert with_storage(load_spec("mri_brain"), "dtype=compact")["storage"]["dtype"] == "compact"

@@ -64,6 +64,7 @@ from volfm.data.dataset import StoreDataset
 from volfm.models import create_encoder, load_encoder_weights
 from volfm.models.registry import META_KWARGS, META_NAME
 from volfm.models.weights import read_encoder_metadata
+from volfm.store.arrays import array_file
 from volfm.targets.labelmap import LabelMap, load_source_labels
 from volfm.tasks import DecoderConfig, EncoderConfig, FinetuneConfig, OptimConfig, SegmentationTask
 
@@ -139,7 +140,7 @@ def checkpoint_encoder(path) -> tuple[str, dict] | None:
 
 def _labelled(ds, split: str) -> None:
     """Every case of ``ds`` has a label array (StoreError naming the first one that does not)."""
-    have = [(ds.root / "cases" / cid / f"{ds.label}.npy").is_file() for cid in ds.case_ids]
+    have = [array_file(ds.root / "cases" / cid, ds.label) is not None for cid in ds.case_ids]
     if not any(have):
         raise VolfmError(f"{ds.root}: no case of split '{split}' has a '{ds.label}' array (a store built without "
                          "labels?); label efficiency needs labelled training and test cases: preprocess a cohort "

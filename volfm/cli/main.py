@@ -22,7 +22,8 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")  # handled by LightningCLI (vol
 # `volfm --help` should not pay.
 BENCHMARKS = {"preprocess": "volfm.bench.preprocess", "loader": "volfm.bench.loader",
               "sliding-window": "volfm.bench.sliding_window", "patch-embed": "volfm.bench.patch_embed",
-              "label-efficiency": "volfm.bench.label_efficiency", "pretraining": "volfm.bench.pretraining"}
+              "label-efficiency": "volfm.bench.label_efficiency", "pretraining": "volfm.bench.pretraining",
+              "gpu": "volfm.bench.gpu"}
 
 
 def _cmd_synth(args) -> int:
@@ -43,6 +44,10 @@ def _cmd_synth(args) -> int:
 def _cmd_preprocess(args) -> int:
     from volfm.store.build import merge_shards, parse_shard, print_summary, run_cohort  # noqa: PLC0415 - deferred, see BENCHMARKS
 
+    if args.convert_store:
+        return _convert_store(args)
+    if not args.out:
+        raise VolfmError("volfm preprocess needs --out STORE (or --convert-store STORE to re-encode a store)")
     if args.merge:
         summary = merge_shards(args.out)
     else:
@@ -50,9 +55,34 @@ def _cmd_preprocess(args) -> int:
             raise VolfmError("volfm preprocess needs --spec SPEC (a YAML file or built-in name such as ct_merlin)")
         summary = run_cohort(args.spec, args.out, cohort=args.cohort, input_dir=args.input_dir,
                              workers=args.workers, shard=parse_shard(args.shard), overwrite=args.overwrite,
-                             progress=not args.quiet, qc=not args.no_qc)
+                             progress=not args.quiet, qc=not args.no_qc, storage=args.storage)
     print_summary(summary)
     return 1 if summary["failed"] else 0
+
+
+def _convert_store(args) -> int:
+    from volfm.store.arrays import convert_store, storage_summary  # noqa: PLC0415 - deferred, see BENCHMARKS
+
+    if not args.storage:
+        raise VolfmError("--convert-store needs --storage, e.g. --storage codec=blosc2,dtype=compact")
+    others = [f for f, v in (("--spec", args.spec), ("--cohort", args.cohort), ("--input-dir", args.input_dir),
+                             ("--out", args.out), ("--merge", args.merge), ("--shard", args.shard),
+                             ("--overwrite", args.overwrite)) if v]
+    if others:
+        raise VolfmError(f"--convert-store re-encodes an existing store and takes only --storage, --workers and "
+                         f"--quiet; drop {', '.join(others)}")
+    s = convert_store(args.convert_store, args.storage, workers=args.workers, progress=not args.quiet)
+    before, after = s["bytes_before"], s["bytes_after"]
+    ratio = f" ({after / before:.3g} of before)" if before else ""
+    print(f"{s['converted']} converted, {s['skipped']} already {storage_summary(s['storage'])}, {s['failed']} failed "
+          f"in {s['elapsed_s']:.1f} s; arrays {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB{ratio}")
+    if s.get("recovered"):
+        print(f"{s['recovered']} case(s) failed before are converted and ok again")
+    if s.get("note"):
+        print(s["note"])
+    for cid, err in s["failures"]:
+        print(f"FAILED {cid}: {err}")
+    return 1 if s["failed"] else 0
 
 
 def _cmd_inspect(args) -> int:
@@ -61,7 +91,7 @@ def _cmd_inspect(args) -> int:
     rc = 0
     for p in args.paths:  # one unreadable path does not hide the others
         try:
-            print(inspect_path(p))
+            print(inspect_path(p, verify=args.verify))
         except VolfmError as exc:
             if len(args.paths) == 1:
                 raise
@@ -163,8 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group()
     g.add_argument("--cohort", help="cohort table (CSV/TSV) with case_id and input columns")
     g.add_argument("--input-dir", help="folder of images (flat, or imagesTr/labelsTr)")
-    s.add_argument("--out", required=True, help="store folder")
+    s.add_argument("--out", help="store folder")
     s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--storage", help="how arrays are stored, replacing the spec's storage block: e.g. "
+                                     "codec=blosc2,dtype=compact[,chunk_patch=96x96x96,clevel=5] (not in the spec hash: "
+                                     "a store built with another one is converted, not resampled); when neither this "
+                                     "nor the spec sets one, an existing store keeps its own")
+    s.add_argument("--convert-store", metavar="STORE", help="re-encode an existing store into --storage without "
+                                                            "resampling (resumable; a rerun skips converted cases and "
+                                                            "retries failed ones)")
     s.add_argument("--shard", help="i/n: process shard i (0-based) of n; default from SLURM_ARRAY_TASK_ID/COUNT")
     s.add_argument("--overwrite", action="store_true", help="redo every case (and allow a new spec)")
     s.add_argument("--merge", action="store_true", help="join the shard manifests of --out into manifest.csv")
@@ -174,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("inspect", help="geometry, spacing, intensity stats and failures of a file or store")
     s.add_argument("paths", nargs="+")
+    s.add_argument("--verify", action="store_true", help="check a case's (a store's) array files against the sha256 "
+                                                         "recorded when they were written")
     s.set_defaults(fn=_cmd_inspect)
 
     s = sub.add_parser("demo", help="run the pipeline end to end on an embedded synthetic cohort (CPU)")

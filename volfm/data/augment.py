@@ -40,12 +40,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchio as tio
 import yaml
 
 from volfm import VolfmError
 from volfm.preprocess.spec import unknown_key_message
 from volfm.utils import did_you_mean, is_number
+
+try:  # a volfm dependency, but kept optional at import (as MONAI does): training without augmentation needs none
+    import torchio as tio
+except ImportError:  # pragma: no cover - depends on the environment (torchio also needs SimpleITK)
+    tio = None
 
 
 class AugmentationError(VolfmError):
@@ -58,7 +62,7 @@ SPATIAL = ("RandomFlip", "RandomAffine", "RandomElasticDeformation", "RandomAffi
 # down and back up onto the same grid (scalars only), so it behaves like an intensity transform.
 INTENSITY = ("RandomAnisotropy", "RandomBiasField", "RandomGamma", "RandomNoise", "RandomBlur", "RandomMotion",
              "RandomGhosting", "RandomSpike", "RescaleIntensity", "ZNormalization", "Clamp")
-TRANSFORMS = {name: getattr(tio, name) for name in SPATIAL + INTENSITY}
+TRANSFORMS = {name: getattr(tio, name) for name in SPATIAL + INTENSITY} if tio is not None else {}
 COMMON_ARGS = ("p", "include", "exclude")
 ENTRY_KEYS = ("name", "one_of", "weight")  # non-argument keys of an entry
 
@@ -227,6 +231,9 @@ def build_augmentation(cfg, source: str = "<config>", keys: Iterable[str] | None
                                 f"got {type(cfg).__name__}")
     if not cfg:
         return None
+    if tio is None:
+        raise AugmentationError(f"{source}: augmentation needs TorchIO (and SimpleITK), which is not installed here; "
+                                "pip install torchio (a volfm dependency), or set augmentation: null")
     transforms = [_build_entry(e, f"entry {i}", source, keys)[0] for i, e in enumerate(cfg)]
     return Augmentation(tio.Compose(transforms, p=p, copy=False), source=source)
 

@@ -2,8 +2,9 @@
 
     ds = StoreDataset("stores/ct", split="train", arrays=("image",), label="label")
     case = ds[0]
-    case["image"]      # np.memmap (C, I, J, K) float32, read lazily from cases/<id>/image.npy
-    case["label"]      # np.memmap (1, I, J, K) uint8
+    case["image"]      # np.memmap (C, I, J, K) float32, read lazily from cases/<id>/image.npy (a StoredArray,
+                       # decoded to float32 on read, when the store is compressed: image.b2nd)
+    case["label"]      # np.memmap (1, I, J, K) uint8 (or a StoredArray)
     case["icd_codes"]  # ["K76.0", "I10"]; case["report"] -> str; case["meta"] -> meta.json; case["row"] -> manifest row
     ds.pad_value("image")   # the store's background value (what lies outside the scanned field of view)
 
@@ -16,9 +17,9 @@ import warnings
 from collections import Counter
 from collections.abc import Sequence
 
-import numpy as np
 from torch.utils.data import Dataset
 
+from volfm.store.arrays import array_file
 from volfm.store.cohort import parse_icd_codes
 from volfm.store.layout import CohortStore, StoreError
 
@@ -181,10 +182,19 @@ class StoreDataset(Dataset):
             m = self._meta[case_id] = self.store.meta(case_id)
         return m
 
-    def array(self, case_id: str, name: str) -> np.ndarray:
-        """One stored array (C, I, J, K) of a case; StoreError naming the case, the file and the fix."""
-        path = self.root / "cases" / case_id / f"{name}.npy"
-        if not path.exists():
+    def _record(self, case_id: str, name: str) -> dict | None:
+        try:
+            return (self.meta(case_id).get("storage") or {}).get(name)
+        except StoreError:
+            return None  # no readable meta.json: the array is read as a plain .npy (and __getitem__ reports it)
+
+    def array(self, case_id: str, name: str):
+        """One stored array (C, I, J, K) of a case (an ``np.memmap``, or a ``StoredArray`` that decodes on read for
+        compressed or compact encodings); StoreError naming the case, the file and the fix."""
+        case_dir = self.root / "cases" / case_id
+        record = self._record(case_id, name) if case_dir.is_dir() else None
+        path = case_dir / ((record or {}).get("file") or f"{name}.npy")
+        if array_file(case_dir, name, record) is None:
             row = next((r for r in self.rows if r["case_id"] == case_id), {})
             if name in row and not (row.get(name) or "").strip():
                 use = "label=None" if name == self.label else "other arrays"
@@ -197,7 +207,7 @@ class StoreDataset(Dataset):
                                  "missing; rerun volfm preprocess on this store to rebuild it")
             raise StoreError(f"{path}: missing array '{name}' for case {case_id}; rerun volfm preprocess on this "
                              "store (cases with missing arrays are redone)")
-        arr = self.store.array(case_id, name, mmap=self.mmap)
+        arr = self.store.array(case_id, name, mmap=self.mmap, meta={"storage": {name: record}} if record else {})
         if arr.ndim != 4:
             raise StoreError(f"{path}: case {case_id}: array '{name}' has shape {arr.shape}, expected (C, I, J, K); "
                              "rerun volfm preprocess --overwrite for this store")

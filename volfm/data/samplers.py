@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from volfm.store.arrays import StoredArray, array_file
 from volfm.store.foreground import (
     FG_MAX_PER_CLASS,
     ForegroundError,
@@ -44,7 +45,8 @@ class SamplerError(ForegroundError):
 def extract_patch(array: np.ndarray, start, size, pad_value=0) -> np.ndarray:
     """The window ``[start, start + size)`` of a ``(C, I, J, K)`` array as a new ``(C, *size)`` array of
     the same dtype. Only the part of the window inside the volume is read (so a memmap reads just
-    those pages); the rest, including all of it when the window misses the volume, is ``pad_value``.
+    those pages and a :class:`volfm.store.arrays.StoredArray` decodes just those blocks); the rest,
+    including all of it when the window misses the volume, is ``pad_value``.
     ``start`` may be negative or beyond the end."""
     if array.ndim != 4:
         raise SamplerError(f"extract_patch expects a (C, I, J, K) array, got shape {array.shape}")
@@ -63,6 +65,8 @@ def extract_patch(array: np.ndarray, start, size, pad_value=0) -> np.ndarray:
         return out
     dst = tuple(slice(lw - int(s), h - int(s)) for lw, h, s in zip(lo, hi, start))
     inside = all(d.start == 0 and d.stop == n for d, n in zip(dst, size))
+    if inside and isinstance(array, StoredArray):  # decoded into a new array already: no second copy
+        return array[(slice(None), *(slice(lw, h) for lw, h in zip(lo, hi)))]
     if not inside:
         out.fill(pad_value)
     out[(slice(None), *dst)] = array[(slice(None), *(slice(lw, h) for lw, h in zip(lo, hi)))]
@@ -79,7 +83,7 @@ def _array_keys(case: dict) -> dict:
             raise SamplerError(f"case {case.get('case_id', '?')}: pad_values names array(s) {missing} that the "
                                "case does not hold")
         return dict(pads)
-    return {k: 0 for k, v in case.items() if isinstance(v, np.ndarray) and v.ndim == 4}
+    return {k: 0 for k, v in case.items() if isinstance(v, (np.ndarray, StoredArray)) and v.ndim == 4}
 
 
 def _grid_shape(case: dict, names) -> tuple[int, int, int]:
@@ -188,7 +192,7 @@ class LabelWeightedPatchSampler(UniformPatchSampler):
         if self.label_key not in case:
             raise SamplerError(f"case {case.get('case_id', '?')}: label-weighted sampling needs the label array "
                                f"'{self.label_key}' (StoreDataset(label='{self.label_key}')), the case has "
-                               f"{sorted(k for k, v in case.items() if isinstance(v, np.ndarray))}")
+                               f"{sorted(k for k, v in case.items() if isinstance(v, (np.ndarray, StoredArray)))}")
         label = case[self.label_key]
         cid = case.get("case_id")
         key = (cid, tuple(label.shape))
@@ -198,7 +202,9 @@ class LabelWeightedPatchSampler(UniformPatchSampler):
         locs = None
         fg_path = case.get(f"{self.label_key}_fg_path")  # precomputed by the cohort runner: no label scan
         if fg_path is not None and self.max_per_class == FG_MAX_PER_CLASS:
-            locs = load_foreground_locations(fg_path, label, Path(fg_path).with_name(f"{self.label_key}.npy"))
+            label_file = array_file(Path(fg_path).parent, self.label_key)  # <label>.npy or .b2nd
+            if label_file is not None:
+                locs = load_foreground_locations(fg_path, label, label_file)
         if locs is None:
             locs = foreground_locations(label, self.max_per_class, case_seed(cid))
         if cid is not None:

@@ -1,7 +1,9 @@
-"""Write-then-rename helpers: a killed process never leaves a half-written file under its final name."""
+"""Write-then-rename helpers (a killed process never leaves a half-written file under its final name) and the
+sha256 of a written file (:func:`file_sha256`), which the store, the pipeline and model packages record."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -54,6 +56,20 @@ def save_npy_atomic(path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, or of the sorted relative names and bytes of the files under a folder (a DICOM series)."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _json_default(o):

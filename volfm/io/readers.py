@@ -22,13 +22,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
-import SimpleITK as sitk
 from isal import igzip
 
 from volfm import VolfmError
 from volfm.io import affine as geo
 from volfm.io.atomic import atomic_path
 from volfm.io.volume import Volume
+
+try:  # a volfm dependency, but kept optional at import (as MONAI does): a bare GPU node without it reads NIfTI
+    import SimpleITK as sitk
+except ImportError:  # pragma: no cover - depends on the environment
+    sitk = None
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -244,7 +248,15 @@ def _sitk_to_volume(image, path, meta) -> Volume:
     return Volume(np.ascontiguousarray(arr), affine, meta)
 
 
+def require_simpleitk(path, what: str) -> None:
+    """A one-line error when ``what`` (DICOM, NRRD/MHA) is read on a host without SimpleITK."""
+    if sitk is None:
+        raise VolumeReadError(f"{path}: reading {what} needs SimpleITK, which is not installed here; "
+                              "pip install SimpleITK (a volfm dependency), or convert the images to NIfTI")
+
+
 def _read_sitk_file(path: Path) -> Volume:
+    require_simpleitk(path, f"{path.suffix.lstrip('.').upper()} files")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -255,6 +267,7 @@ def _read_sitk_file(path: Path) -> Volume:
 
 
 def _read_dicom_series(folder: Path, series_id: str | None) -> Volume:
+    require_simpleitk(folder, "a DICOM series")
     reader = sitk.ImageSeriesReader()
     shown = sitk.ProcessObject_GetGlobalWarningDisplay()
     sitk.ProcessObject_SetGlobalWarningDisplay(False)  # GDCM's multi-line warnings; we raise one-line errors

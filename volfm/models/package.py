@@ -24,10 +24,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 
 from volfm import VolfmError, __version__
-from volfm.io.atomic import write_text_atomic
+from volfm.io.atomic import file_sha256, write_text_atomic
 from volfm.io.yamlfile import UniqueKeyLoader
 from volfm.models.weights import save_weights_dict
-from volfm.preprocess.pipeline import file_sha256
 
 __all__ = ["PACKAGE_FILE", "PACKAGE_FORMAT", "WEIGHTS_FILE", "check_package_target", "is_package", "read_package",
            "read_package_description", "write_package"]

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from volfm.kernels.patch_embed import (
+    choose_backend,
+    compute_dtype,
     normalize_patch_size,
     patch_embed_torch,
     patch_embed_triton,
@@ -27,8 +29,15 @@ class PatchEmbed3d(nn.Module):
     ``bias`` (E,)), so an ``nn.Conv3d`` state dict loads directly; timm-style keys
     (``proj.weight`` / ``proj.bias``) are accepted too.
 
-    backend: "torch" (reshape + F.linear, the reference), "triton" (fused kernel; CUDA, or CPU with
-    TRITON_INTERPRET=1), "auto" (triton on CUDA when available, torch elsewhere).
+    backend: "torch" (reshape + F.linear, the reference), "triton" (fused kernels; CUDA, or CPU with
+    TRITON_INTERPRET=1), "auto" (:func:`volfm.kernels.patch_embed.choose_backend`: the kernels only on CUDA,
+    only when the GEMM runs in bf16/fp16 -- bf16 inputs, or fp32 inputs under ``torch.autocast`` as in
+    ``precision: bf16-mixed`` -- and only while ``AUTO_PREFERS_TRITON`` records the kernels measured faster
+    than reshape + F.linear on a GPU; torch otherwise, fp32 included).
+
+    Dtypes are the same on both backends: the output is in the compute dtype
+    (:func:`volfm.kernels.patch_embed.compute_dtype`: the autocast dtype when autocast is on, else the input's),
+    and the parameters' gradients are in the parameters' dtype.
     """
 
     def __init__(
@@ -74,9 +83,10 @@ class PatchEmbed3d(nn.Module):
         return math.prod(self.grid_size(input_shape))
 
     def resolved_backend(self, x: torch.Tensor) -> str:
-        if self.backend == "auto":
-            return "triton" if x.is_cuda and triton_usable(x.device) else "torch"
-        return self.backend
+        """The backend a call with input ``x`` takes ("triton" or "torch"), honouring autocast."""
+        if self.backend != "auto":
+            return self.backend
+        return choose_backend(x.device.type, compute_dtype(x), "auto", triton_ok=triton_usable(x.device))
 
     def forward(self, x: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != self.in_chans:

@@ -276,7 +276,7 @@ class ViT3d(nn.Module):
     def forward_masked(self, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """MAE's encoder pass: only the tokens ``keep`` (B, n_keep) (indices into the raster-ordered grid, e.g.
         from :func:`volfm.models.masking.token_mask`) go through the blocks. The patches are embedded by
-        :class:`PatchEmbed3d` (its Triton path on CUDA) with their positional embedding, then the kept ones are
+        :class:`PatchEmbed3d` (Triton kernels or torch, see PatchEmbed3d) with their positional embedding, then the kept ones are
         gathered; returns (B, P + n_keep, E) after the final norm (CLS first when present) and the token grid.
         With every index kept this equals :meth:`forward_tokens`."""
         grid = self._check_input(x)

@@ -8,7 +8,6 @@ stored grid through world coordinates, and meta.json can map predictions back ex
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 
 from volfm import VolfmError, __version__
 from volfm.io import affine as geo
+from volfm.io.atomic import file_sha256  # models.package and bench.preprocess import it from here too
 from volfm.io.readers import read_volume
 from volfm.io.volume import Volume
 from volfm.preprocess import spatial
@@ -36,20 +36,6 @@ class ProcessedCase:
     @property
     def shape(self):
         return tuple(next(iter(self.arrays.values())).shape[1:])
-
-
-def file_sha256(path, chunk=1 << 20) -> str:
-    """sha256 of a file, or of the sorted names and bytes of a DICOM folder."""
-    p = Path(path)
-    h = hashlib.sha256()
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    for f in files:
-        if p.is_dir():
-            h.update(str(f.relative_to(p)).encode())
-        with open(f, "rb") as fh:
-            while block := fh.read(chunk):
-                h.update(block)
-    return h.hexdigest()
 
 
 def grids_match(a: Volume, b: Volume, atol: float = GRID_ATOL_MM) -> tuple[bool, str]:

@@ -14,6 +14,7 @@ A spec says how every case of a cohort is harmonised (see preprocessing/*.yaml):
     inputs:                     # one entry per cohort-table column to read
       image: {kind: image, intensity: {type: ct_window, hu_min: -1000, hu_max: 1000}}
       label: {kind: label, required: false}
+    storage: {codec: npy, dtype: float32}   # how arrays are written (not in the spec hash; see volfm.store.arrays)
 """
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ import yaml
 
 from volfm import VolfmError
 from volfm.configs import SPECS_DIR
-from volfm.utils import did_you_mean, is_number, parse_triple
+from volfm.utils import did_you_mean, is_number, parse_triple, parse_triple_text
 
 TOP_KEYS = {"name", "description", "orientation", "spacing", "oblique", "shear", "nonfinite", "channels",
-            "antialias", "crop", "inputs", "reference"}
+            "antialias", "crop", "inputs", "reference", "storage"}
 CROP_KEYS = {"size", "mode", "input", "threshold", "margin"}
 INPUT_KEYS = {"kind", "required", "interpolation", "fill", "intensity", "dtype"}
 INTENSITY_KEYS = {
@@ -39,7 +40,14 @@ INTENSITY_KEYS = {
     "pet": {"mode", "factor", "clip_max"},
 }
 DEFAULTS = {"orientation": "RAS", "spacing": None, "oblique": "keep", "shear": "refuse", "nonfinite": "error",
-            "channels": 1, "antialias": False, "crop": None, "reference": None, "description": ""}
+            "channels": 1, "antialias": False, "crop": None, "reference": None, "description": "", "storage": None}
+# How a store writes its arrays (volfm.store.arrays). codec: npy (memory-mapped) | blosc2 (compressed, chunked);
+# dtype: float32 (the arrays as the pipeline makes them) | compact (CT windows as integer levels, other images as
+# float16); chunk_patch: the training patch the blosc2 chunks are sized for; clevel: blosc2's compression level.
+STORAGE_DEFAULTS = {"codec": "npy", "dtype": "float32", "chunk_patch": [96, 96, 96], "clevel": 5}
+STORAGE_CODECS = ("npy", "blosc2")
+STORAGE_DTYPES = ("float32", "compact")
+NOT_HASHED = ("description", "storage")  # neither changes the numbers a case is made of
 
 
 class SpecError(VolfmError):
@@ -181,11 +189,79 @@ def validate_spec(raw, src: str = "<spec>") -> dict:
         c["margin"] = list(parse_triple(crop.get("margin", 0), "crop.margin", integer=True, at_least=0, error=SpecError,
                                         where=f"{src}: "))
         spec["crop"] = c
+    spec["storage"] = validate_storage(spec["storage"], src)
+    if spec["storage"]["dtype"] == "compact":
+        for col, cfg in inputs.items():
+            it = cfg.get("intensity") or {}
+            if it.get("type") == "ct_window":
+                bad = [k for k in ("hu_min", "hu_max") if not float(it.get(k, 0)).is_integer()]
+                if bad:
+                    raise SpecError(f"{src}: storage.dtype compact stores CT windows as integer HU levels, so "
+                                    f"inputs.{col}.intensity.{bad[0]} must be a whole number, got {it[bad[0]]!r}; "
+                                    "round the window or use storage.dtype float32")
     return spec
+
+
+def validate_storage(raw, src: str = "<spec>", where: str = "storage") -> dict:
+    """A ``storage`` block (None: the defaults) -> ``{codec, dtype, chunk_patch, clevel}`` with defaults filled;
+    SpecError naming ``src`` and the key otherwise. ``where`` names the block in messages (e.g. ``--storage``)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{src}: {where} must be a mapping like {{codec: blosc2, dtype: compact}}, got {raw!r}")
+    _check_keys(raw, STORAGE_DEFAULTS, where, src)
+    out = copy.deepcopy(STORAGE_DEFAULTS)
+    out.update(raw)
+    _choice(out["codec"], STORAGE_CODECS, f"{where}.codec", src)
+    _choice(out["dtype"], STORAGE_DTYPES, f"{where}.dtype", src)
+    out["chunk_patch"] = list(parse_triple(out["chunk_patch"], f"{where}.chunk_patch", integer=True, at_least=1,
+                                           error=SpecError, where=f"{src}: "))
+    clevel = out["clevel"]
+    if isinstance(clevel, bool) or not is_number(clevel) or not float(clevel).is_integer() or not 0 <= clevel <= 9:
+        raise SpecError(f"{src}: {where}.clevel must be an integer in [0, 9], got {clevel!r}")
+    out["clevel"] = int(clevel)
+    return out
+
+
+def parse_storage_text(text: str, where: str = "--storage") -> dict:
+    """``"codec=blosc2,dtype=compact,chunk_patch=96x96x96,clevel=5"`` (any subset) -> a validated storage block."""
+    raw: dict = {}
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key or not value:
+            raise SpecError(f"{where} {text!r}: expected key=value pairs separated by commas, e.g. "
+                            "codec=blosc2,dtype=compact")
+        if key == "chunk_patch":
+            raw[key] = list(parse_triple_text(value, "chunk_patch", integer=True, at_least=1, error=SpecError,
+                                             where=f"{where}: "))
+        elif key == "clevel":
+            raw[key] = int(value) if value.isdigit() else value
+        else:
+            raw[key] = value
+    return validate_storage(raw, where, "storage")
+
+
+def with_storage(spec: dict, storage, src: str = "--storage") -> dict:
+    """A copy of the resolved ``spec`` with its ``storage`` block replaced (a dict or a ``--storage`` text) and checked
+    against the inputs (compact needs integer CT windows); the spec hash does not change."""
+    block = parse_storage_text(storage, src) if isinstance(storage, str) else validate_storage(storage, src)
+    raw = copy.deepcopy(spec)
+    raw["storage"] = block
+    return validate_spec(raw, src)
 
 
 def load_spec(path) -> dict:
     """Read and validate a spec YAML file; a built-in name (e.g. 'ct_merlin') is found in volfm/configs/specs."""
+    raw, path = read_spec_yaml(path)
+    return validate_spec(raw, str(path))
+
+
+def read_spec_yaml(path) -> tuple[object, Path]:
+    """(the parsed YAML of a spec file, not validated, its path): what the file itself says, e.g. whether it sets a
+    ``storage`` block (:func:`validate_spec` fills the defaults, so the resolved spec cannot tell)."""
     path = resolve_spec_path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -195,7 +271,7 @@ def load_spec(path) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError(f"{path}: malformed YAML{where} ({getattr(exc, 'problem', exc)}); fix the syntax") from exc
-    return validate_spec(raw, str(path))
+    return raw, path
 
 
 def resolve_spec_path(path) -> Path:
@@ -210,6 +286,8 @@ def resolve_spec_path(path) -> Path:
 
 
 def spec_hash(spec: dict) -> str:
-    """Content hash of a resolved spec (description excluded): equal hashes mean equal processing."""
-    core = {k: v for k, v in spec.items() if k not in ("description",)}
+    """Content hash of a resolved spec (description and storage excluded): equal hashes mean equal processing. The
+    storage encoding is left out so that a store converted to another encoding keeps its hash (and its checkpoints'
+    records and resume stay valid)."""
+    core = {k: v for k, v in spec.items() if k not in NOT_HASHED}
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]

@@ -2,7 +2,10 @@
 
 One bad case never stops the cohort: it gets status=failed and the reason in the manifest.
 A rerun skips cases whose meta.json carries the same spec hash and whose QC image exists (so a
-run killed with -9 resumes); it first removes the temp leftovers of its own cases.
+run killed with -9 resumes); it first removes the temp leftovers of its own cases. Storage: a spec file's ``storage`` block or
+``storage=`` (``--storage``) asks for an encoding, and a done case stored in another one is converted
+(volfm.store.arrays.convert_case), not redone; when neither sets one, the existing store's own storage (its
+spec.yaml) is kept, for new cases too, and nothing is converted (a new store gets the defaults, npy float32).
 ``shard=(i, n)`` processes the cases whose stable hash falls in shard i of n and writes
 manifests/shard-i-of-n.csv; :func:`merge_shards` joins them into manifest.csv.
 """
@@ -27,7 +30,8 @@ from volfm import VolfmError, __version__
 from volfm.io.atomic import write_text_atomic
 from volfm.preprocess.pipeline import Pipeline
 from volfm.preprocess.qc import render_case_png
-from volfm.preprocess.spec import load_spec, spec_hash
+from volfm.preprocess.spec import read_spec_yaml, spec_hash, validate_spec, with_storage
+from volfm.store.arrays import array_file, case_is_current, needs_conversion, storage_summary, try_convert_case
 from volfm.store.cohort import (
     CohortError,
     load_cohort,
@@ -102,7 +106,8 @@ def process_case(spec: dict, row: dict, store: str, write_qc: bool = True) -> di
         meta["written_at"] = time.time()
         meta["table"] = {k: v for k, v in row.items() if k not in spec["inputs"]}
         root = Path(store)
-        write_case_dir(root / "cases", case_id, case.arrays, meta, extras=_foreground_files(spec, case, case_id))
+        write_case_dir(root / "cases", case_id, case.arrays, meta, extras=_foreground_files(spec, case, case_id),
+                       storage=spec.get("storage"))
         if write_qc:
             _write_qc(root, case_id, case, spec)
         result.update(status="ok", shape="x".join(map(str, case.shape)),
@@ -128,8 +133,9 @@ def _foreground_files(spec: dict, case, case_id: str) -> dict:
         if cfg["kind"] == "label" and name in case.arrays and case.arrays[name].shape[0] == 1:
             locs = foreground_locations(case.arrays[name], FG_MAX_PER_CLASS, case_seed(case_id))
             shape = case.arrays[name].shape[1:]
+            # written after the arrays: stamped with the label file as encoded (<name>.npy or .b2nd)
             out[f"{name}_fg.npz"] = lambda path, locs=locs, shape=shape, name=name: save_foreground_locations(
-                path, locs, shape, path.with_name(f"{name}.npy"))
+                path, locs, shape, array_file(path.parent, name))
     return out
 
 
@@ -160,44 +166,77 @@ def _check_store_spec(out: Path, spec: dict, h: str, overwrite: bool):
 def case_is_done(meta: dict | None, row: dict, spec: dict, h: str, redo_before: float | None,
                  case_dir: Path | None = None) -> bool:
     """A stored case can be skipped when it was made with this spec, from the same input files (path,
-    size, mtime), with the same set of inputs, after the last --overwrite run began, and all its
-    arrays are still on disk."""
-    if meta is None or meta.get("spec_hash") != h:
+    size, mtime), with the same set of inputs, after the last --overwrite run began
+    (:func:`volfm.store.arrays.case_is_current`), and all its arrays are still on disk (in any encoding: a case
+    stored in another one is converted when the run asks for a storage, see
+    :func:`volfm.store.arrays.needs_conversion`)."""
+    if not case_is_current(meta, row, spec["inputs"], h, redo_before):
         return False
-    if case_dir is not None and not all((case_dir / f"{n}.npy").is_file() for n in meta.get("source", {})):
-        return False
-    if redo_before is not None and float(meta.get("written_at", 0.0)) < redo_before:
-        return False
-    given = {n: (row.get(n) or "").strip() for n in spec["inputs"]}
-    given = {n: v for n, v in given.items() if v}
-    sources = meta.get("source", {})
-    if set(given) != set(sources):
-        return False
-    for name, path in given.items():
-        src = sources[name]
-        if Path(src.get("path", "")) != Path(path):
-            return False
-        p = Path(path)
-        if p.is_file() and "size" in src:
-            st = p.stat()
-            if st.st_size != src["size"] or st.st_mtime_ns != src.get("mtime_ns"):
-                return False
-    return True
+    records = meta.get("storage") or {}
+    return case_dir is None or all(array_file(case_dir, n, records.get(n)) is not None for n in meta.get("source", {}))
+
+
+def _done_result(case_id: str, meta: dict, elapsed: str) -> dict:
+    """The manifest result of a case whose folder is complete (skipped as done, or converted)."""
+    return {"case_id": case_id, "status": "ok", "error": "", "shape": "x".join(map(str, meta.get("shape", ()))),
+            "spacing": "x".join(f"{s:.4g}" for s in meta.get("spacing", ())), "elapsed_s": elapsed,
+            "warnings": " | ".join(meta.get("warnings", []))}
+
+
+def convert_row(spec: dict, row: dict, store: str) -> dict:
+    """Re-encode a done case into the spec's storage (no resampling; volfm.store.arrays.try_convert_case, which
+    never raises); the manifest result, like process_case's."""
+    case_id = row["case_id"]
+    res = try_convert_case(store, case_id, spec["storage"])
+    elapsed = f"{res['elapsed_s']:.2f}"
+    if res["status"] == "failed":
+        return {"case_id": case_id, "status": "failed", "error": res["error"], "shape": "", "spacing": "",
+                "warnings": "", "elapsed_s": elapsed}
+    return _done_result(case_id, read_case_meta(Path(store) / "cases" / case_id) or {}, elapsed)
+
+
+def _run_job(kind: str, spec: dict, row: dict, store: str, qc: bool) -> dict:
+    return convert_row(spec, row, store) if kind == "convert" else process_case(spec, row, store, qc)
+
+
+def _store_storage(doc: dict | None) -> dict | None:
+    """The storage block a store's spec.yaml records (None: none, a store from before storage blocks)."""
+    doc = doc or {}
+    spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else {}
+    return spec.get("storage") or doc.get("storage")
 
 
 def run_cohort(spec_path, out, cohort=None, input_dir=None, workers: int = 1, shard=None, overwrite: bool = False,
-               progress: bool = True, qc: bool = True, log=print) -> dict:
-    """Preprocess a cohort into ``out``. Returns a summary dict (counts, failures, manifest path)."""
-    spec = load_spec(spec_path)
-    h = spec_hash(spec)
+               progress: bool = True, qc: bool = True, log=print, storage=None) -> dict:
+    """Preprocess a cohort into ``out``. Returns a summary dict (counts, failures, manifest path, the storage used
+    and where it came from).
+
+    storage: a storage block or ``--storage`` text replacing the spec's (the hash is the same, so a store built
+    with another encoding is converted case by case, not resampled again). Only an asked-for storage (this
+    argument, or a ``storage`` block in the spec file) converts done cases; otherwise the store's own storage
+    (spec.yaml) is kept and written for new cases (a new store: the defaults, npy float32)."""
+    raw, spec_file = read_spec_yaml(spec_path)
+    spec = validate_spec(raw, str(spec_file))
     out = Path(out)
+    previous = yaml.safe_load((out / "spec.yaml").read_text()) if (out / "spec.yaml").exists() else None
+    convert = True  # storage asked for: done cases stored otherwise are converted
+    if storage is not None:
+        spec, storage_from = with_storage(spec, storage), "--storage"
+    elif isinstance(raw, dict) and "storage" in raw:
+        storage_from = f"the storage block of {spec_file}"
+    elif _store_storage(previous) is not None:
+        spec = with_storage(spec, _store_storage(previous), f"{out / 'spec.yaml'} (the store's storage, kept when "
+                                                            "neither the spec nor --storage sets one)")
+        storage_from, convert = "kept from the store's spec.yaml", False
+    else:
+        storage_from, convert = "the default", False
+    h = spec_hash(spec)
     if (cohort is None) == (input_dir is None):
         raise VolfmError("give exactly one of --cohort TABLE or --input-dir DIR")
     rows = load_cohort(cohort, spec) if cohort is not None else table_from_dir(input_dir, spec)
     _check_store_spec(out, spec, h, overwrite)
     (out / "cases").mkdir(parents=True, exist_ok=True)
     # --overwrite marks everything written before now as stale, so a killed overwrite run resumes as one
-    previous = yaml.safe_load((out / "spec.yaml").read_text()) if (out / "spec.yaml").exists() else None
     redo_before = time.time() if overwrite else (previous or {}).get("redo_before")
     doc = {"spec": spec, "spec_hash": h, "volfm_version": __version__}
     if redo_before is not None:
@@ -216,27 +255,28 @@ def run_cohort(spec_path, out, cohort=None, input_dir=None, workers: int = 1, sh
         # the QC image is written after the case folder: a run killed between the two redoes the case
         qc_done = not qc or (out / "qc" / f"{r['case_id']}.png").exists()
         if qc_done and case_is_done(meta, r, spec, h, redo_before, out / "cases" / r["case_id"]):
-            results[r["case_id"]] = {"case_id": r["case_id"], "status": "ok", "error": "",
-                                     "shape": "x".join(map(str, meta["shape"])),
-                                     "spacing": "x".join(f"{s:.4g}" for s in meta["spacing"]),
-                                     "elapsed_s": "skipped", "warnings": " | ".join(meta.get("warnings", []))}
+            if convert and needs_conversion(out / "cases" / r["case_id"], meta, spec["storage"]):
+                todo.append(("convert", r))
+                continue
+            results[r["case_id"]] = _done_result(r["case_id"], meta, "skipped")
         else:
-            todo.append(r)
+            todo.append(("process", r))
     skipped = len(results)
+    converting = sum(kind == "convert" for kind, _ in todo)
     t0 = time.perf_counter()
     bar = None
     if progress:
         bar = tqdm(total=len(todo), desc=f"preprocess {spec['name']}", unit="case")
     workers = max(1, int(workers))
     if workers == 1 or len(todo) <= 1:
-        for r in todo:
-            results[r["case_id"]] = res = process_case(spec, r, str(out), qc)
+        for kind, r in todo:
+            results[r["case_id"]] = res = _run_job(kind, spec, r, str(out), qc)
             _tick(bar, res)
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
-            futs = {ex.submit(process_case, spec, r, str(out), qc): r["case_id"] for r in todo}
+            futs = {ex.submit(_run_job, kind, spec, r, str(out), qc): r["case_id"] for kind, r in todo}
             for f in as_completed(futs):
                 cid = futs[f]
                 try:
@@ -261,10 +301,13 @@ def run_cohort(spec_path, out, cohort=None, input_dir=None, workers: int = 1, sh
     failed = [m for m in manifest_rows if m["status"] != "ok"]
     elapsed = time.perf_counter() - t0
     summary = {"ok": len(manifest_rows) - len(failed), "failed": len(failed), "skipped": skipped,
-               "processed": len(todo), "elapsed_s": elapsed, "manifest": str(target), "store": str(out),
+               "processed": len(todo) - converting, "elapsed_s": elapsed,
+               "converted": sum(kind == "convert" and results[r["case_id"]]["status"] == "ok" for kind, r in todo),
+               "manifest": str(target), "store": str(out), "storage": spec["storage"], "storage_from": storage_from,
                "failures": [(m["case_id"], m["error"]) for m in failed],
                "warnings": [(m["case_id"], m["warnings"]) for m in manifest_rows if m.get("warnings")],
-               "cases_per_min": (len(todo) / elapsed * 60.0) if todo and elapsed > 0 else None}
+               "cases_per_min": ((len(todo) - converting) / elapsed * 60.0)
+               if len(todo) > converting and elapsed > 0 else None}
     return summary
 
 
@@ -310,9 +353,12 @@ __all__ = ["run_cohort", "merge_shards", "process_case", "parse_shard", "shard_o
 
 def print_summary(summary: dict, log=print) -> None:
     rate = f", {summary['cases_per_min']:.1f} cases/min" if summary.get("cases_per_min") else ""
-    log(f"{summary['ok']} ok, {summary['failed']} failed, {summary['skipped']} already done "
+    conv = f", {summary['converted']} converted to the spec's storage" if summary.get("converted") else ""
+    log(f"{summary['ok']} ok, {summary['failed']} failed, {summary['skipped']} already done{conv} "
         f"({summary['processed']} processed in {summary['elapsed_s']:.1f} s{rate})")
     log(f"store:    {summary['store']}")
+    if summary.get("storage"):
+        log(f"storage:  {storage_summary(summary['storage'])} ({summary.get('storage_from')})")
     log(f"manifest: {summary['manifest']}")
     log(f"QC:       {Path(summary['store']) / 'qc'}")
     for cid, note in summary.get("warnings", []):

@@ -53,12 +53,16 @@ def load_foreground_locations(path, label: np.ndarray, label_path) -> dict[int, 
             locs = {int(k[1:]): z[k] for k in files if k.startswith("c")}
         ok = (tuple(shape) == tuple(label.shape[-3:]) and cap == FG_MAX_PER_CLASS
               and np.array_equal(stamp, _label_stamp(label_path)))
-        n = int(np.prod(label.shape[-3:]))
-        flat = np.asarray(label).reshape(-1) if label.ndim == 3 or label.shape[0] == 1 else None
+        grid = tuple(label.shape[-3:])
+        n = int(np.prod(grid))
+        single = label.ndim == 3 or label.shape[0] == 1
+        lead = (0,) * (label.ndim - 3)
         for c, idx in locs.items():
-            if not ok or flat is None:
+            if not ok or not single:
                 break
-            ok = idx.size > 0 and int(idx.max()) < n and int(idx.min()) >= 0 and bool(np.all(flat[idx[:8]] == c))
+            ok = idx.size > 0 and int(idx.max()) < n and int(idx.min()) >= 0
+            # spot checks voxel by voxel: a compressed label decodes only the blocks holding them
+            ok = ok and all(int(np.asarray(label[(*lead, *np.unravel_index(int(i), grid))])) == c for i in idx[:8])
     except Exception as exc:  # noqa: BLE001 - a bad side file must never stop training; recompute instead
         warnings.warn(f"{path}: unreadable foreground locations ({type(exc).__name__}: {exc}); recomputing them "
                       "from the label", UserWarning, stacklevel=2)

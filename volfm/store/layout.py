@@ -1,9 +1,10 @@
 """The on-disk store of preprocessed cases (layout in docs/ARCHITECTURE.md).
 
     STORE/manifest.csv   one row per case: case_id, status, error, shape, spacing, table columns
-    STORE/spec.yaml      resolved spec, its hash, the volfm version
+    STORE/spec.yaml      resolved spec (with its storage block), its hash, the volfm version
     STORE/cohort.csv     the cohort table the store was built from (for shard merging)
-    STORE/cases/<id>/    <input>.npy arrays (C, I, J, K) + meta.json
+    STORE/cases/<id>/    <input>.npy or <input>.b2nd arrays (C, I, J, K) + meta.json (``storage``: each array's
+                         encoding, see volfm.store.arrays)
     STORE/qc/<id>.png    orthogonal slices with the label overlaid
 
 A case folder is built under a temporary name and renamed into place, so a case folder that
@@ -11,82 +12,53 @@ exists is complete.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from volfm import VolfmError
-from volfm.io.atomic import save_npy_atomic, write_json_atomic
+from volfm.io.atomic import write_json_atomic
+from volfm.store.arrays import (
+    StoreError,
+    install_case_dir,
+    open_array,
+    read_case_meta,
+    remove_stale_temp,
+    storage_record,
+    write_array,
+)
 from volfm.store.cohort import read_table
+
+# StoreError, read_case_meta and remove_stale_temp live in volfm.store.arrays (which converts case folders too)
+__all__ = ["MANIFEST_FIRST", "CohortStore", "StoreError", "read_case_meta", "remove_stale_temp", "write_case_dir"]
 
 MANIFEST_FIRST = ["case_id", "status", "error", "shape", "spacing", "elapsed_s", "warnings"]
 
 
-class StoreError(VolfmError):
-    pass
-
-
 def write_case_dir(cases_dir: Path, case_id: str, arrays: dict[str, np.ndarray], meta: dict,
-                   extras: dict | None = None) -> Path:
+                   extras: dict | None = None, storage: dict | None = None) -> Path:
     """Write arrays + meta.json to cases/<id> atomically (build in a temp folder, then rename).
 
-    extras: {file name: writer(path)} for side files built with the case (e.g. label_fg.npz)."""
-    final = cases_dir / case_id
+    storage: the spec's storage block (None: npy as the pipeline made them); each array's record (encoding, sha256,
+    measured error) goes to meta.json ``storage.<name>``; a CT window in ``meta["intensity"]`` lets ``compact``
+    store integer levels. extras: {file name: writer(path)} for side files built with the case (e.g.
+    label_fg.npz), written after the arrays."""
+    cases_dir = Path(cases_dir)
     tmp = cases_dir / f".{case_id}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    intensity = meta.get("intensity") or {}
+    records = {}
     for name, arr in arrays.items():
-        save_npy_atomic(tmp / f"{name}.npy", arr)
+        arr = np.asarray(arr)
+        records[name] = write_array(tmp, name, arr, storage_record(storage, arr.dtype, intensity.get(name)))
     for fname, writer in (extras or {}).items():
         writer(tmp / fname)
-    write_json_atomic(tmp / "meta.json", meta)
-    if final.exists():
-        old = cases_dir / f".{case_id}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    return final
-
-
-_LEFTOVER = re.compile(r"^\.(?P<case_id>.+)\.(tmp|old)-\d+(\.png)?$")
-
-
-def remove_stale_temp(store_root, case_ids) -> list[Path]:
-    """Remove what a killed run left of the given cases: cases/.<id>.tmp-<pid>/, cases/.<id>.old-<pid>/
-    and qc/.<id>.tmp-<pid>.png. Call it only for cases this process is about to (re)write or skip,
-    never for another shard's cases (a concurrent run may be writing those)."""
-    wanted = set(case_ids)
-    removed = []
-    for d in (Path(store_root) / "cases", Path(store_root) / "qc"):
-        if not d.is_dir():
-            continue
-        for p in d.iterdir():
-            m = _LEFTOVER.match(p.name)
-            if m and m["case_id"] in wanted:
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-                removed.append(p)
-    return removed
-
-
-def read_case_meta(case_dir: Path) -> dict | None:
-    p = Path(case_dir) / "meta.json"
-    if not p.exists():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except (json.JSONDecodeError, OSError):
-        return None
+    write_json_atomic(tmp / "meta.json", {**meta, "storage": records})
+    return install_case_dir(cases_dir, case_id, tmp)
 
 
 class CohortStore:
@@ -128,12 +100,11 @@ class CohortStore:
             raise StoreError(f"{self.root}: case {case_id} has no readable meta.json; rerun volfm preprocess")
         return m
 
-    def array(self, case_id: str, name: str = "image", mmap: bool = True) -> np.ndarray:
-        p = self.root / "cases" / case_id / f"{name}.npy"
-        if not p.exists():
-            raise StoreError(f"{p}: missing array '{name}' for case {case_id}; rerun volfm preprocess")
-        try:
-            return np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise StoreError(f"{p}: corrupt array for case {case_id} ({exc}); rerun volfm preprocess "
-                             "with --overwrite for this store") from exc
+    def array(self, case_id: str, name: str = "image", mmap: bool = True, meta: dict | None = None):
+        """Array ``name`` of a case, decoded as the pipeline made it: an ``np.memmap`` for ``.npy`` files written as
+        is, a :class:`volfm.store.arrays.StoredArray` (decodes on read, partial reads of compressed chunks) for
+        other encodings; ``mmap=False`` reads it whole. ``meta``: the case's meta.json when the caller has it."""
+        case_dir = self.root / "cases" / case_id
+        meta = meta if meta is not None else read_case_meta(case_dir)
+        record = ((meta or {}).get("storage") or {}).get(name)
+        return open_array(case_dir, name, record, case_id=case_id, mmap=mmap)
