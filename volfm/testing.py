@@ -1,5 +1,6 @@
-"""Fixtures for tests (here and in user code): rotations, centred grid affines, index grids, and minimal valid
-DICOM series (CT, or PET with the dose tags SUV needs) written with pydicom."""
+"""Fixtures for tests (here and in user code): rotations, centred grid affines, index grids, minimal valid
+DICOM series (CT, or PET with the dose tags SUV needs), an SR object and a small study tree with a DICOMDIR,
+written with pydicom."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.fileset import FileSet
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -97,3 +99,81 @@ def pet_tags(ds, *, weight=True, units="BQML", decay="START"):
     info.RadionuclideHalfLife = f"{HALF_LIFE_S}"
     info.RadiopharmaceuticalStartTime = INJECTION
     ds.RadiopharmaceuticalInformationSequence = [info]
+
+
+SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+
+
+def write_sr(path, *, study_uid, patient_id="P001", patient_name="Test^Patient"):
+    """A minimal Comprehensive SR object (no pixels) in ``study_uid``: a non-image series for discovery tests."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fm = FileMetaDataset()
+    sop = generate_uid()
+    fm.MediaStorageSOPClassUID, fm.MediaStorageSOPInstanceUID = SR_STORAGE, sop
+    fm.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = fm
+    ds.SOPClassUID, ds.SOPInstanceUID = SR_STORAGE, sop
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
+    ds.Modality, ds.PatientID, ds.PatientName = "SR", patient_id, patient_name
+    ds.SeriesNumber, ds.InstanceNumber = 99, 1
+    ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return ds.SeriesInstanceUID
+
+
+def write_study_tree(root, staging) -> dict:
+    """A small hospital-style DICOM tree under ``root`` for discovery tests; returns {name: SeriesInstanceUID} plus
+    ``study_a``, ``study_b``, ``study_c``.
+
+    Study A (patient P001) is written through a DICOMDIR (pydicom's FileSet layout PT*/ST*/SE*/IM*; the files are
+    staged in ``staging``, outside ``root``): a coronal localizer (one slice), two 1 mm axial series that differ in
+    kernel (``thin_sharp`` B70f, ``thin_soft`` B30f, with contrast) and a 5 mm one (``thick``). Studies B (P002) and C
+    (P003) sit in nested folders without a DICOMDIR: B holds ``gap`` (2 mm axial, slice 4 of 8 missing), ``coronal``,
+    ``derived`` (axial, DERIVED), ``ok`` (2.5 mm axial, STANDARD) and an SR object (``sr``); C holds only
+    ``mixed`` (one slice tilted). Every file carries PatientName ``Doe^Jane`` and PatientBirthDate 19700101.
+    """
+    root, staging = Path(root), Path(staging)
+    rng = np.random.default_rng(0)
+    out = {"study_a": generate_uid(), "study_b": generate_uid(), "study_c": generate_uid()}
+    axial, coronal = ((1, 0, 0), (0, 1, 0)), ((1, 0, 0), (0, 0, -1))
+
+    def series(folder, name, study, patient, n, dz, dirs, *, image_type="ORIGINAL\\PRIMARY\\AXIAL", kernel="B30f",
+               contrast=False, tilt_instance=None):
+        def extra(ds):
+            ds.StudyInstanceUID, ds.PatientID = study, patient
+            ds.PatientName, ds.PatientBirthDate = "Doe^Jane", "19700101"
+            ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AcquisitionDate = "20240102", "101500", "1", "20240102"
+            ds.ImageType, ds.ConvolutionKernel, ds.SeriesDescription = image_type.split("\\"), kernel, name
+            if contrast:
+                ds.ContrastBolusAgent = "IODINE"
+            if tilt_instance is not None and ds.InstanceNumber == tilt_instance:
+                ds.ImageOrientationPatient = ["1", "0", "0", "0", "0.9", "0.4358899"]
+
+        kji = (rng.integers(-200, 200, (n, 8, 8)) + 40).astype(np.int16)
+        out[name] = write_dicom_series(folder, kji, (-7.0, -7.0, 0.0), dirs[0], dirs[1], (2.0, 2.0), dz,
+                                       intercept=-1024.0, extra=extra)
+
+    a = staging / "a"
+    series(a / "loc", "loc", out["study_a"], "P001", 1, 2.0, coronal, image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
+    series(a / "thin_sharp", "thin_sharp", out["study_a"], "P001", 12, 1.0, axial, kernel="B70f")
+    series(a / "thin_soft", "thin_soft", out["study_a"], "P001", 12, 1.0, axial, contrast=True)
+    series(a / "thick", "thick", out["study_a"], "P001", 4, 5.0, axial)
+    fs = FileSet()
+    for f in sorted(a.rglob("*.dcm")):
+        fs.add(f)
+    (root / "cdrom").mkdir(parents=True, exist_ok=True)
+    fs.write(root / "cdrom")
+
+    b = root / "P002" / "20240102" / "series"
+    series(b / "gap", "gap", out["study_b"], "P002", 8, 2.0, axial)
+    (b / "gap" / "004.dcm").unlink()
+    series(b / "coronal", "coronal", out["study_b"], "P002", 6, 2.0, coronal)
+    series(b / "derived", "derived", out["study_b"], "P002", 6, 1.5, axial, image_type="DERIVED\\SECONDARY\\AXIAL")
+    series(b / "ok" / "deeper", "ok", out["study_b"], "P002", 6, 2.5, axial, kernel="STANDARD")
+    out["sr"] = write_sr(b / "reports" / "sr.dcm", study_uid=out["study_b"], patient_id="P002",
+                         patient_name="Doe^Jane")
+    (b / "notes.txt").write_text("not DICOM")
+    series(root / "P003" / "mixed", "mixed", out["study_c"], "P003", 5, 2.0, axial, tilt_instance=3)
+    return out

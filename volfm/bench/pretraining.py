@@ -94,6 +94,7 @@ from volfm.tasks import (
     PretrainOptimConfig,
     PretrainTask,
 )
+from volfm.utils import progress_bar
 
 PROG = "volfm bench pretraining"
 OBJECTIVES = ("scratch", "icd", "contrastive", "multitask", "masked", "masked_enc", "hybrid", "mae")
@@ -456,7 +457,7 @@ def _check(args) -> None:
 def _run_pool(jobs: int, fn, items: list[dict], threads: int, desc: str, on_done) -> list[dict]:
     results = []
     if jobs == 1:
-        for kw in tqdm(items, desc=desc, unit="run", disable=not sys.stderr.isatty()):
+        for kw in progress_bar(items, desc=desc, unit="run"):
             r = fn(dict(kw), threads)
             on_done(r)
             results.append(r)
@@ -465,8 +466,7 @@ def _run_pool(jobs: int, fn, items: list[dict], threads: int, desc: str, on_done
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
     try:
         futures = [pool.submit(fn, dict(kw), threads) for kw in items]
-        for fut in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="run",
-                        disable=not sys.stderr.isatty()):
+        for fut in progress_bar(as_completed(futures), total=len(futures), desc=desc, unit="run"):
             r = fut.result()
             on_done(r)
             results.append(r)

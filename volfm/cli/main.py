@@ -1,4 +1,4 @@
-"""`volfm` command line: synth, preprocess, inspect, demo, evaluate, predict, export, convert, bench, and the
+"""`volfm` command line: synth, preprocess, scan, inspect, demo, evaluate, predict, export, convert, bench, and the
 training subcommands fit / validate / test (LightningCLI over recipe YAMLs).
 
 Errors a user can fix (VolfmError) print one line and exit 2; anything else is a bug and shows
@@ -83,6 +83,43 @@ def _convert_store(args) -> int:
     for cid, err in s["failures"]:
         print(f"FAILED {cid}: {err}")
     return 1 if s["failed"] else 0
+
+
+def _cmd_scan(args) -> int:
+    from volfm.io.dicomscan import SERIES_COLUMNS, scan_tree  # noqa: PLC0415 - deferred, see BENCHMARKS
+    from volfm.store.cohort import write_table  # noqa: PLC0415 - deferred, see BENCHMARKS
+    from volfm.store.selection import (  # noqa: PLC0415 - deferred, see BENCHMARKS
+        COHORT_COLUMNS,
+        cohort_rows,
+        load_rules,
+        select_series,
+    )
+
+    flags = {"per": args.per, "modality": _csv_list(args.modality), "orientation": _csv_list(args.orientation),
+             "image_type": args.image_type, "max_slice_thickness": args.max_thickness, "min_slices": args.min_slices,
+             "contrast": args.contrast, "prefer_kernels": _csv_list(args.prefer_kernels)}
+    rules = load_rules(args.rules, flags) if args.cohort else None  # bad rules fail before the (long) walk
+    if rules is None and (args.rules or any(v is not None for v in flags.values())):
+        raise VolfmError("selection rules (--rules, --per, --modality, ...) need --cohort COHORT.csv to write to")
+    rows, problems = scan_tree(args.root, hash_uids=args.hash_uids, progress=sys.stderr.isatty() and not args.quiet)
+    for line in problems:
+        print(f"volfm scan: warning: {line}", file=sys.stderr)
+    write_table(args.out, rows, list(SERIES_COLUMNS))
+    usable = sum(bool(r["usable"]) for r in rows)
+    print(f"{len(rows)} series ({usable} usable) in {len({r['study_uid'] for r in rows})} studies; table: {args.out}")
+    if rules is not None:
+        chosen, unmatched = select_series(rows, rules)
+        for line in unmatched:
+            print(f"volfm scan: warning: {line}", file=sys.stderr)
+        if not chosen:
+            raise VolfmError(f"{args.root}: no series passes the selection rules; nothing written to {args.cohort}")
+        write_table(args.cohort, cohort_rows(chosen, args.root, rules), list(COHORT_COLUMNS))
+        print(f"selected {len(chosen)} series (one per {rules['per']}); cohort table: {args.cohort}")
+    return 0
+
+
+def _csv_list(text):
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _cmd_inspect(args) -> int:
@@ -208,6 +245,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-qc", action="store_true", help="skip QC PNGs")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_preprocess)
+
+    s = sub.add_parser("scan", help="list the series of a DICOM tree (headers only) and optionally choose one per "
+                                    "study as a cohort table for volfm preprocess")
+    s.add_argument("root", help="root folder of a DICOM tree (any layout; a DICOMDIR is read when present)")
+    s.add_argument("--out", required=True, help="series table to write (CSV/TSV), one row per series")
+    s.add_argument("--cohort", help="also choose series by the rules and write this cohort table (case_id, image)")
+    s.add_argument("--rules", help="selection rules YAML (keys: per, modality, orientation, image_type, "
+                                   "max_slice_thickness, min_slices, contrast, prefer_kernels); flags replace its keys")
+    s.add_argument("--per", choices=["study", "patient", "series"], help="one series per study (default), patient, "
+                                                                         "or every passing series")
+    s.add_argument("--modality", help="comma-separated modalities, e.g. CT")
+    s.add_argument("--orientation", help="comma-separated: axial, coronal, sagittal, oblique")
+    s.add_argument("--image-type", choices=["original", "derived", "any"])
+    s.add_argument("--max-thickness", type=float, help="largest slice thickness in mm")
+    s.add_argument("--min-slices", type=int)
+    s.add_argument("--contrast", choices=["yes", "no", "any"])
+    s.add_argument("--prefer-kernels", help="comma-separated convolution kernels, best first (after the thinnest)")
+    s.add_argument("--hash-uids", action="store_true", help="write PatientID and the UIDs as SHA-256 prefixes "
+                                                            "(unsalted: pseudonyms, not anonymisation)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_scan)
 
     s = sub.add_parser("inspect", help="geometry, spacing, intensity stats and failures of a file or store")
     s.add_argument("paths", nargs="+")

@@ -39,7 +39,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import yaml
-from tqdm import tqdm
 
 from volfm import VolfmError
 from volfm.inference.sliding_window import predict_to_source
@@ -51,6 +50,7 @@ from volfm.preprocess.pipeline import Pipeline
 from volfm.preprocess.qc import render_case_png
 from volfm.preprocess.resample import resample_to_grid
 from volfm.tasks import load_task
+from volfm.utils import progress_bar
 
 __all__ = ["OutputUnits", "load_predictor", "output_units", "predict_files", "training_spec"]
 
@@ -281,7 +281,7 @@ def predict_files(model, inputs, out, config=None, store=None, device: str | Non
     kind = getattr(task, "output_kind", "label")
     label_out = kind == "label"
     suffix = "_seg" if label_out else "_synth"
-    for f in tqdm(files, desc="predict", unit="image", disable=not progress):
+    for f in progress_bar(files, desc="predict", unit="image", disable=not progress):
         t0 = time.perf_counter()
         case = re.sub(r"[^A-Za-z0-9._-]", "_", _stem(f))
         while case in used:  # two inputs with the same stem (a.nii and a.nii.gz) must not overwrite each other

@@ -29,7 +29,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from volfm import VolfmError
 from volfm.data.datamodules import collate_cases
@@ -48,6 +47,7 @@ from volfm.metrics.zeroshot import (
 from volfm.preprocess.qc import save_png
 from volfm.targets.icd import IcdVocabulary
 from volfm.tasks.pretrain import PretrainTask
+from volfm.utils import progress_bar
 
 __all__ = ["evaluate_pretraining", "extract"]
 
@@ -67,7 +67,7 @@ def extract(task, store, split, patch_size=None, batch_size: int = 4, num_worker
     task = task.to(device)
     out: dict[str, list] = {"features": [], "icd_score": [], "image_emb": [], "text_emb": []}
     codes, reports, ids = [], [], []
-    for batch in tqdm(loader, desc=f"features {split}", unit="batch", disable=not progress):
+    for batch in progress_bar(loader, desc=f"features {split}", unit="batch", disable=not progress):
         x = batch["image"].to(device)
         f = task.image_features(x)
         out["features"].append(f.float().cpu())

@@ -22,7 +22,6 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from volfm import VolfmError
 from volfm.data.dataset import StoreDataset
@@ -30,6 +29,7 @@ from volfm.data.degrade import degrade, parse_degradations
 from volfm.metrics.synthesis import synthesis_metrics
 from volfm.preprocess.qc import save_png
 from volfm.targets.labelmap import load_source_labels
+from volfm.utils import progress_bar
 
 __all__ = ["evaluate_synthesis"]
 
@@ -61,7 +61,7 @@ def evaluate_synthesis(task, raw: dict, ckpt, store=None, split: str = "test", d
     except VolfmError:
         pass
     per_case = []
-    for i, cid in enumerate(tqdm(ds.case_ids, desc=f"synthesis {split}", unit="case", disable=not progress)):
+    for i, cid in enumerate(progress_bar(ds.case_ids, desc=f"synthesis {split}", unit="case", disable=not progress)):
         case = ds[i]
         src = np.asarray(case[src_name], dtype=np.float32)
         tgt = np.asarray(case[tgt_name], dtype=np.float32)[0]

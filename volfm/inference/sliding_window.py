@@ -37,10 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from volfm.preprocess.pipeline import to_source_grid
-from volfm.utils import parse_triple
+from volfm.utils import parse_triple, progress_bar
 
 __all__ = ["grid_starts", "importance_map", "SlidingWindowInferer", "predict_to_source", "scan_interval"]
 
@@ -277,7 +276,7 @@ class SlidingWindowInferer:
         n_win = len(starts)
         batches = range(0, n_win, self.batch_size)
         if self.progress:
-            batches = tqdm(batches, desc="sliding window", unit="batch")
+            batches = progress_bar(batches, desc="sliding window", unit="batch")
         for bi, b0 in enumerate(batches):
             win = starts[b0:b0 + self.batch_size]
             k = bi % n_stage

@@ -38,14 +38,13 @@ from pathlib import Path
 import blosc2
 import numpy as np
 import yaml
-from tqdm.auto import tqdm
 
 from volfm import VolfmError
 from volfm.io.atomic import atomic_path, file_sha256, write_json_atomic, write_text_atomic
 from volfm.preprocess.spec import STORAGE_DEFAULTS, parse_storage_text, validate_storage, with_storage
 from volfm.store.cohort import read_table, write_table
 from volfm.store.foreground import FG_MAX_PER_CLASS, case_seed, foreground_locations, save_foreground_locations
-from volfm.utils import is_number
+from volfm.utils import is_number, progress_bar
 
 __all__ = ["StoreError", "DamagedCaseError", "StoredArray", "array_file", "open_array", "write_array",
            "storage_record", "decode", "blosc2_layout", "case_records", "needs_conversion", "verify_case",
@@ -742,7 +741,7 @@ def convert_store(root, storage, *, workers: int = 1, progress: bool = True) -> 
     todo = ok + retry
     t0 = time.perf_counter()
     results: dict[str, dict] = {}
-    bar = tqdm(total=len(todo), desc=f"convert {root.name} to {block['codec']} {block['dtype']}", unit="case",
+    bar = progress_bar(total=len(todo), desc=f"convert {root.name} to {block['codec']} {block['dtype']}", unit="case",
                disable=not progress)
     workers = max(1, int(workers))
     retried = set(retry)

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from volfm import VolfmError, __version__
 from volfm.io.atomic import write_text_atomic
@@ -52,6 +51,7 @@ from volfm.store.layout import (
     remove_stale_temp,
     write_case_dir,
 )
+from volfm.utils import progress_bar
 
 
 def shard_of(case_id: str, n: int) -> int:
@@ -266,7 +266,7 @@ def run_cohort(spec_path, out, cohort=None, input_dir=None, workers: int = 1, sh
     t0 = time.perf_counter()
     bar = None
     if progress:
-        bar = tqdm(total=len(todo), desc=f"preprocess {spec['name']}", unit="case")
+        bar = progress_bar(total=len(todo), desc=f"preprocess {spec['name']}", unit="case")
     workers = max(1, int(workers))
     if workers == 1 or len(todo) <= 1:
         for kind, r in todo:

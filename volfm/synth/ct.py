@@ -43,7 +43,6 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage as ndi
-from tqdm import tqdm
 
 from volfm import VolfmError
 from volfm.io import Volume, write_nifti
@@ -51,7 +50,7 @@ from volfm.io.affine import world_to_voxel
 from volfm.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 from volfm.store.splits import SPLIT_FRACTIONS  # noqa: F401 - re-exported
 from volfm.store.splits import assign_splits as _assign_splits
-from volfm.utils import parse_triple
+from volfm.utils import parse_triple, progress_bar
 
 
 class FindingSpec(NamedTuple):
@@ -1143,9 +1142,9 @@ def make_ct_cohort(out_dir, n_cases: int, seed: int = 0, shape=DEFAULT_SHAPE, wo
     bar = dict(total=n_cases, desc="synth CT", unit="case", disable=not progress)
     if int(workers) > 1:
         with ProcessPoolExecutor(max_workers=int(workers)) as ex:
-            rows = list(tqdm(ex.map(_write_case, jobs), **bar))
+            rows = list(progress_bar(ex.map(_write_case, jobs), **bar))
     else:
-        rows = [_write_case(j) for j in tqdm(jobs, **bar)]
+        rows = [_write_case(j) for j in progress_bar(jobs, **bar)]
     write_json_atomic(out / "labels.json", LABEL_IDS)
     write_text_atomic(out / "README.txt", _readme(n_cases, seed, shape))
     csv_path = out / "cohort.csv"

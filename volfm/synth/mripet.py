@@ -35,14 +35,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
-from tqdm import tqdm
 
 from volfm import VolfmError
 from volfm.io import Volume, write_nifti
 from volfm.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 from volfm.store.splits import SPLIT_FRACTIONS  # noqa: F401 - re-exported
 from volfm.store.splits import assign_splits as _assign_splits
-from volfm.utils import parse_triple
+from volfm.utils import parse_triple, progress_bar
 
 TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -373,7 +372,7 @@ def make_mripet_cohort(out_dir, n_cases: int, seed: int = 0, spacing=2.0, progre
     seeds = np.random.SeedSequence(int(seed)).spawn(n_cases)
     width = max(4, len(str(n_cases - 1)))
     rows = []
-    for i in tqdm(range(n_cases), desc="synth MRI/PET", unit="case", disable=not progress):
+    for i in progress_bar(range(n_cases), desc="synth MRI/PET", unit="case", disable=not progress):
         case_id = f"mripet_{i:0{width}d}"
         case = make_mripet_case(seeds[i], case_id, spacing=sp)
         rel = {key: f"{key}/{case_id}.nii.gz" for key in ("mri", "pet", "label")}
