@@ -340,14 +340,19 @@ def _run_workers(out, timeout):
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
     # one retry in a fresh folder: on a loaded 2-core machine a gloo rendezvous over loopback has been seen to
-    # stall once; a real deadlock in the code under test stalls both attempts and fails
+    # stall once, and a rank has been seen to abort in gloo's C++ teardown ("terminate called without an active
+    # exception", SIGABRT; a fresh-clone CI run of 2026-12-04, not reproduced in 3 reruns); a real deadlock or error
+    # in the code under test fails both attempts
     for _attempt in range(2):
         out = tmp_path_factory.mktemp("ddp")
         procs, logs = _run_workers(out, timeout=90)
-        if logs is not None:
+        if logs is None:
+            continue
+        if not any(p.returncode == -6 and "terminate called" in log for p, log in zip(procs, logs)):
             break
     else:
-        pytest.fail("the 2-process gloo run did not finish in 90 s, twice (a collective left waiting?)")
+        if logs is None:
+            pytest.fail("the 2-process gloo run did not finish in 90 s, twice (a collective left waiting?)")
     for r, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
