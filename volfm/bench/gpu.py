@@ -316,11 +316,6 @@ class _Ctx:
         self.workers = args.workers if args.workers is not None else (min(8, max(1, cpus - 2)) if not self.dry else 0)
 
 
-def _sync(ctx):
-    if ctx.cuda:
-        torch.cuda.synchronize()
-
-
 def _cuda_ms(fn, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
@@ -437,10 +432,6 @@ def _store_spec(ctx) -> Path:
     return path
 
 
-def _store_bytes(root: Path) -> int:
-    return sum(f.stat().st_size for f in (root / "cases").rglob("*") if f.is_file() and f.suffix in (".npy", ".b2nd"))
-
-
 def step_store(ctx) -> dict:
     from volfm.store.arrays import convert_store  # noqa: PLC0415
     from volfm.store.build import run_cohort  # noqa: PLC0415
@@ -467,8 +458,11 @@ def step_store(ctx) -> dict:
     stores["blosc2"] = {"path": str(b2), "cases": conv["converted"] + conv["skipped"],
                         "seconds": time.perf_counter() - t0, "failed": conv["failed"]}
     res["check_failed"] |= bool(conv["failed"])
+    # convert_store reports the array files' bytes before and after, case by case (the same cases on both sides)
+    converted = max(1, stores["blosc2"]["cases"])
+    stores["npy"]["bytes_per_case"] = conv["bytes_before"] / converted
+    stores["blosc2"]["bytes_per_case"] = conv["bytes_after"] / converted
     for s in stores.values():
-        s["bytes_per_case"] = _store_bytes(Path(s["path"])) / max(1, s["cases"])
         s["ratio"] = s["bytes_per_case"] / stores["npy"]["bytes_per_case"]
     return res
 
