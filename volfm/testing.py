@@ -1,6 +1,6 @@
 """Fixtures for tests (here and in user code): rotations, centred grid affines, index grids, minimal valid
-DICOM series (CT, or PET with the dose tags SUV needs), an SR object and a small study tree with a DICOMDIR,
-written with pydicom."""
+DICOM series (CT, or PET with the dose tags SUV needs), an Enhanced CT multi-frame file, an SR object, a small
+study tree with a DICOMDIR and a study whose two series share one folder, written with pydicom."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,11 +39,24 @@ def index_grid(shape) -> np.ndarray:
     return np.stack(np.meshgrid(*[np.arange(n) for n in shape[:3]], indexing="ij"), axis=-1)
 
 
+def dicom_dataset(sop_class: str) -> Dataset:
+    """An empty dataset of ``sop_class`` with a fresh SOPInstanceUID and its file meta (explicit VR little endian)."""
+    fm = FileMetaDataset()
+    sop = generate_uid()
+    fm.MediaStorageSOPClassUID, fm.MediaStorageSOPInstanceUID = sop_class, sop
+    fm.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = fm
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop
+    return ds
+
+
 def write_dicom_series(folder, kji, origin, row_dir, col_dir, pixel_spacing, dz, *, modality="CT",
-                       slopes=None, intercept=0.0, extra=None, series_uid=None, reverse_files=False):
+                       slopes=None, intercept=0.0, extra=None, series_uid=None, reverse_files=False, prefix=""):
     """Minimal valid single-frame series: one file per slice k, array kji[k] is (Rows, Columns).
 
-    pixel_spacing = (row spacing, column spacing) as in DICOM PixelSpacing.
+    pixel_spacing = (row spacing, column spacing) as in DICOM PixelSpacing. Files are ``<prefix>000.dcm``, ... (a
+    prefix lets several series share one folder).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -54,14 +67,7 @@ def write_dicom_series(folder, kji, origin, row_dir, col_dir, pixel_spacing, dz,
     nz, nr, nc = kji.shape
     sop_class = CT_STORAGE if modality == "CT" else PET_STORAGE
     for k in range(nz):
-        fm = FileMetaDataset()
-        sop = generate_uid()
-        fm.MediaStorageSOPClassUID = sop_class
-        fm.MediaStorageSOPInstanceUID = sop
-        fm.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = fm
-        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop
+        ds = dicom_dataset(sop_class)
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series_uid, frame
         ds.Modality = modality
         ds.PatientID, ds.PatientName = "P001", "Test^Patient"
@@ -78,7 +84,7 @@ def write_dicom_series(folder, kji, origin, row_dir, col_dir, pixel_spacing, dz,
         if extra is not None:
             extra(ds)
         ds.PixelData = kji[k].astype("<i2").tobytes()
-        name = f"{(nz - 1 - k) if reverse_files else k:03d}.dcm"
+        name = f"{prefix}{(nz - 1 - k) if reverse_files else k:03d}.dcm"
         pydicom.dcmwrite(folder / name, ds, enforce_file_format=True)
     return series_uid
 
@@ -101,6 +107,80 @@ def pet_tags(ds, *, weight=True, units="BQML", decay="START"):
     ds.RadiopharmaceuticalInformationSequence = [info]
 
 
+ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+def write_multiframe(path, kji, origin, row_dir, col_dir, pixel_spacing, dz, *, frame_order=None, slopes=None,
+                     intercepts=None, per_frame_geometry=False, positions=True, stack_ids=None, series_uid=None,
+                     extra=None):
+    """Minimal Enhanced CT multi-frame file written by hand with pydicom; returns its SeriesInstanceUID.
+
+    Slice k of ``kji`` (k along the normal; geometry as in :func:`write_dicom_series`) is stored as frame f where
+    ``frame_order[f] == k`` (default: in order; a permutation shuffles the frames, a subset leaves some out, a repeat
+    duplicates one). ``slopes``/``intercepts``: one per slice k, written in each frame's
+    PixelValueTransformationSequence (None and None: one shared slope 1, intercept -1024). ``per_frame_geometry``:
+    orientation and pixel measures in every frame's groups instead of the shared ones. ``positions=False`` leaves
+    out the PlanePositionSequence (a file without geometry). ``stack_ids``: one StackID per stored frame.
+    ``extra(ds)`` edits the dataset before it is written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nz, nr, nc = kji.shape
+    order = list(range(nz)) if frame_order is None else list(frame_order)
+    row_dir, col_dir = np.asarray(row_dir, float), np.asarray(col_dir, float)
+    normal = np.cross(row_dir, col_dir)
+    ds = dicom_dataset(ENHANCED_CT_STORAGE)
+    ds.StudyInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.Modality, ds.PatientID, ds.PatientName = "CT", "P001", "Test^Patient"
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.NumberOfFrames = len(order)
+    ds.Rows, ds.Columns = nr, nc
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+
+    def item(**values):
+        out = Dataset()
+        for key, value in values.items():
+            setattr(out, key, value)
+        return out
+
+    measures = item(PixelSpacing=[f"{pixel_spacing[0]}", f"{pixel_spacing[1]}"], SliceThickness=f"{dz}")
+    orientation = item(ImageOrientationPatient=[f"{v:.6f}" for v in (*row_dir, *col_dir)])
+    shared = Dataset()
+    if not per_frame_geometry:
+        shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = [measures], [orientation]
+    per_frame_rescale = slopes is not None or intercepts is not None
+    if not per_frame_rescale:
+        shared.PixelValueTransformationSequence = [item(RescaleSlope="1", RescaleIntercept="-1024", RescaleType="HU")]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for f, k in enumerate(order):
+        groups = Dataset()
+        if positions:
+            groups.PlanePositionSequence = [item(ImagePositionPatient=[
+                f"{v:.6f}" for v in np.asarray(origin, float) + k * dz * normal])]
+        if per_frame_geometry:
+            groups.PixelMeasuresSequence = [item(PixelSpacing=measures.PixelSpacing, SliceThickness=f"{dz}")]
+            groups.PlaneOrientationSequence = [item(ImageOrientationPatient=orientation.ImageOrientationPatient)]
+        if per_frame_rescale:
+            groups.PixelValueTransformationSequence = [item(
+                RescaleSlope=f"{1.0 if slopes is None else slopes[k]}",
+                RescaleIntercept=f"{-1024.0 if intercepts is None else intercepts[k]}", RescaleType="HU")]
+        content = item(InStackPositionNumber=f + 1)
+        if stack_ids is not None:
+            content.StackID = str(stack_ids[f])
+        groups.FrameContentSequence = [content]
+        frames.append(groups)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.PixelData = np.stack([kji[k] for k in order]).astype("<i2").tobytes()
+    if extra is not None:
+        extra(ds)
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return ds.SeriesInstanceUID
+
+
 SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
 
 
@@ -108,13 +188,7 @@ def write_sr(path, *, study_uid, patient_id="P001", patient_name="Test^Patient")
     """A minimal Comprehensive SR object (no pixels) in ``study_uid``: a non-image series for discovery tests."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fm = FileMetaDataset()
-    sop = generate_uid()
-    fm.MediaStorageSOPClassUID, fm.MediaStorageSOPInstanceUID = SR_STORAGE, sop
-    fm.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = fm
-    ds.SOPClassUID, ds.SOPInstanceUID = SR_STORAGE, sop
+    ds = dicom_dataset(SR_STORAGE)
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
     ds.Modality, ds.PatientID, ds.PatientName = "SR", patient_id, patient_name
     ds.SeriesNumber, ds.InstanceNumber = 99, 1
@@ -176,4 +250,25 @@ def write_study_tree(root, staging) -> dict:
                          patient_name="Doe^Jane")
     (b / "notes.txt").write_text("not DICOM")
     series(root / "P003" / "mixed", "mixed", out["study_c"], "P003", 5, 2.0, axial, tilt_instance=3)
+    return out
+
+
+def write_shared_folder_study(folder, *, patient_id="P010") -> dict:
+    """One CT study whose two axial series share ``folder`` (as many PACS exports write them): ``thin`` (10 slices of
+    1 mm, files ``thin*.dcm``, voxels 100) and ``thick`` (4 slices of 3 mm, files ``thick*.dcm``, voxels -100, so a
+    store shows which one was read), both 4x4 pixels of 2 mm, with PatientName ``Doe^Jane``. Returns
+    {"study", "thin", "thick"} -> UIDs."""
+    folder = Path(folder)
+    out = {"study": generate_uid()}
+
+    def extra(ds):
+        ds.StudyInstanceUID, ds.PatientID = out["study"], patient_id
+        ds.PatientName, ds.PatientBirthDate = "Doe^Jane", "19700101"
+        ds.StudyDate, ds.AcquisitionDate = "20240305", "20240305"
+        ds.ImageType, ds.ConvolutionKernel = ["ORIGINAL", "PRIMARY", "AXIAL"], "B30f"
+
+    for name, n, dz, value in (("thin", 10, 1.0, 100), ("thick", 4, 3.0, -100)):
+        kji = np.full((n, 4, 4), value, np.int16)
+        out[name] = write_dicom_series(folder, kji, (-3.0, -3.0, 0.0), (1, 0, 0), (0, 1, 0), (2.0, 2.0), dz,
+                                       extra=extra, prefix=name)
     return out

@@ -119,7 +119,9 @@ def test_preprocess_exit_0_when_all_ok(cohort, tmp_path, capsys):
     assert rc == 0, captured.err
     assert captured.out.splitlines()[0].startswith("2 ok, 0 failed, 0 already done (2 processed in ")
     assert "cases/min" in captured.out and "FAILED" not in captured.out
-    assert sorted(p.name for p in (out / "qc").iterdir()) == ["ct0.png", "ct1.png"]
+    assert sorted(p.name for p in (out / "qc").iterdir()) == ["ct0.png", "ct1.png", "index.html", "index.json",
+                                                             "stats_cache.json"]
+    assert f"gallery:  {out / 'qc' / 'index.html'}" in captured.out
     assert np.load(out / "cases" / "ct1" / "image.npy", mmap_mode="r").shape == (1, 32, 32, 16)
 
 

@@ -97,3 +97,17 @@ def test_no_dicom_is_one_error(tmp_path):
         scan_tree(tmp_path)
     with pytest.raises(ScanError, match="not a folder"):
         scan_tree(tmp_path / "a.txt")
+
+
+@pytest.mark.parametrize("dates, want", [("full", "20240102"), ("year", "2024"), ("none", "")])
+def test_dates_are_full_year_or_none(tree, dates, want):
+    root, _ = tree
+    rows, _ = scan_tree(root, dates=dates)
+    assert {r["acquisition_date"] for r in rows if r["modality"] == "CT"} == {want}
+    if dates != "full":
+        assert "20240102" not in repr([{k: v for k, v in r.items() if k != "folder"} for r in rows])
+
+
+def test_bad_dates_choice_is_one_error(tree):
+    with pytest.raises(ScanError, match=r"dates='month': expected one of full, year, none"):
+        scan_tree(tree[0], dates="month")

@@ -320,8 +320,10 @@ def test_qc_png_per_ok_case(built, cohort):
     import matplotlib.image as mpimg
 
     store, _ = built
-    pngs = sorted(p.name for p in (store / "qc").iterdir())
+    pngs = sorted(p.name for p in (store / "qc").glob("*.png"))
     assert pngs == sorted(f"{cid}.png" for cid in cohort.good)
+    others = sorted(p.name for p in (store / "qc").iterdir() if p.suffix != ".png")
+    assert others == ["index.html", "index.json", "stats_cache.json"]  # the gallery (volfm.store.gallery)
     for name in pngs[:2]:
         data = (store / "qc" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and b"IHDR" in data[:32] and b"IEND" in data[-12:]

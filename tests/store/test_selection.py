@@ -11,7 +11,7 @@ import yaml
 from volfm.cli.main import main
 from volfm.configs import SPECS_DIR
 from volfm.io.dicomscan import scan_tree
-from volfm.store.selection import SelectionError, load_rules, select_series
+from volfm.store.selection import SelectionError, load_rules, load_series_table, select_series
 from volfm.testing import write_study_tree
 
 
@@ -96,10 +96,10 @@ def test_scan_cli_cohort_preprocesses_end_to_end(tree, tmp_path, capsys):
     series = read_csv(out)
     assert len(series) == 10 and {r["usable"] for r in series} == {"True", "False"}
     table = read_csv(cohort)
-    assert list(table[0]) == ["case_id", "image", "patient_id", "study_uid", "series_uid", "modality",
+    assert list(table[0]) == ["case_id", "image", "image_series_uid", "patient_id", "study_uid", "modality",
                               "selected_reason"]
-    assert {r["case_id"]: r["series_uid"] for r in table} == {uids["study_a"]: uids["thin_soft"],
-                                                              uids["study_b"]: uids["ok"]}
+    assert {r["case_id"]: r["image_series_uid"] for r in table} == {uids["study_a"]: uids["thin_soft"],
+                                                                    uids["study_b"]: uids["ok"]}
 
     spec = yaml.safe_load((SPECS_DIR / "ct_merlin.yaml").read_text())
     spec.update(spacing=[2.0, 2.0, 2.0], crop={"size": [8, 8, 8], "mode": "center"})
@@ -112,7 +112,7 @@ def test_scan_cli_cohort_preprocesses_end_to_end(tree, tmp_path, capsys):
     assert all(r["status"] == "ok" for r in manifest)
     for r in table:
         meta = json.loads((store / "cases" / r["case_id"] / "meta.json").read_text())
-        assert meta["source"]["image"]["series_id"] == r["series_uid"]
+        assert meta["source"]["image"]["series_id"] == r["image_series_uid"]
 
     # nothing identifying left the headers: not in the tables, the manifest, meta.json, spec or QC pictures
     files = [out, cohort, *store.rglob("*")]
@@ -142,3 +142,72 @@ def test_scan_cli_hash_uids_and_errors(tree, tmp_path, capsys):
     assert not (tmp_path / "s2.csv").exists()  # bad rules fail before the walk
     assert main(["scan", str(root), "--out", str(tmp_path / "s3.csv"), "--modality", "CT"]) == 2
     assert "need --cohort" in capsys.readouterr().err
+
+
+def test_from_series_chooses_again_without_walking(tree, tmp_path, capsys):
+    root, uids = tree
+    series, first, again = tmp_path / "series.csv", tmp_path / "c1.csv", tmp_path / "c2.csv"
+    assert main(["scan", str(root), "--out", str(series), "--cohort", str(first), "--modality", "CT",
+                 "--orientation", "axial", "--max-thickness", "3", "--dates", "year"]) == 0
+    assert {r["acquisition_date"] for r in read_csv(series) if r["modality"] == "CT"} == {"2024"}
+    # the same rules from the saved table give the same cohort; the table may lose columns selection does not read
+    rows = read_csv(series)
+    with open(series, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, [c for c in rows[0] if c not in ("acquisition_date", "series_description")],
+                           extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    capsys.readouterr()
+    assert main(["scan", str(root), "--from-series", str(series), "--cohort", str(again), "--modality", "CT",
+                 "--orientation", "axial", "--max-thickness", "3"]) == 0
+    assert "10 series (6 usable) read from" in capsys.readouterr().out
+    assert read_csv(again) == read_csv(first)
+    # other rules on the same table; a root that does not hold the chosen folders is refused
+    assert main(["scan", str(root), "--from-series", str(series), "--cohort", str(again), "--per", "series",
+                 "--image-type", "derived"]) == 0
+    assert [r["image_series_uid"] for r in read_csv(again)] == [uids["derived"]]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["scan", str(empty), "--from-series", str(series), "--cohort", str(again)]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("volfm scan: error: ") and "none of the 2 chosen series folders is under it" in last
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda rows: [{k: v for k, v in r.items() if k != "usable"} for r in rows],
+     r"series\.csv: column\(s\) 'usable' missing \(columns: "),
+    (lambda rows: [{**r, "slice_count": "many"} if i == 1 else r for i, r in enumerate(rows)],
+     r"series\.csv: row 3, column 'slice_count': 'many' is not a whole number"),
+    (lambda rows: [{**r, "usable": "maybe"} for r in rows], r"series\.csv: row 2, column 'usable': 'maybe' is not True"),
+    (lambda rows: [{**r, "slice_thickness": "-1"} for r in rows], r"row 2, column 'slice_thickness': '-1' is not a"),
+    (lambda rows: [{**r, "folder": ""} for r in rows], r"series\.csv: row 2, column 'folder' is empty"),
+    (lambda rows: rows + rows[:1], r"series\.csv: series_uid .* on rows 2 and 12"),
+    (lambda rows: [], r"series\.csv: series table has no rows"),
+])
+def test_from_series_malformed_table_names_file_and_column(tree, tmp_path, capsys, edit, message):
+    root, _ = tree
+    series = tmp_path / "series.csv"
+    rows, _ = scan_tree(root)
+    rows = edit([{k: "" if v is None else str(v) for k, v in r.items()} for r in rows])
+    with open(series, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, list(rows[0]) if rows else ["series_uid"])
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(SelectionError, match=message) as info:
+        load_series_table(series)
+    assert "\n" not in str(info.value)
+    assert main(["scan", str(root), "--from-series", str(series), "--cohort", str(tmp_path / "c.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "series.csv" in err
+
+
+def test_from_series_flag_errors(tree, tmp_path, capsys):
+    root, _ = tree
+    assert main(["scan", str(root), "--from-series", str(tmp_path / "nope.csv"), "--cohort", str(tmp_path / "c.csv")]) == 2
+    assert "nope.csv: series table not found" in capsys.readouterr().err
+    assert main(["scan", str(root), "--from-series", "s.csv", "--out", "o.csv", "--hash-uids", "--cohort", "c.csv"]) == 2
+    assert "drop --out, --hash-uids" in capsys.readouterr().err
+    assert main(["scan", str(root), "--from-series", "s.csv"]) == 2
+    assert "--from-series needs --cohort" in capsys.readouterr().err
+    assert main(["scan", str(root)]) == 2
+    assert "volfm scan needs --out" in capsys.readouterr().err

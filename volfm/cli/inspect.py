@@ -1,6 +1,6 @@
 """`volfm inspect PATH`: geometry and intensity of an image file, a store, or one stored case (with how its arrays
 are stored: codec, encoding, bytes; ``--verify`` checks every array file against the sha256 recorded when it was
-written)."""
+written); ``--html`` writes a store's QC gallery (volfm.store.gallery)."""
 from __future__ import annotations
 
 import collections
@@ -12,6 +12,7 @@ import numpy as np
 from volfm.io import affine as geo
 from volfm.io.readers import describe_nifti_header, read_volume
 from volfm.store.arrays import case_records, open_array, storage_summary, verify_case
+from volfm.store.gallery import write_gallery
 from volfm.store.layout import CohortStore, StoreError, read_case_meta
 
 
@@ -172,6 +173,23 @@ def inspect_case(case_dir: Path, verify: bool = False) -> str:
     if meta.get("intensity"):
         lines.append(f"intensity {json.dumps(meta['intensity'])}")
     return "\n".join(lines)
+
+
+def store_gallery(path, progress: bool = True) -> str:
+    """``volfm inspect STORE --html``: write the store's QC gallery (qc/index.html, qc/index.json) and return the
+    line naming it. StoreError (one line) when ``path`` is not a store."""
+    path = Path(path)
+    if not (path.is_dir() and (path / "manifest.csv").exists()):
+        if path.is_dir() and (path / "manifests").is_dir():
+            raise StoreError(f"{path}: sharded store without manifest.csv; run volfm preprocess --merge --out {path} "
+                             "(it writes the gallery too)")
+        raise StoreError(f"{path}: --html writes the QC gallery of a store (a folder with manifest.csv), not of "
+                         f"{'a folder without one' if path.is_dir() else 'a file' if path.exists() else 'a missing path'}")
+    page = write_gallery(path, progress=progress)
+    with open(page.parent / "index.json", encoding="utf-8") as f:
+        counts = json.load(f)["counts"]
+    failed = f"{counts['failed']} failed, listed first; " if counts["failed"] else "none failed; "
+    return f"QC gallery of {counts['cases']} cases ({failed}{counts['with_statistics']} with outlier scores): {page}"
 
 
 def inspect_path(path, verify: bool = False) -> str:

@@ -92,28 +92,58 @@ def _cmd_scan(args) -> int:
         COHORT_COLUMNS,
         cohort_rows,
         load_rules,
+        load_series_table,
         select_series,
     )
 
     flags = {"per": args.per, "modality": _csv_list(args.modality), "orientation": _csv_list(args.orientation),
              "image_type": args.image_type, "max_slice_thickness": args.max_thickness, "min_slices": args.min_slices,
              "contrast": args.contrast, "prefer_kernels": _csv_list(args.prefer_kernels)}
+    if args.from_series:
+        given = [f for f, v in (("--out", args.out), ("--hash-uids", args.hash_uids), ("--dates", args.dates)) if v]
+        if given:
+            raise VolfmError(f"--from-series chooses again from a saved series table (its ids and dates as saved) and "
+                             f"writes only --cohort; drop {', '.join(given)}")
+        if not args.cohort:
+            raise VolfmError("--from-series needs --cohort COHORT.csv to write the chosen series to")
+    elif not args.out:
+        raise VolfmError("volfm scan needs --out SERIES.csv (or --from-series SERIES.csv --cohort COHORT.csv to choose "
+                         "again from a saved table)")
     rules = load_rules(args.rules, flags) if args.cohort else None  # bad rules fail before the (long) walk
     if rules is None and (args.rules or any(v is not None for v in flags.values())):
         raise VolfmError("selection rules (--rules, --per, --modality, ...) need --cohort COHORT.csv to write to")
-    rows, problems = scan_tree(args.root, hash_uids=args.hash_uids, progress=sys.stderr.isatty() and not args.quiet)
-    for line in problems:
-        print(f"volfm scan: warning: {line}", file=sys.stderr)
-    write_table(args.out, rows, list(SERIES_COLUMNS))
-    usable = sum(bool(r["usable"]) for r in rows)
-    print(f"{len(rows)} series ({usable} usable) in {len({r['study_uid'] for r in rows})} studies; table: {args.out}")
+    if args.from_series:
+        if not Path(args.root).is_dir():
+            raise VolfmError(f"{args.root}: not a folder; give the root the series table {args.from_series} was "
+                             "scanned from (its folder column is relative to it)")
+        rows, source = load_series_table(args.from_series), args.from_series
+        print(f"{len(rows)} series ({sum(bool(r['usable']) for r in rows)} usable) read from {args.from_series}")
+    else:
+        rows, problems = scan_tree(args.root, hash_uids=args.hash_uids, dates=args.dates or "full",
+                                   progress=sys.stderr.isatty() and not args.quiet)
+        for line in problems:
+            print(f"volfm scan: warning: {line}", file=sys.stderr)
+        write_table(args.out, rows, list(SERIES_COLUMNS))
+        usable = sum(bool(r["usable"]) for r in rows)
+        print(f"{len(rows)} series ({usable} usable) in {len({r['study_uid'] for r in rows})} studies; "
+              f"table: {args.out}")
+        source = args.root
     if rules is not None:
         chosen, unmatched = select_series(rows, rules)
         for line in unmatched:
             print(f"volfm scan: warning: {line}", file=sys.stderr)
         if not chosen:
-            raise VolfmError(f"{args.root}: no series passes the selection rules; nothing written to {args.cohort}")
-        write_table(args.cohort, cohort_rows(chosen, args.root, rules), list(COHORT_COLUMNS))
+            raise VolfmError(f"{source}: no series passes the selection rules; nothing written to {args.cohort}")
+        cohort = cohort_rows(chosen, args.root, rules)
+        if args.from_series:
+            gone = [r["image"] for r in cohort if not Path(r["image"]).is_dir()]
+            if len(gone) == len(cohort):
+                raise VolfmError(f"{args.root}: none of the {len(gone)} chosen series folders is under it (e.g. "
+                                 f"{gone[0]}); give the root {args.from_series} was scanned from")
+            for g in gone:
+                print(f"volfm scan: warning: {g}: series folder not found; that case will fail in volfm preprocess",
+                      file=sys.stderr)
+        write_table(args.cohort, cohort, list(COHORT_COLUMNS))
         print(f"selected {len(chosen)} series (one per {rules['per']}); cohort table: {args.cohort}")
     return 0
 
@@ -123,12 +153,14 @@ def _csv_list(text):
 
 
 def _cmd_inspect(args) -> int:
-    from volfm.cli.inspect import inspect_path  # noqa: PLC0415 - deferred, see BENCHMARKS
+    from volfm.cli.inspect import inspect_path, store_gallery  # noqa: PLC0415 - deferred, see BENCHMARKS
 
+    if args.html and args.verify:
+        raise VolfmError("volfm inspect: give --html (write a store's QC gallery) or --verify, not both")
     rc = 0
     for p in args.paths:  # one unreadable path does not hide the others
         try:
-            print(inspect_path(p, verify=args.verify))
+            print(store_gallery(p, progress=not args.quiet) if args.html else inspect_path(p, verify=args.verify))
         except VolfmError as exc:
             if len(args.paths) == 1:
                 raise
@@ -161,13 +193,16 @@ def _cmd_predict(args) -> int:
         raise VolfmError("volfm predict needs exactly one of --model MODEL_DIR (a package from volfm export / volfm "
                          "convert) and --ckpt_path CKPT (a checkpoint from volfm fit)")
     s = predict_files(args.model or args.ckpt_path, args.input, args.out, config=args.config, store=args.store,
-                      device=args.device, qc=not args.no_qc, progress=not args.quiet, target=args.target)
+                      device=args.device, qc=not args.no_qc, progress=not args.quiet, target=args.target,
+                      dicom_seg=not args.no_dicom_seg)
     for r in s["outputs"]:
         extra = "".join(f", {k} {v:.3f}" for k, v in (r.get("metrics") or {}).items())
         if "top_classes" in r:
             extra += ", top: " + "; ".join(f"{c['class']} {c['description'][:30]} {c['probability']:.2f}".replace("  ", " ")
                                            for c in r["top_classes"][:3])
         shape = f" {tuple(r['shape'])}" if "shape" in r else ""
+        if r.get("dicom_seg"):
+            extra += f"; DICOM SEG {r['dicom_seg']}"
         print(f"{r['input']} -> {r['output']}{shape} ({r['seconds']} s{extra})")
     for name, path in (s.get("tables") or {}).items():
         print(f"{name}: {path}")
@@ -249,8 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("scan", help="list the series of a DICOM tree (headers only) and optionally choose one per "
                                     "study as a cohort table for volfm preprocess")
     s.add_argument("root", help="root folder of a DICOM tree (any layout; a DICOMDIR is read when present)")
-    s.add_argument("--out", required=True, help="series table to write (CSV/TSV), one row per series")
-    s.add_argument("--cohort", help="also choose series by the rules and write this cohort table (case_id, image)")
+    s.add_argument("--out", help="series table to write (CSV/TSV), one row per series; folder relative to root")
+    s.add_argument("--cohort", help="also choose series by the rules and write this cohort table (case_id, image, "
+                                    "image_series_uid, ...)")
+    s.add_argument("--from-series", metavar="SERIES_CSV", help="choose again from a series table an earlier "
+                                                               "volfm scan --out wrote, without walking root "
+                                                               "(needs --cohort; root is the tree it was scanned from)")
     s.add_argument("--rules", help="selection rules YAML (keys: per, modality, orientation, image_type, "
                                    "max_slice_thickness, min_slices, contrast, prefer_kernels); flags replace its keys")
     s.add_argument("--per", choices=["study", "patient", "series"], help="one series per study (default), patient, "
@@ -264,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefer-kernels", help="comma-separated convolution kernels, best first (after the thinnest)")
     s.add_argument("--hash-uids", action="store_true", help="write PatientID and the UIDs as SHA-256 prefixes "
                                                             "(unsalted: pseudonyms, not anonymisation)")
+    s.add_argument("--dates", choices=["full", "year", "none"], help="acquisition_date as YYYYMMDD (full, the "
+                                                                      "default), YYYY (year) or left empty (none)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_scan)
 
@@ -271,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+")
     s.add_argument("--verify", action="store_true", help="check a case's (a store's) array files against the sha256 "
                                                          "recorded when they were written")
+    s.add_argument("--html", action="store_true", help="write a store's QC gallery, STORE/qc/index.html (failed cases "
+                                                       "first, every case's QC picture, sortable by outlier score), "
+                                                       "and print its path")
+    s.add_argument("--quiet", action="store_true", help="--html: no progress lines")
     s.set_defaults(fn=_cmd_inspect)
 
     s = sub.add_parser("demo", help="run the pipeline end to end on an embedded synthetic cohort (CPU)")
@@ -312,13 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="a model package folder (volfm export, volfm convert merlin): needs no store")
     s.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", help="a checkpoint written by volfm fit")
     s.add_argument("--input", required=True, help="an image file (NIfTI/NRRD/MHA), a DICOM folder, or a folder of them")
-    s.add_argument("--out", required=True, help="output folder (<name>_seg.nii.gz, <name>_qc.png, predictions.json)")
+    s.add_argument("--out", required=True, help="output folder (<name>_seg.nii.gz, for a DICOM series also <name>_seg.dcm, "
+                                                "<name>_qc.png, predictions.json)")
     s.add_argument("--store", help="the training store, whose spec.yaml then wins (default: the spec the model "
                                    "recorded; for checkpoints of older volfm versions, from --config or the checkpoint)")
     s.add_argument("--device", help="cpu, cuda (default: cuda when available)")
     s.add_argument("--target", help="synthesis: the measured target image (file) or a folder of them named like the "
                                     "inputs, for metrics and the QC picture")
     s.add_argument("--no-qc", action="store_true", help="skip the QC PNGs")
+    s.add_argument("--no-dicom-seg", action="store_true", help="segmentation of a DICOM series: skip the DICOM SEG "
+                                                               "(<name>_seg.dcm); the NIfTI is written either way")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_predict)
 

@@ -3,7 +3,10 @@
     volfm predict --model models/spleen --input scan.nii.gz|folder/ --out predictions/     # a package (volfm export)
     volfm predict --ckpt_path runs/.../last.ckpt --input ... --out ...                     # a checkpoint (volfm fit)
 
-Segmentation models write label maps (``<name>_seg.nii.gz``); synthesis models write the synthesised image
+Segmentation models write label maps (``<name>_seg.nii.gz``) and, for a DICOM input (a series folder), also a DICOM
+Segmentation object ``<name>_seg.dcm`` over the source series (:func:`volfm.io.dicomseg.write_dicom_seg`: one segment
+per foreground class, coded category/type and colour, one frame per source slice that holds the class, referencing
+the source images; ``dicom_seg=False`` / ``--no-dicom-seg`` skips it); synthesis models write the synthesised image
 (``<name>_synth.nii.gz``, float32), and with ``--target`` (a file, or a folder of files named like the inputs) also
 the metrics against it and a QC PNG with source, prediction, target and difference. Pretraining models (ICD /
 phenotype heads, report contrastive; a converted Merlin) write per input ``<name>_embedding.json`` (pooled features,
@@ -17,7 +20,8 @@ record) find theirs. Segmentation and synthesis run sliding-window inference wit
 the prediction back onto the source grid through meta (the inverse of preprocessing, nearest for labels):
 ``<name>_seg.nii.gz`` has exactly the input's shape and affine; ``<name>_qc.png`` shows source slices with the
 prediction overlaid. One file failing (unreadable, 4D, sheared, ...) is reported and the others go on; the exit
-status is 1 then.
+status is 1 then. A DICOM SEG that cannot be written (e.g. the source series lacks a required attribute) is reported
+the same way, the NIfTI output staying written (its row in ``predictions.json`` holds ``dicom_seg_error``).
 
 Units of a synthesised image (:func:`output_units`; in the NIfTI ``descrip`` field and ``predictions.json``):
 the target modality's physical units where the store's intensity step can be undone (SUV for PET stored as
@@ -44,6 +48,7 @@ from volfm import VolfmError
 from volfm.inference.sliding_window import predict_to_source
 from volfm.io import is_image_path, read_volume, write_nifti
 from volfm.io.atomic import write_json_atomic, write_text_atomic
+from volfm.io.dicomseg import segment_code, write_dicom_seg
 from volfm.metrics.synthesis import synthesis_metrics
 from volfm.preprocess.intensity import apply_intensity
 from volfm.preprocess.pipeline import Pipeline
@@ -65,6 +70,8 @@ def _inputs(path) -> list[Path]:
         files = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES))
         if files:
             return files
+        if _holds_dicom(p):
+            return [p]  # the folder is itself one DICOM series
         dicom = sorted(d for d in p.iterdir() if d.is_dir())
         if dicom:
             return dicom  # DICOM series folders
@@ -72,9 +79,27 @@ def _inputs(path) -> list[Path]:
     raise VolfmError(f"--input {p} does not exist")
 
 
+def _is_dicom_file(f: Path) -> bool:
+    """A ``*.dcm`` file or one with the DICOM preamble (not a DICOMDIR, not a hidden file)."""
+    if not f.is_file() or f.name.upper() == "DICOMDIR" or f.name.startswith("."):
+        return False
+    if f.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(f, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _holds_dicom(folder: Path) -> bool:
+    """Whether ``folder`` directly holds DICOM files."""
+    return any(_is_dicom_file(f) for f in folder.iterdir())
+
+
 def _stem(p: Path) -> str:
     name = p.name
-    for suf in IMAGE_SUFFIXES:
+    for suf in (*IMAGE_SUFFIXES, ".dcm"):  # .dcm: a multi-frame DICOM file given as --input
         if name.lower().endswith(suf):
             return name[: -len(suf)]
     return name
@@ -254,11 +279,30 @@ def _write_tables(out: Path, rows: list[tuple[str, dict]], task) -> dict:
     return written
 
 
+def _write_dicom_seg(row: dict, vol, f: Path, case: str, out: Path, task, source: dict, model_name: str) -> str:
+    """``<case>_seg.dcm`` over the DICOM series ``f`` (a folder, or a multi-frame file) the prediction ``vol`` was
+    made from (the series the reader took: ``source["series_id"]``); the row records its path and how each class is
+    coded. Returns '' or the one-line error (the row keeps it as ``dicom_seg_error``)."""
+    names = list(task.class_names)
+    try:
+        path = write_dicom_seg(vol, f if f.is_dir() else [f], names, out / f"{case}_seg.dcm",
+                               series_id=source.get("series_id"), algorithm_name=model_name,
+                               content_description=f"volfm {model_name}: {', '.join(names[1:])}")
+    except VolfmError as exc:
+        row["dicom_seg_error"] = " ".join(str(exc).split())
+        return f"DICOM SEG not written ({row['dicom_seg_error']}); the NIfTI output was written"
+    row["dicom_seg"] = str(path)
+    row["dicom_seg_codes"] = {n: segment_code(n).describe() for n in task.class_names[1:]}
+    return ""
+
+
 def predict_files(model, inputs, out, config=None, store=None, device: str | None = None, qc: bool = True,
-                  progress: bool = True, target=None) -> dict:
+                  progress: bool = True, target=None, dicom_seg: bool = True) -> dict:
     """Run a checkpoint or model package on ``inputs`` (a file, a DICOM folder or a folder of them); see the module
-    docstring. Returns the summary also written to ``out/predictions.json``."""
+    docstring. ``dicom_seg``: segmentation of a DICOM series also writes ``<name>_seg.dcm``. Returns the summary also
+    written to ``out/predictions.json``."""
     task, raw = load_predictor(model)
+    model_name = str((raw.get("package") or {}).get("name") or Path(model).stem)
     spec, spec_source, data = training_spec(model, raw, config, store)
     image_inputs = [n for n, c in spec["inputs"].items() if c.get("kind") != "label"]
     # the array the model reads: recorded at training; else a synthesis task's source, else the first image array
@@ -313,6 +357,10 @@ def predict_files(model, inputs, out, config=None, store=None, device: str | Non
                 row["units"] = units.name
             if label_out:
                 row["voxels_per_class"] = {n: int((vol.array == i).sum()) for i, n in enumerate(task.class_names)}
+                if dicom_seg and (f.is_dir() or _is_dicom_file(f)):  # a series folder or a multi-frame file
+                    seg_error = _write_dicom_seg(row, vol, f, case, out, task, proc.meta["source"][name], model_name)
+                    if seg_error:
+                        failures.append({"input": str(f), "error": seg_error})
             tgt = _matching(f, target)
             if tgt is not None and not label_out:
                 row.update(_compare_target(vol, tgt, target_intensity))

@@ -45,7 +45,7 @@ def default_permissions(path) -> None:
 
 def write_text_atomic(path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json_atomic(path, obj) -> None:

@@ -11,23 +11,34 @@ tags, listed in :data:`HEADER_TAGS`:
 - grouping and ids: PatientID, StudyInstanceUID, SeriesInstanceUID, SOPClassUID;
 - what the series is: Modality, SeriesDescription, ImageType, ConvolutionKernel, ContrastBolusAgent,
   AcquisitionDate, SeriesDate, StudyDate;
-- geometry: ImagePositionPatient, ImageOrientationPatient, SliceThickness, NumberOfFrames.
+- geometry: ImagePositionPatient, ImageOrientationPatient, SliceThickness, NumberOfFrames; for enhanced multi-frame
+  images the SharedFunctionalGroupsSequence and PerFrameFunctionalGroupsSequence, of which only the plane position,
+  plane orientation, pixel measures and frame content items are used (:mod:`volfm.io.multiframe`).
 
 PatientName, PatientBirthDate, PatientSex, addresses, accession numbers, physicians, institution and every other
 tag are never read, so they cannot reach the series table, the cohort table or anything built from them.
 PatientID and the three UIDs are written as they are, or with ``hash_uids=True`` as the first 16 hex digits of
-the SHA-256 of the value (a plain, unsalted digest: it hides the value from a casual reader and keeps rows of one
-patient/study linkable, but anyone holding the original ids can recompute it; it is pseudonymisation, not
-anonymisation). The acquisition date is copied as it is (dates are identifying under HIPAA; drop the column
-before sharing a table outside the site). Folder paths are copied as they are: a tree whose folder names hold
-patient names gives a table that holds them too.
+the SHA-256 of the value (:func:`hash_id`; a plain, unsalted digest: it hides the value from a casual reader and keeps
+rows of one patient/study linkable, but anyone holding the original ids can recompute it; it is pseudonymisation,
+not anonymisation). The DICOM reader (:func:`volfm.io.readers.read_volume` with ``series_id``) takes either form and
+finds a hashed id by hashing the ids of the folder's series with the same :func:`hash_id`.
+
+``acquisition_date`` (AcquisitionDate, else SeriesDate, else StudyDate) is written as ``dates="full"``
+(``YYYYMMDD``, the default: inside the site the date orders a patient's studies and links them to clinical records),
+``"year"`` (``YYYY``) or ``"none"`` (empty; the column stays so the table keeps its shape). Dates are identifying
+under HIPAA; share ``year`` or ``none`` tables only. ``folder`` is the series folder relative to ``root`` (paths are
+needed to read the files, so they are kept): a tree whose folder names hold patient names, ids or dates gives a table
+that holds them too, whatever ``hash_uids`` and ``dates`` say.
 
 ``usable`` is False, with the reasons in ``reason`` (``; ``-joined), for: a non-image SOP class (SR, SEG, RT plan,
-presentation state, ...), a multi-frame object, a localizer (ImageType holds LOCALIZER), a single slice, mixed
-orientations, missing slice positions or orientation, duplicated or missing slices (a gap between neighbouring
-slice positions larger than 1.5 times the median gap), and a series whose files lie in several folders (the series
-reader reads one folder). ``folder_series`` counts the series that share the series' folder: the reader takes one
-series per folder (the largest, when there are several).
+presentation state, ...), a multi-frame object that is not one volume with per-frame geometry (several files in
+the series, no per-frame PlanePositionSequence, several stacks or temporal positions: an enhanced or
+legacy-converted enhanced CT/MR/PET file holding one volume is usable, its frames counted as slices), a localizer
+(ImageType holds LOCALIZER), a single slice, mixed orientations, missing slice positions or orientation, duplicated
+or missing slices (a gap between neighbouring slice or frame positions larger than 1.5 times the median gap), and a
+series whose files lie in several folders (the series reader reads one folder). ``folder_series`` counts the
+series that share the series' folder, for information: a cohort row names its series (``<input>_series_uid``, see
+:mod:`volfm.store.selection`), so a series that shares its folder with others is still usable.
 """
 from __future__ import annotations
 
@@ -42,11 +53,13 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from volfm import VolfmError
+from volfm.io.multiframe import dimension_problem, frame_group, frame_orientations, frame_positions
 from volfm.utils import progress_bar
 
 HEADER_TAGS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "Modality", "SeriesDescription",
                "ImageType", "ConvolutionKernel", "ContrastBolusAgent", "AcquisitionDate", "SeriesDate", "StudyDate",
-               "ImagePositionPatient", "ImageOrientationPatient", "SliceThickness", "NumberOfFrames")
+               "ImagePositionPatient", "ImageOrientationPatient", "SliceThickness", "NumberOfFrames",
+               "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
 
 SERIES_COLUMNS = ("patient_id", "study_uid", "series_uid", "modality", "series_description", "image_type",
                   "original", "localizer", "slice_count", "slice_thickness", "spacing_between_slices", "orientation",
@@ -54,6 +67,7 @@ SERIES_COLUMNS = ("patient_id", "study_uid", "series_uid", "modality", "series_d
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 OBLIQUE_COS = float(np.cos(np.deg2rad(10.0)))  # slice normal within 10 degrees of a patient axis: not oblique
+DATES = ("full", "year", "none")  # how acquisition_date is written (scan_tree's dates=)
 
 
 class ScanError(VolfmError):
@@ -61,8 +75,19 @@ class ScanError(VolfmError):
 
 
 def hash_id(value: str) -> str:
-    """First 16 hex digits of the SHA-256 of ``value`` (plain, unsalted); '' stays ''."""
+    """First 16 hex digits of the SHA-256 of ``value`` (plain, unsalted); '' stays ''. The one id hash of volfm:
+    ``volfm scan --hash-uids`` writes it and the DICOM reader matches a hashed series id with it."""
     return hashlib.sha256(value.encode("utf-8")).hexdigest()[:16] if value else ""
+
+
+def is_hashed_id(value: str) -> bool:
+    """Whether ``value`` has the form :func:`hash_id` returns (16 lower-case hex digits). A DICOM UID is digits
+    and dots with at least one dot, so the two forms do not overlap (the reader still tries a raw match first)."""
+    return len(value) == 16 and all(c in "0123456789abcdef" for c in value)
+
+
+def _date(value: str, dates: str) -> str:
+    return value if dates == "full" else value[:4] if dates == "year" else ""
 
 
 def _text(value) -> str:
@@ -149,7 +174,24 @@ def orientation_name(iop) -> str:
     return ("sagittal", "coronal", "axial")[axis]
 
 
-def _summarise(files: list[tuple[Path, object, str]], root: Path, hash_uids: bool) -> dict:
+def _multiframe_reasons(files) -> list[str]:
+    """Why a series holding multi-frame image objects is not one volume the reader takes (empty: it is)."""
+    if len(files) > 1:
+        return [f"multi-frame object among {len(files)} files (volfm reads one multi-frame file per series)"]
+    ds = files[0][1]
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        out = ["multi-frame object without per-frame functional groups (no frame positions)"]
+    elif any(p is None for p in frame_positions(ds)):
+        out = ["multi-frame object without per-frame positions (PlanePositionSequence)"]
+    else:
+        out = []
+    problem = dimension_problem(ds)
+    if problem:
+        out.append(f"multi-frame object with {problem}")
+    return out
+
+
+def _summarise(files: list[tuple[Path, object, str]], root: Path, hash_uids: bool, dates: str = "full") -> dict:
     ds0 = files[0][1]
     sop = files[0][2]
     reasons = []
@@ -163,7 +205,7 @@ def _summarise(files: list[tuple[Path, object, str]], root: Path, hash_uids: boo
     if not is_image:
         reasons.append(f"non-image SOP class ({sop_name})")
     elif max(frames) > 1:
-        reasons.append("multi-frame object")
+        reasons.extend(_multiframe_reasons(files))
     if "LOCALIZER" in image_type_parts:
         reasons.append("localizer")
     if is_image and n == 1:
@@ -171,8 +213,14 @@ def _summarise(files: list[tuple[Path, object, str]], root: Path, hash_uids: boo
     folders = sorted({str(f.parent) for f, _, _ in files})
     if len(folders) > 1:
         reasons.append(f"files in {len(folders)} folders")
-    iops = [_floats(getattr(ds, "ImageOrientationPatient", None), 6) for _, ds, _ in files]
-    ipps = [_floats(getattr(ds, "ImagePositionPatient", None), 3) for _, ds, _ in files]
+    iops, ipps = [], []  # one per slice: a single-frame file's, or each frame's of a multi-frame file
+    for (_, ds, _), nf in zip(files, frames):
+        if nf > 1:
+            iops += frame_orientations(ds)
+            ipps += frame_positions(ds)
+        else:
+            iops.append(_floats(getattr(ds, "ImageOrientationPatient", None), 6))
+            ipps.append(_floats(getattr(ds, "ImagePositionPatient", None), 3))
     orientation, spacing = "", None
     if is_image and any(v is None for v in iops):
         reasons.append("no ImageOrientationPatient")
@@ -183,9 +231,10 @@ def _summarise(files: list[tuple[Path, object, str]], root: Path, hash_uids: boo
             orientation = "mixed"
         else:
             orientation = orientation_name(arr[0])
-            if len(files) > 1 and max(frames) == 1:
+            if len(ipps) > 1:
                 if any(p is None for p in ipps):
-                    reasons.append("no ImagePositionPatient")
+                    if max(frames) == 1:  # a multi-frame object's missing positions are in its reason already
+                        reasons.append("no ImagePositionPatient")
                 else:
                     normal = np.cross(arr[0, :3], arr[0, 3:])
                     along = np.sort(np.asarray(ipps) @ normal)
@@ -198,6 +247,8 @@ def _summarise(files: list[tuple[Path, object, str]], root: Path, hash_uids: boo
                         reasons.append(f"missing slices ({int(np.sum(gaps > 1.5 * med))} gap(s) of up to "
                                        f"{gaps.max():.4g} mm, spacing {med:.4g} mm)")
     thick = _text(getattr(ds0, "SliceThickness", None))
+    if not thick and frames[0] > 1:
+        thick = _text(getattr(frame_group(ds0, "PixelMeasuresSequence", 0), "SliceThickness", None))
     try:
         thickness = float(thick) if thick else None
     except ValueError:
@@ -215,16 +266,20 @@ def _summarise(files: list[tuple[Path, object, str]], root: Path, hash_uids: boo
             "localizer": "LOCALIZER" in image_type_parts, "slice_count": n,
             "slice_thickness": thickness, "spacing_between_slices": None if spacing is None else round(spacing, 4),
             "orientation": orientation, "kernel": _text(getattr(ds0, "ConvolutionKernel", None)),
-            "contrast": bool(_text(getattr(ds0, "ContrastBolusAgent", None))), "acquisition_date": date,
+            "contrast": bool(_text(getattr(ds0, "ContrastBolusAgent", None))), "acquisition_date": _date(date, dates),
             "folder": rel, "folder_series": 0, "usable": not reasons, "reason": "; ".join(reasons)}
 
 
-def scan_tree(root, *, hash_uids: bool = False, progress: bool = False) -> tuple[list[dict], list[str]]:
+def scan_tree(root, *, hash_uids: bool = False, dates: str = "full",
+              progress: bool = False) -> tuple[list[dict], list[str]]:
     """Series rows (columns :data:`SERIES_COLUMNS`, ``folder`` relative to ``root``) and a list of problems.
 
-    Rows are sorted by patient, study, folder. ``progress`` shows a bar (callers pass it only on a terminal).
+    Rows are sorted by patient, study, folder. ``dates``: ``full``, ``year`` or ``none`` (see the module text).
+    ``progress`` shows a bar (callers pass it only on a terminal).
     """
     root = Path(root)
+    if dates not in DATES:
+        raise ScanError(f"dates={dates!r}: expected one of {', '.join(DATES)}")
     if not root.is_dir():
         raise ScanError(f"{root}: not a folder; volfm scan needs the root of a DICOM tree")
     problems: list[str] = []
@@ -236,7 +291,7 @@ def scan_tree(root, *, hash_uids: bool = False, progress: bool = False) -> tuple
             groups[_text(got[0].SeriesInstanceUID)].append((f, got[0], got[1]))
     if not groups:
         raise ScanError(f"{root}: no DICOM files with a SeriesInstanceUID found under this folder")
-    rows = [_summarise(members, root, hash_uids) for members in groups.values()]
+    rows = [_summarise(members, root, hash_uids, dates) for members in groups.values()]
     per_folder: dict[str, int] = defaultdict(int)
     for r in rows:
         per_folder[r["folder"]] += 1

@@ -23,10 +23,19 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from isal import igzip
+from pydicom.dataset import Dataset
 
-from volfm import VolfmError
 from volfm.io import affine as geo
 from volfm.io.atomic import atomic_path
+from volfm.io.dicomscan import hash_id, is_hashed_id
+from volfm.io.errors import GeometryWarning, VolumeReadError
+from volfm.io.multiframe import (
+    image_headers,
+    is_dicom_file,
+    read_multiframe,
+    slice_axis_from_positions,
+    with_converted_attributes,
+)
 from volfm.io.volume import Volume
 
 try:  # a volfm dependency, but kept optional at import (as MONAI does): a bare GPU node without it reads NIfTI
@@ -39,14 +48,6 @@ ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 
 
-class VolumeReadError(VolfmError):
-    pass
-
-
-class GeometryWarning(UserWarning):
-    pass
-
-
 def is_image_path(path) -> bool:
     p = Path(path)
     name = p.name.lower()
@@ -57,8 +58,11 @@ def is_image_path(path) -> bool:
 
 def read_volume(path, *, dtype=np.float32, prefer: str = "sform", series_id: str | None = None,
                 writable: bool = True) -> Volume:
-    """Read a NIfTI file, NRRD/MHA/MHD file or DICOM series folder.
+    """Read a NIfTI file, NRRD/MHA/MHD file, DICOM series folder or multi-frame DICOM file.
 
+    A folder is read as a series of single-frame slices (SimpleITK/GDCM), or, when its image series is one
+    enhanced or legacy-converted enhanced multi-frame file (or ``series_id`` names such a file's series), as that
+    file (:mod:`volfm.io.multiframe`); a file named ``*.dcm`` (or any DICOM file) is read as a multi-frame image.
     dtype: array dtype (float32 by default; ``None`` keeps the stored integer type, for label maps).
     writable: False allows a read-only array (a zero-copy view of an inflated .nii.gz) for callers
         that only read it, as the preprocessing pipeline does; the default returns an array you may
@@ -68,7 +72,11 @@ def read_volume(path, *, dtype=np.float32, prefer: str = "sform", series_id: str
     if not path.exists():
         raise VolumeReadError(f"{path}: file not found; check the path in the cohort table")
     if path.is_dir():
-        vol = _read_dicom_series(path, series_id=series_id)
+        single = _multiframe_in_folder(path, series_id)
+        if single is not None:
+            vol = _read_multiframe(single[0], dtype, single[1])
+        else:
+            vol = _read_dicom_series(path, series_id=series_id)
     else:
         if path.stat().st_size == 0:
             raise VolumeReadError(f"{path}: empty file (0 bytes); re-export or re-copy it")
@@ -77,10 +85,12 @@ def read_volume(path, *, dtype=np.float32, prefer: str = "sform", series_id: str
             vol = _read_nifti(path, prefer=prefer)
         elif name.endswith(ITK_SUFFIXES):
             vol = _read_sitk_file(path)
+        elif name.endswith(".dcm") or is_dicom_file(path):
+            vol = _read_multiframe(path, dtype, None)
         else:
             raise VolumeReadError(
-                f"{path}: not a recognised image; expected one of {', '.join(IMAGE_SUFFIXES)} "
-                "or a folder holding one DICOM series")
+                f"{path}: not a recognised image; expected one of {', '.join(IMAGE_SUFFIXES)}, a multi-frame "
+                "DICOM file or a folder holding one DICOM series")
     arr = vol.array
     if dtype is not None:
         arr = arr.astype(dtype, copy=False)
@@ -266,6 +276,31 @@ def _read_sitk_file(path: Path) -> Volume:
     return _sitk_to_volume(image, path, {"path": str(path), "format": path.suffix.lstrip(".").lower()})
 
 
+def _choose_series(folder: Path, ids: list[str], series_id: str | None, reader) -> tuple[str, str]:
+    """The SeriesInstanceUID to read among the folder's ``ids`` and the name to show for it (in messages and
+    ``meta["series_id"]``). ``series_id`` is a SeriesInstanceUID or its :func:`~volfm.io.dicomscan.hash_id` (what
+    ``volfm scan --hash-uids`` writes), found by hashing each of ``ids``; a hashed request is shown, and its misses
+    listed, hashed, so the raw UIDs stay out of manifests and meta.json. None: the largest series (a warning when
+    there are several)."""
+    if series_id is None:
+        sizes = {sid: len(reader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in ids}
+        uid = max(sizes, key=sizes.get)
+        if len(ids) > 1:
+            warnings.warn(f"{folder}: {len(ids)} DICOM series found; reading the largest ({uid}, "
+                          f"{sizes[uid]} files); give series_id to choose", GeometryWarning, stacklevel=4)
+        return uid, uid
+    wanted = str(series_id).strip()
+    if wanted in ids:
+        return wanted, wanted
+    if is_hashed_id(wanted.lower()):
+        hashed = {hash_id(sid): sid for sid in ids}
+        if wanted.lower() in hashed:
+            return hashed[wanted.lower()], wanted.lower()
+        raise VolumeReadError(f"{folder}: no DICOM series here hashes to {wanted}; hashed ids of the series present: "
+                              f"{', '.join(sorted(hashed))}; rescan the tree or fix the series column")
+    raise VolumeReadError(f"{folder}: DICOM series {wanted} not found; series present: {', '.join(ids)}")
+
+
 def _read_dicom_series(folder: Path, series_id: str | None) -> Volume:
     require_simpleitk(folder, "a DICOM series")
     reader = sitk.ImageSeriesReader()
@@ -278,15 +313,8 @@ def _read_dicom_series(folder: Path, series_id: str | None) -> Volume:
     if not ids:
         raise VolumeReadError(f"{folder}: no DICOM series found in this folder; point the table at the folder "
                               "that holds the .dcm files of one series")
-    if series_id is None:
-        sizes = {sid: len(reader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in ids}
-        series_id = max(sizes, key=sizes.get)
-        if len(ids) > 1:
-            warnings.warn(f"{folder}: {len(ids)} DICOM series found; reading the largest ({series_id}, "
-                          f"{sizes[series_id]} files); give series_id to choose", GeometryWarning, stacklevel=3)
-    elif series_id not in ids:
-        raise VolumeReadError(f"{folder}: DICOM series {series_id} not found; series present: {', '.join(ids)}")
-    files = reader.GetGDCMSeriesFileNames(str(folder), series_id)
+    uid, series_id = _choose_series(folder, ids, series_id, reader)  # from here on series_id is the name shown
+    files = reader.GetGDCMSeriesFileNames(str(folder), uid)
     reader.SetFileNames(files)
     positions, rescale_varies = _slice_headers(files)
     if rescale_varies:
@@ -302,35 +330,52 @@ def _read_dicom_series(folder: Path, series_id: str | None) -> Volume:
     meta.update(dicom_pet_meta(files[0]))
     vol = _sitk_to_volume(image, folder, meta)
     if positions is not None and len(files) > 1:
-        vol.affine = _slice_axis_from_positions(vol.affine, positions, folder, series_id, meta)
+        vol.affine = slice_axis_from_positions(vol.affine, positions, f"{folder}: DICOM series {series_id}", meta)
     return vol
 
 
-def _slice_axis_from_positions(affine: np.ndarray, positions: np.ndarray, folder, series_id, meta) -> np.ndarray:
-    """Check slice positions and make the slice axis of the affine follow them.
+def _multiframe_in_folder(folder: Path, series_id: str | None) -> tuple[Path, str | None] | None:
+    """The multi-frame file to read for a DICOM folder and the series name to show for it, or None to read the
+    folder as a series of single-frame slices.
 
-    ITK builds a DICOM series' geometry from the first slice's orientation and assumes slices stacked
-    along its normal. With gantry tilt the slices are offset along the rows, so the true grid is
-    sheared: the third column becomes the measured slice step, and the spec's ``shear:`` policy then
-    refuses or resamples it. Uneven gaps (missing slices) are refused.
+    Without ``series_id`` the folder's only image series must be one multi-frame file; headers are read until a
+    series with two single-frame files shows that the folder holds slices. With ``series_id`` (a
+    SeriesInstanceUID or its :func:`~volfm.io.dicomscan.hash_id`, shown hashed as the series reader does) the
+    series' file is read when it is one multi-frame file.
     """
-    steps = np.diff(positions, axis=0)
-    gaps = np.linalg.norm(steps, axis=1)
-    if gaps.min() <= 1e-6:
-        raise VolumeReadError(f"{folder}: DICOM series {series_id} has two slices at the same position; "
-                              "remove duplicated files or split the series")
-    if gaps.max() - gaps.min() > max(0.01 * gaps.mean(), 1e-3):
-        raise VolumeReadError(f"{folder}: DICOM series {series_id} has uneven slice gaps ({gaps.min():.4g} to "
-                              f"{gaps.max():.4g} mm): slices are missing; re-export the complete series")
-    step_ras = geo.LPS_RAS_FLIP[:3, :3] @ ((positions[-1] - positions[0]) / (len(positions) - 1))
-    if np.abs(step_ras - affine[:3, 2]).max() > 1e-3:
-        affine = affine.copy()
-        affine[:3, 2] = step_ras
-        affine[:3, 3] = geo.LPS_RAS_FLIP[:3, :3] @ positions[0]
-        normal = np.cross(affine[:3, 0], affine[:3, 1])
-        cosang = abs(float(normal @ step_ras)) / (np.linalg.norm(normal) * np.linalg.norm(step_ras))
-        meta["gantry_tilt_deg"] = float(np.degrees(np.arccos(min(1.0, cosang))))
-    return affine
+    wanted = None if series_id is None else str(series_id).strip()
+    hashed = wanted is not None and is_hashed_id(wanted.lower())
+    series: dict[str, list[tuple[Path, int]]] = {}
+    for f, uid, frames in image_headers(folder):
+        if wanted is not None and wanted != uid and not (hashed and hash_id(uid) == wanted.lower()):
+            continue
+        members = series.setdefault(uid, [])
+        members.append((f, frames))
+        if frames == 1 and (wanted is not None or sum(n == 1 for _, n in members) >= 2):
+            return None  # single-frame slices: the series reader's
+    multi = [(uid, f) for uid, members in series.items() for f, n in members if n > 1]
+    if not multi:
+        return None
+    if len(series) == 1 and len(multi) == 1 and len(series[multi[0][0]]) == 1:
+        shown = None if wanted is None else (wanted.lower() if wanted != multi[0][0] else wanted)
+        return multi[0][1], shown
+    if wanted is not None:
+        raise VolumeReadError(f"{folder}: DICOM series {wanted} is {sum(map(len, series.values()))} files, "
+                              "multi-frame among them; volfm reads one multi-frame file: point the table at the file")
+    raise VolumeReadError(f"{folder}: {len(series)} image series here, with {len(multi)} multi-frame file(s) among "
+                          "them; give series_id (the table's <input>_series_uid column) or point at the multi-frame "
+                          "file")
+
+
+def _read_multiframe(path: Path, dtype, series_id: str | None) -> Volume:
+    vol = read_multiframe(path, dtype=dtype, series_id=series_id)
+    if vol.meta.get("modality") == "PT":  # dose tags: top level, or where a legacy conversion put them
+        try:
+            header = pydicom.dcmread(str(path), stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - tags are optional extras; the pixels were read already
+            return vol
+        vol.meta.update(dicom_pet_meta(with_converted_attributes(header)))
+    return vol
 
 
 def _slice_headers(files) -> tuple[np.ndarray | None, bool]:
@@ -366,12 +411,16 @@ def dicom_pet_meta(first_file) -> dict:
     """Modality and, for PET in Bq/ml, the body-weight SUV factor (SUV = value * suv_factor).
 
     SUVbw = activity * weight[g] / (injected dose [Bq] decayed to the series start). Missing tags
-    leave ``suv_factor`` out, with the reason in ``suv_missing``.
+    leave ``suv_factor`` out, with the reason in ``suv_missing``. ``first_file``: a DICOM file (its header
+    is read) or a pydicom Dataset.
     """
-    try:
-        ds = pydicom.dcmread(str(first_file), stop_before_pixels=True)
-    except Exception:  # noqa: BLE001 - tags are optional extras; the pixels were read by SimpleITK
-        return {}
+    if isinstance(first_file, Dataset):
+        ds = first_file
+    else:
+        try:
+            ds = pydicom.dcmread(str(first_file), stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - tags are optional extras; the pixels were read by SimpleITK
+            return {}
     out: dict = {"modality": str(getattr(ds, "Modality", "") or "")}
     if out["modality"] != "PT":
         return out

@@ -134,9 +134,16 @@ class Pipeline:
         return aff, tuple(int(s) for s in shape), info
 
     # -- run -----------------------------------------------------------------------------------
-    def __call__(self, inputs: dict, case_id: str = "case", hash_sources: bool = True) -> ProcessedCase:
+    def __call__(self, inputs: dict, case_id: str = "case", hash_sources: bool = True,
+                 series: dict | None = None) -> ProcessedCase:
+        """``inputs``: input name -> file path, DICOM folder or Volume. ``series``: input name -> the DICOM series
+        to read from that input's folder (a SeriesInstanceUID or its ``volfm scan --hash-uids`` hash; the cohort
+        table's ``<input>_series_uid`` column); empty or absent = the folder's only (or largest) series. A series
+        for an input that is not a DICOM folder is an error naming the case. meta.json's ``source.<input>.series_id``
+        is the series as given (a hash stays a hash)."""
         spec = self.spec
         t0 = time.perf_counter()
+        series = {k: str(v).strip() for k, v in (series or {}).items() if v is not None and str(v).strip()}
         volumes: dict[str, Volume] = {}
         for name, cfg in spec["inputs"].items():
             src = inputs.get(name)
@@ -144,8 +151,14 @@ class Pipeline:
                 if cfg["required"]:
                     raise VolfmError(f"case {case_id}: required input '{name}' is empty in the cohort table")
                 continue
+            sid = series.get(name)
+            if sid is not None and (isinstance(src, Volume) or not Path(src).is_dir()):
+                what = "an image already read" if isinstance(src, Volume) else f"{src}, a file"
+                raise VolfmError(f"case {case_id}: a DICOM series ({sid}) is named for input '{name}', but '{name}' "
+                                 f"is {what}, not a DICOM series folder; clear the series cell "
+                                 f"({name}_series_uid) or point '{name}' at the series folder")
             # native dtype and memory order: resampling converts to float only what it samples
-            vol = src if isinstance(src, Volume) else read_volume(src, dtype=None, writable=False)
+            vol = src if isinstance(src, Volume) else read_volume(src, dtype=None, writable=False, series_id=sid)
             volumes[name] = self._check(name, vol, case_id)
         ref_name = spec["reference"]
         if ref_name not in volumes:

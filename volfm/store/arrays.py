@@ -42,7 +42,7 @@ import yaml
 from volfm import VolfmError
 from volfm.io.atomic import atomic_path, file_sha256, write_json_atomic, write_text_atomic
 from volfm.preprocess.spec import STORAGE_DEFAULTS, parse_storage_text, validate_storage, with_storage
-from volfm.store.cohort import read_table, write_table
+from volfm.store.cohort import read_table, series_column, write_table
 from volfm.store.foreground import FG_MAX_PER_CLASS, case_seed, foreground_locations, save_foreground_locations
 from volfm.utils import is_number, progress_bar
 
@@ -672,7 +672,8 @@ def case_is_current(meta: dict | None, row: dict, inputs, h: str | None, redo_be
     """Whether a case folder's meta.json still stands for a cohort-table row: made with the spec of hash ``h``,
     after the last ``--overwrite`` run began (``redo_before``), from the same set of ``inputs`` (the spec's input
     names; the row's non-empty cells count), from the same files (path, and size and mtime when the file is
-    there). Whether its arrays are whole is not checked here."""
+    there) and, where the row names one (``<input>_series_uid``), the same DICOM series. Whether its arrays are
+    whole is not checked here."""
     if meta is None or h is None or meta.get("spec_hash") != h:
         return False
     if redo_before is not None and float(meta.get("written_at", 0.0)) < float(redo_before):
@@ -686,6 +687,9 @@ def case_is_current(meta: dict | None, row: dict, inputs, h: str | None, redo_be
         src = sources[name]
         if Path(src.get("path", "")) != Path(path):
             return False
+        series = (row.get(series_column(name)) or "").strip()
+        if series and series.lower() != str(src.get("series_id", "")).lower():
+            return False  # another series of the same DICOM folder (a folder has no size/mtime to compare)
         p = Path(path)
         if p.is_file() and "size" in src:
             stat = p.stat()

@@ -8,6 +8,8 @@ run killed with -9 resumes); it first removes the temp leftovers of its own case
 spec.yaml) is kept, for new cases too, and nothing is converted (a new store gets the defaults, npy float32).
 ``shard=(i, n)`` processes the cases whose stable hash falls in shard i of n and writes
 manifests/shard-i-of-n.csv; :func:`merge_shards` joins them into manifest.csv.
+Every case's meta.json records ``stats`` (volfm.preprocess.stats); every run with QC pictures ends by writing the
+store's QC gallery, qc/index.html (volfm.store.gallery), a --shard run excepted: --merge writes it.
 """
 from __future__ import annotations
 
@@ -30,11 +32,13 @@ from volfm.io.atomic import write_text_atomic
 from volfm.preprocess.pipeline import Pipeline
 from volfm.preprocess.qc import render_case_png
 from volfm.preprocess.spec import read_spec_yaml, spec_hash, validate_spec, with_storage
+from volfm.preprocess.stats import case_statistics
 from volfm.store.arrays import array_file, case_is_current, needs_conversion, storage_summary, try_convert_case
 from volfm.store.cohort import (
     CohortError,
     load_cohort,
     read_table,
+    series_column,
     table_from_dir,
     write_table,
 )
@@ -44,6 +48,7 @@ from volfm.store.foreground import (
     foreground_locations,
     save_foreground_locations,
 )
+from volfm.store.gallery import write_gallery
 from volfm.store.layout import (
     MANIFEST_FIRST,
     StoreError,
@@ -97,7 +102,8 @@ def process_case(spec: dict, row: dict, store: str, write_qc: bool = True) -> di
                                  "(relative paths are read from the table's folder)")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
-            case = pipe({k: row.get(k) for k in spec["inputs"]}, case_id=case_id)
+            case = pipe({k: row.get(k) for k in spec["inputs"]}, case_id=case_id,
+                        series={k: row.get(series_column(k)) for k in spec["inputs"]})
         notes = list(dict.fromkeys(" ".join(str(w.message).split()) for w in caught
                                    if issubclass(w.category, UserWarning)))
         result["warnings"] = " | ".join(notes)
@@ -105,6 +111,7 @@ def process_case(spec: dict, row: dict, store: str, write_qc: bool = True) -> di
         meta["warnings"] = notes
         meta["written_at"] = time.time()
         meta["table"] = {k: v for k, v in row.items() if k not in spec["inputs"]}
+        meta["stats"] = case_statistics(case.arrays, spec, meta["spacing"])  # the QC gallery's outlier features
         root = Path(store)
         write_case_dir(root / "cases", case_id, case.arrays, meta, extras=_foreground_files(spec, case, case_id),
                        storage=spec.get("storage"))
@@ -308,6 +315,8 @@ def run_cohort(spec_path, out, cohort=None, input_dir=None, workers: int = 1, sh
                "warnings": [(m["case_id"], m["warnings"]) for m in manifest_rows if m.get("warnings")],
                "cases_per_min": ((len(todo) - converting) / elapsed * 60.0)
                if len(todo) > converting and elapsed > 0 else None}
+    if qc and shard is None:  # a shard's cases join the gallery when --merge writes manifest.csv
+        summary["gallery"] = str(write_gallery(out, progress=progress))
     return summary
 
 
@@ -343,9 +352,12 @@ def merge_shards(out) -> dict:
     columns = list(dict.fromkeys(k for r in rows for k in r)) or MANIFEST_FIRST
     write_table(out / "manifest.csv", rows, columns)
     failed = [r for r in rows if r["status"] != "ok"]
-    return {"ok": len(rows) - len(failed), "failed": len(failed), "skipped": 0, "processed": 0,
-            "manifest": str(out / "manifest.csv"), "store": str(out),
-            "failures": [(r["case_id"], r["error"]) for r in failed], "elapsed_s": 0.0, "cases_per_min": None}
+    summary = {"ok": len(rows) - len(failed), "failed": len(failed), "skipped": 0, "processed": 0,
+               "manifest": str(out / "manifest.csv"), "store": str(out),
+               "failures": [(r["case_id"], r["error"]) for r in failed], "elapsed_s": 0.0, "cases_per_min": None}
+    if (out / "qc").is_dir():  # the shards wrote QC pictures (not --no-qc)
+        summary["gallery"] = str(write_gallery(out))
+    return summary
 
 
 __all__ = ["run_cohort", "merge_shards", "process_case", "parse_shard", "shard_of", "CohortError"]
@@ -361,6 +373,8 @@ def print_summary(summary: dict, log=print) -> None:
         log(f"storage:  {storage_summary(summary['storage'])} ({summary.get('storage_from')})")
     log(f"manifest: {summary['manifest']}")
     log(f"QC:       {Path(summary['store']) / 'qc'}")
+    if summary.get("gallery"):
+        log(f"gallery:  {summary['gallery']} (failed cases first, then every case by outlier score)")
     for cid, note in summary.get("warnings", []):
         log(f"warning {cid}: {note}")
     for cid, err in summary["failures"]:

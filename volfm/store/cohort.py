@@ -16,6 +16,13 @@ from volfm.io.atomic import atomic_path
 from volfm.io.readers import IMAGE_SUFFIXES
 
 KNOWN_META = ("icd_codes", "report", "split")
+SERIES_SUFFIX = "_series_uid"  # column <input>_series_uid: which DICOM series of that input's folder to read
+
+
+def series_column(input_name: str) -> str:
+    """The cohort column that names the DICOM series of input ``input_name``: ``image`` -> ``image_series_uid``
+    (a SeriesInstanceUID, or its 16-hex hash as ``volfm scan --hash-uids`` writes it)."""
+    return f"{input_name}{SERIES_SUFFIX}"
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

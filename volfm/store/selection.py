@@ -13,12 +13,26 @@ contrast: any              # yes (ContrastBolusAgent present), no, any
 prefer_kernels: [B30f, STANDARD, SOFT]   # ConvolutionKernel values, best first (case-insensitive)
 ```
 
-Only usable series (see :mod:`volfm.io.dicomscan`) are candidates, and only those alone in their folder: the
-cohort's ``image`` cell is the series folder, and the DICOM reader reads one series per folder. Among a group's
-candidates the thinnest slices win, then the earliest kernel in ``prefer_kernels`` (unlisted kernels after the
-listed ones), then the most slices, then the series UID (so the choice is deterministic). Each chosen series
-becomes a row ``case_id, image, patient_id, study_uid, series_uid, modality, selected_reason``; ``case_id`` is the
-group's id (the study UID, patient id or series UID as the scan wrote it, hashed or not), made safe as a folder name.
+Only usable series (see :mod:`volfm.io.dicomscan`) are candidates; a series that shares its folder with others is
+one too, because the cohort row names it. Among a group's candidates the thinnest slices win, then the earliest
+kernel in ``prefer_kernels`` (unlisted kernels after the listed ones), then the most slices, then the series UID (so
+the choice is deterministic). Each chosen series becomes a row of :data:`COHORT_COLUMNS`: ``case_id, image,
+image_series_uid, patient_id, study_uid, modality, selected_reason``; ``case_id`` is the group's id (the study UID,
+patient id or series UID as the scan wrote it, hashed or not), made safe as a folder name; ``image`` is the absolute
+series folder.
+
+**Series columns.** A cohort table may name, for any input column ``<input>`` (``image``, ``pet``, ...), the DICOM
+series to read from that input's folder in a column ``<input>_series_uid`` (:func:`series_column`): a
+SeriesInstanceUID, or its 16-hex-digit hash as ``volfm scan --hash-uids`` writes it (the reader hashes the ids of
+the folder's series to find it). Empty or absent: the folder's only series (the largest, with a warning, when there
+are several). A series cell for an input that is not a DICOM folder fails that case with one line naming it. The
+series id recorded in meta.json (``source.<input>.series_id``) is the cell's value, so a hashed table gives a store
+without raw UIDs.
+
+**Re-selection.** :func:`load_series_table` reads a series table that ``volfm scan --out`` wrote (only the columns
+:data:`SELECTION_COLUMNS` are needed; ``acquisition_date`` and the others may have been dropped), checks it and
+gives rows :func:`select_series` takes, so ``volfm scan ROOT --from-series series.csv --cohort cohort.csv`` chooses
+again with other rules without walking the tree (``folder`` stays relative to ROOT).
 """
 from __future__ import annotations
 
@@ -31,13 +45,22 @@ import yaml
 
 from volfm import VolfmError
 from volfm.io.yamlfile import UniqueKeyLoader
+from volfm.store.cohort import SERIES_SUFFIX, read_table, series_column
 from volfm.utils import did_you_mean
 
 ORIENTATIONS = ("axial", "coronal", "sagittal", "oblique")
 PER = {"study": "study_uid", "patient": "patient_id", "series": "series_uid"}
 DEFAULT_RULES = {"per": "study", "modality": [], "orientation": [], "image_type": "any", "max_slice_thickness": None,
                  "min_slices": None, "contrast": "any", "prefer_kernels": []}
-COHORT_COLUMNS = ("case_id", "image", "patient_id", "study_uid", "series_uid", "modality", "selected_reason")
+COHORT_COLUMNS = ("case_id", "image", "image" + SERIES_SUFFIX, "patient_id", "study_uid", "modality",
+                  "selected_reason")
+# the series-table columns selection reads (volfm scan --from-series needs these; the others may be dropped)
+SELECTION_COLUMNS = ("patient_id", "study_uid", "series_uid", "modality", "image_type", "original", "slice_count",
+                     "slice_thickness", "spacing_between_slices", "orientation", "kernel", "contrast", "folder",
+                     "usable", "reason")
+_BOOL_COLUMNS = ("usable", "original", "contrast", "localizer")
+_FLOAT_COLUMNS = ("slice_thickness", "spacing_between_slices")
+_INT_COLUMNS = ("slice_count", "folder_series")
 
 
 class SelectionError(VolfmError):
@@ -140,8 +163,6 @@ def _thickness(row):
 def _why_not(row: dict, rules: dict) -> str | None:
     if not _as_bool(row.get("usable")):
         return f"not usable ({row.get('reason')})"
-    if int(_as_float(row.get("folder_series")) or 1) > 1:
-        return f"shares its folder with {int(_as_float(row['folder_series'])) - 1} other series"
     if rules["modality"] and str(row.get("modality", "")).upper() not in rules["modality"]:
         return f"modality {row.get('modality')}"
     if rules["orientation"] and row.get("orientation") not in rules["orientation"]:
@@ -216,7 +237,8 @@ def case_id_for(value: str) -> str:
 
 
 def cohort_rows(chosen: list[dict], root, rules: dict) -> list[dict]:
-    """Rows of a cohort table for `volfm preprocess --cohort`: ``image`` is the absolute series folder."""
+    """Rows of a cohort table for `volfm preprocess --cohort`: ``image`` is the absolute series folder and
+    ``image_series_uid`` the series (as the scan wrote it, hashed or not), so folders holding several series work."""
     root = Path(root).absolute()
     key = PER[rules["per"]]
     out, seen = [], defaultdict(int)
@@ -225,7 +247,72 @@ def cohort_rows(chosen: list[dict], root, rules: dict) -> list[dict]:
         seen[cid] += 1
         if seen[cid] > 1:  # two ids that differ only in unsafe characters
             cid = f"{cid}-{seen[cid]}"
-        out.append({"case_id": cid, "image": str(root / r["folder"]), "patient_id": r.get("patient_id", ""),
-                    "study_uid": r.get("study_uid", ""), "series_uid": r.get("series_uid", ""),
+        out.append({"case_id": cid, "image": str(root / r["folder"]), series_column("image"): r.get("series_uid", ""),
+                    "patient_id": r.get("patient_id", ""), "study_uid": r.get("study_uid", ""),
                     "modality": r.get("modality", ""), "selected_reason": r["selected_reason"]})
+    return out
+
+
+def _typed(value: str, column: str, path: Path, n: int):
+    """A series-table cell as the scan wrote it: bools, whole numbers, numbers or empty; else one line naming the
+    file, row and column."""
+    v = (value or "").strip()
+    if column in _BOOL_COLUMNS:
+        if v.lower() in ("true", "1", "yes"):
+            return True
+        if v.lower() in ("false", "0", "no"):
+            return False
+        kind = "True or False"
+    elif column in _INT_COLUMNS:
+        f = _as_float(v)
+        if f is not None and f >= 0 and f.is_integer():
+            return int(f)
+        kind = "a whole number >= 0"
+    else:  # _FLOAT_COLUMNS: empty when the scan had no value
+        if not v:
+            return None
+        f = _as_float(v)
+        if f is not None and f > 0:
+            return f
+        kind = "a positive number or empty"
+    raise SelectionError(f"{path}: row {n}, column '{column}': {value!r} is not {kind}; use the series table "
+                         "volfm scan --out wrote, or fix the cell")
+
+
+def load_series_table(path) -> list[dict]:
+    """Rows of a series table written by ``volfm scan --out``, checked and typed for :func:`select_series`.
+
+    A missing file, a table without rows, a missing column of :data:`SELECTION_COLUMNS`, an empty ``series_uid`` or
+    ``folder``, a repeated ``series_uid`` or a cell that is not what the scan writes (``usable``, ``original``,
+    ``contrast``: True/False; ``slice_count``: a whole number; thickness and spacing: a number or empty) raise one
+    line naming the file (and the row and column)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SelectionError(f"{path}: series table not found; write one with volfm scan ROOT --out {path.name}")
+    rows = read_table(path)
+    if not rows:
+        raise SelectionError(f"{path}: series table has no rows")
+    columns = [c for c in rows[0] if c is not None]
+    missing = [c for c in SELECTION_COLUMNS if c not in columns]
+    if missing:
+        raise SelectionError(f"{path}: column(s) {', '.join(repr(c) for c in missing)} missing (columns: "
+                             f"{', '.join(columns)}); --from-series takes a series table written by volfm scan --out")
+    out, seen = [], {}
+    for n, row in enumerate(rows, start=2):
+        if any((x or "").strip() for x in row.get(None) or []):
+            raise SelectionError(f"{path}: row {n} has more cells than the header has columns; quote cells that "
+                                 "contain the delimiter")
+        r = {k: ("" if v is None else v) for k, v in row.items() if k is not None}
+        for col in ("series_uid", "folder"):
+            if not r[col].strip():
+                raise SelectionError(f"{path}: row {n}, column '{col}' is empty; every series needs one")
+        uid = r["series_uid"].strip()
+        if uid in seen:
+            raise SelectionError(f"{path}: series_uid {uid} on rows {seen[uid]} and {n}; a series is one row")
+        seen[uid] = n
+        for col in (*_BOOL_COLUMNS, *_INT_COLUMNS, *_FLOAT_COLUMNS):
+            if col in r and (col in SELECTION_COLUMNS or r[col].strip()):
+                r[col] = _typed(r[col], col, path, n)
+        r["series_uid"], r["folder"] = uid, r["folder"].strip()
+        out.append(r)
     return out
