@@ -1,7 +1,8 @@
 """`volfm predict` on a DICOM series writes, next to ``<name>_seg.nii.gz``, a DICOM SEG ``<name>_seg.dcm`` whose
 frames equal the NIfTI prediction on each source slice (checked independently through the NIfTI's affine and each
 slice's ImagePositionPatient, as in tests/io/test_dicomseg.py); ``--no-dicom-seg`` and NIfTI inputs write none; a SEG
-that cannot be written is a reported failure that leaves the NIfTI in place."""
+that cannot be written (a header highdicom cannot use included) is a reported failure that leaves the NIfTI in place
+and the batch going; a folder of multi-frame files of different series is one input per file."""
 import importlib.util
 import json
 from pathlib import Path
@@ -18,7 +19,7 @@ from volfm.cli.main import main
 from volfm.io import Volume, read_volume, write_nifti
 from volfm.preprocess.spec import load_spec
 from volfm.synth.ct import make_ct_case
-from volfm.testing import write_dicom_series
+from volfm.testing import write_dicom_series, write_multiframe, write_sr
 
 
 def _load(name: str, rel: str):
@@ -32,6 +33,7 @@ def _load(name: str, rel: str):
 _pkg, _seg = _load("_predict_dicomseg_package", "cli/test_package.py"), _load("_predict_dicomseg_io", "io/test_dicomseg.py")
 trained = _pkg.trained  # the tiny spleen model of test_package.py (one training step), reused as this module's fixture
 check_frames, expected_sections, seg_frames = _seg.check_frames, _seg.expected_sections, _seg.seg_frames
+check_multiframe_seg = _seg.check_multiframe_seg
 
 
 def series_from_volume(vol: Volume, folder, shuffle_seed=None) -> str:
@@ -116,31 +118,38 @@ def _predict(monkeypatch, tmp_path, inputs, **kw):
 
 def test_a_folder_of_series_and_a_seg_that_cannot_be_written(monkeypatch, ct_series, tmp_path):
     """Series folders inside a folder each get a SEG (three classes, one never predicted); a series lacking the
-    FrameOfReferenceUID a SEG needs is a reported failure with its NIfTI written; --no-dicom-seg and NIfTI inputs
-    write no SEG."""
+    FrameOfReferenceUID a SEG needs, and one without SliceThickness (highdicom raises AttributeError), are reported
+    failures with their NIfTI written, and the batch writes predictions.json; --no-dicom-seg and NIfTI inputs write
+    no SEG."""
     folder, _ = ct_series
     case = make_ct_case(12, shape=(36, 32, 16), orientation="LPS")["image"]
     root = tmp_path / "in"
     series_from_volume(case, root / "good", shuffle_seed=1)
     series_from_volume(case, root / "nofor")
-    for f in (root / "nofor").iterdir():
-        ds = pydicom.dcmread(f)
-        del ds.FrameOfReferenceUID
-        ds.save_as(f)
+    series_from_volume(case, root / "nothick")
+    for name, tag in (("nofor", "FrameOfReferenceUID"), ("nothick", "SliceThickness")):
+        for f in (root / name).iterdir():
+            ds = pydicom.dcmread(f)
+            delattr(ds, tag)
+            ds.save_as(f)
     summary = _predict(monkeypatch, tmp_path, root)
     out = tmp_path / "out"
-    assert [r["input"] for r in summary["outputs"]] == [str(root / "good"), str(root / "nofor")]
-    good, bad = summary["outputs"]
+    assert json.loads((out / "predictions.json").read_text()) == summary
+    assert [r["input"] for r in summary["outputs"]] == [str(root / n) for n in ("good", "nofor", "nothick")]
+    good, bad, thick = summary["outputs"]
     assert good["dicom_seg"] == str(out / "good_seg.dcm") and "dicom_seg" not in bad
     _, frames = seg_frames(out / "good_seg.dcm")
     assert check_frames(frames, expected_sections(out / "good_seg.nii.gz", root / "good"), [1, 2, 3]) > 4
     assert {k[1] for k in frames} == {1, 2}
     assert good["dicom_seg_codes"]["tumor"].startswith("Morphologically Abnormal Structure / Neoplasm")
     assert (out / "nofor_seg.nii.gz").is_file() and not (out / "nofor_seg.dcm").exists()
-    [failure] = summary["failures"]
+    failure, thick_failure = summary["failures"]
     assert failure["input"] == str(root / "nofor") and "FrameOfReferenceUID missing" in failure["error"]
     assert "DICOM SEG not written" in failure["error"] and "\n" not in failure["error"]
     assert bad["dicom_seg_error"] in failure["error"]
+    assert thick_failure["input"] == str(root / "nothick") and "dicom_seg" not in thick
+    assert "AttributeError" in thick_failure["error"] and str(root / "nothick") in thick_failure["error"]
+    assert (out / "nothick_seg.nii.gz").is_file() and not (out / "nothick_seg.dcm").exists()
 
     no = tmp_path / "no"
     assert main(["predict", "--ckpt_path", "thresholds.ckpt", "--store", str(_store(monkeypatch, tmp_path)), "--input",
@@ -170,16 +179,34 @@ def test_a_multiframe_dicom_file_gets_a_seg_over_its_frames(monkeypatch, tmp_pat
     assert not summary["failures"]
     row = summary["outputs"][0]
     assert row["dicom_seg"] == str(tmp_path / "out" / "ct_seg.dcm")
-    ds = pydicom.dcmread(row["dicom_seg"])
-    px = ds.pixel_array.reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns)
-    by_position = {tuple(np.round(ipp, 3)): lab for ipp, lab in expected_sections(row["output"], tmp_path / "series").values()}
-    shared, per_frame = ds.SharedFunctionalGroupsSequence[0], mf.PerFrameFunctionalGroupsSequence
-    for i, pf in enumerate(ds.PerFrameFunctionalGroupsSequence):
-        def group(keyword, pf=pf):
-            return (pf.get(keyword) or shared.get(keyword))[0]
-        src = group("DerivationImageSequence").SourceImageSequence[0]
-        assert src.ReferencedSOPInstanceUID == mf.SOPInstanceUID
-        ipp = per_frame[int(src.ReferencedFrameNumber) - 1].PlanePositionSequence[0].ImagePositionPatient
-        number = int(group("SegmentIdentificationSequence").ReferencedSegmentNumber)
-        np.testing.assert_array_equal(px[i], by_position[tuple(np.round(np.asarray(ipp, float), 3))] == number)
-    assert int(ds.NumberOfFrames) > 4
+    assert check_multiframe_seg(row["dicom_seg"], mf, expected_sections(row["output"], tmp_path / "series"),
+                                [1, 2, 3]) > 4
+
+
+def test_a_folder_of_multiframe_files_of_different_series_is_one_input_per_file(monkeypatch, tmp_path):
+    """Two Enhanced CT files of different series, named by their SOPInstanceUIDs, and an SR in one folder: each file
+    is predicted on its own (NIfTI on its grid, a SEG over its frames); the folder itself could not be read."""
+    folder = tmp_path / "export"
+    files = {}
+    for seed in (14, 15):
+        vol = make_ct_case(seed, shape=(32, 28, 12), orientation="LPS")["image"]
+        a, flip = vol.affine, np.diag([-1.0, -1.0, 1.0])
+        sp = np.round(np.sqrt((a[:3, :3] ** 2).sum(0)), 4)
+        row, col = (flip @ a[:3, n] / sp[n] for n in range(2))
+        kji = (np.rint(vol.array[0]) + 1024).astype(np.int16).transpose(2, 1, 0)  # stored = HU + 1024
+        write_multiframe(folder / "tmp.dcm", kji, flip @ a[:3, 3], row, col, (sp[1], sp[0]), sp[2])
+        sop = str(pydicom.dcmread(folder / "tmp.dcm", stop_before_pixels=True).SOPInstanceUID)
+        (folder / "tmp.dcm").rename(folder / sop)
+        files[sop] = vol
+    write_sr(folder / "report.dcm", study_uid="1.2.3.4")
+    summary = _predict(monkeypatch, tmp_path, folder)
+    assert not summary["failures"]
+    assert [r["input"] for r in summary["outputs"]] == [str(folder / sop) for sop in sorted(files)]
+    for row in summary["outputs"]:
+        sop = Path(row["input"]).name
+        assert read_volume(row["output"]).shape == read_volume(row["input"]).shape == files[sop].shape
+        ds = pydicom.dcmread(row["dicom_seg"])
+        refs = {str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+                for f in ds.PerFrameFunctionalGroupsSequence if "DerivationImageSequence" in f}
+        refs |= {str(r.ReferencedSOPInstanceUID) for r in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+        assert refs == {sop}

@@ -2,8 +2,12 @@
 section through its source slice, computed independently of the writer: each source pixel's world position (from its
 file's ImagePositionPatient, ImageOrientationPatient and PixelSpacing) is mapped through the NIfTI prediction's
 affine with nibabel. Axial, oblique and sagittal series with shuffled file names; references, geometry, segment codes
-and colours; empty segments; a multi-frame source; grids that do not match are refused in one line."""
+and colours; empty segments; a multi-frame source; files named by their SOPInstanceUID; the series chosen by the
+reader's rule and named by its hash when asked by hash; grids that do not match, and sources highdicom cannot use,
+are refused in one line."""
 import shutil
+import warnings
+from pathlib import Path
 
 import highdicom as hd
 import nibabel as nib
@@ -12,9 +16,10 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from volfm.io import Volume, read_volume, write_nifti
+from volfm.io import GeometryWarning, Volume, read_volume, write_nifti
+from volfm.io.dicomscan import hash_id
 from volfm.io.dicomseg import DicomSegError, read_series_headers, segment_code, write_dicom_seg
-from volfm.testing import index_grid, rotation, write_dicom_series
+from volfm.testing import index_grid, rotation, write_dicom_series, write_multiframe
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 NAMES = ["background", "spleen", "kidney_left", "liver"]  # liver (3) is named but absent from the labels
@@ -208,19 +213,38 @@ def test_multiframe_source_references_its_frames(series, tmp_path):
     (tmp_path / "mf").mkdir()
     mf.save_as(tmp_path / "mf" / "ct.dcm")
     out = write_dicom_seg(nifti, tmp_path / "mf", NAMES[:3], tmp_path / "mf_seg.dcm")
-    ds = pydicom.dcmread(out)
+    check_multiframe_seg(out, mf, expected_sections(nifti, folder), [1, 2])
+
+
+def check_multiframe_seg(path, mf, expected: dict, values: list[int]) -> int:
+    """Every frame of the SEG at ``path`` over the multi-frame source ``mf`` references one of its frames and equals
+    the expected section there, and the SET of (source frame, segment) pairs with voxels is the expected one (a
+    writer dropping frames fails). ``expected``: :func:`expected_sections` of the single-frame series the file was
+    converted from. Returns the number of such pairs."""
+    ds = pydicom.dcmread(path)
     px = ds.pixel_array.reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns)
-    by_position = {tuple(np.round(ipp, 3)): lab for ipp, lab in expected_sections(nifti, folder).values()}
+    by_position = {tuple(np.round(ipp, 3)): lab for ipp, lab in expected.values()}
     per_frame = mf.PerFrameFunctionalGroupsSequence
+    shared, got = ds.SharedFunctionalGroupsSequence[0], set()
     for i, pf in enumerate(ds.PerFrameFunctionalGroupsSequence):
-        src = pf.DerivationImageSequence[0].SourceImageSequence[0]
+        def group(keyword, pf=pf):  # a frame's own functional group, else the shared one (one segment: shared)
+            return (pf.get(keyword) or shared.get(keyword))[0]
+        src = group("DerivationImageSequence").SourceImageSequence[0]
         assert src.ReferencedSOPInstanceUID == mf.SOPInstanceUID
-        ipp = np.asarray(per_frame[int(src.ReferencedFrameNumber) - 1].PlanePositionSequence[0].ImagePositionPatient,
-                         float)
-        np.testing.assert_allclose(np.asarray(pf.PlanePositionSequence[0].ImagePositionPatient, float), ipp,
+        frame = int(src.ReferencedFrameNumber)
+        ipp = np.asarray(per_frame[frame - 1].PlanePositionSequence[0].ImagePositionPatient, float)
+        np.testing.assert_allclose(np.asarray(group("PlanePositionSequence").ImagePositionPatient, float), ipp,
                                    atol=1e-4)
-        number = int(pf.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        number = int(group("SegmentIdentificationSequence").ReferencedSegmentNumber)
         np.testing.assert_array_equal(px[i], by_position[tuple(np.round(ipp, 3))] == number)
+        if px[i].any():
+            got.add((frame, number))
+    want = set()
+    for frame, pf in enumerate(per_frame, start=1):
+        lab = by_position[tuple(np.round(np.asarray(pf.PlanePositionSequence[0].ImagePositionPatient, float), 3))]
+        want |= {(frame, number) for number in values if (lab == number).any()}
+    assert got == want and want
+    return len(want)
 
 
 def test_series_is_chosen_by_id_and_headers_are_sorted_by_position(series, tmp_path):
@@ -231,12 +255,120 @@ def test_series_is_chosen_by_id_and_headers_are_sorted_by_position(series, tmp_p
         f.rename(folder / f"a_{f.name}")
     for f in (folder / "b").iterdir():
         f.rename(folder / f"b_{f.name}")
-    assert [str(d.SeriesInstanceUID) for d in read_series_headers(folder)] == [b] * 6  # the larger, as the reader
+    with pytest.warns(GeometryWarning, match="2 DICOM series found; reading the largest"):
+        largest = read_series_headers(folder)  # the larger, with the reader's warning
+    assert [str(d.SeriesInstanceUID) for d in largest] == [b] * 6
     got = read_series_headers(folder, a)
     z = [float(d.ImagePositionPatient[2]) for d in got]
     assert len(got) == 4 and z == sorted(z)
     with pytest.raises(DicomSegError, match="series 1.2.3 not found"):
         read_series_headers(folder, "1.2.3")
+    assert [str(d.SeriesInstanceUID) for d in read_series_headers(folder, hash_id(a).upper())] == [a] * 4
+
+
+def test_a_tie_is_broken_as_the_reader_breaks_it(tmp_path):
+    """Two series of as many files: the SEG writer takes the series the reader reads (the first by UID)."""
+    for name in ("p", "q"):
+        make_series(tmp_path / name, "axial", seed=7, nz=3)
+        for f in (tmp_path / name).iterdir():
+            f.rename(tmp_path / f"{name}_{f.name}")
+    with pytest.warns(GeometryWarning):
+        read = read_volume(tmp_path).meta["series_id"]
+    with pytest.warns(GeometryWarning):
+        headers = read_series_headers(tmp_path)
+    assert {str(d.SeriesInstanceUID) for d in headers} == {read}
+
+
+def rename_to_sop_uids(folder) -> list[str]:
+    """Name every file of ``folder`` by its SOPInstanceUID (``1.2.826...``: the suffix is the UID's last part), as
+    PACS exports do; returns the names."""
+    names = []
+    for f in sorted(folder.iterdir()):
+        name = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+        f.rename(folder / name)
+        names.append(name)
+    return names
+
+
+def test_series_with_files_named_by_uid(series, tmp_path):
+    folder, uid, nifti = series["axial"]
+    uid_named = tmp_path / "export"
+    shutil.copytree(folder, uid_named)
+    names = rename_to_sop_uids(uid_named)
+    assert all(Path(n).suffix not in (".dcm", "") for n in names)
+    assert [str(d.SeriesInstanceUID) for d in read_series_headers(uid_named)] == [uid] * 7
+    _, frames = seg_frames(write_dicom_seg(nifti, uid_named, NAMES, tmp_path / "u.dcm"))
+    assert check_frames(frames, expected_sections(nifti, uid_named), [1, 2, 3]) > 4
+
+
+def test_a_series_asked_by_hash_is_named_by_its_hash_in_every_message(series, tmp_path, monkeypatch):
+    """A series asked for by its ``volfm scan --hash-uids`` hash: no message names its SeriesInstanceUID (misses
+    list hashed ids; grid, geometry, mixed-file and highdicom errors show the hash)."""
+    folder, uid, nifti = series["oblique"]
+    other = tmp_path / "other"
+    make_series(other, "axial", seed=9, nz=3)
+    two = tmp_path / "two"
+    shutil.copytree(folder, two)
+    for f in other.iterdir():
+        shutil.copy(f, two / f"o_{f.name}")
+    other_uid = str(pydicom.dcmread(next(other.iterdir()), stop_before_pixels=True).SeriesInstanceUID)
+    raw = (uid, other_uid)
+
+    def message(call, *args, **kwargs) -> str:
+        with pytest.raises(DicomSegError) as exc:
+            call(*args, **kwargs)
+        text = one_line(exc)
+        assert not any(r in text for r in raw), text
+        return text
+
+    assert hash_id(other_uid) in message(read_series_headers, two, "0123456789abcdef")
+    vol = read_volume(nifti, dtype=None)
+    shifted = vol.replace(affine=vol.affine.copy())
+    shifted.affine[:3, 3] += 0.3 * vol.affine[:3, 0]  # 0.3 voxel off the series' grid
+    assert f"series {hash_id(uid)} in" in message(write_dicom_seg, shifted, two, NAMES, tmp_path / "x.dcm",
+                                                 series_id=hash_id(uid))
+    geometry = tmp_path / "geometry"
+    shutil.copytree(folder, geometry)
+    odd = sorted(geometry.iterdir())[2]
+    ds = pydicom.dcmread(odd)
+    ds.PixelSpacing = ["2.5", "1.5"]
+    ds.save_as(odd)
+    assert "differs from" in message(read_series_headers, geometry, hash_id(uid))
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder, mixed)
+    write_multiframe(mixed / "mf.dcm", np.zeros((3, 10, 12), np.int16), (0, 0, 0), (1, 0, 0), (0, 1, 0), (2.0, 1.5),
+                     3.0, series_uid=uid)
+    assert "mixes a multi-frame image" in message(read_series_headers, mixed, hash_id(uid))
+
+    def broken(*args, **kwargs):
+        raise KeyError(f"(0020,000E) of {uid} unreadable")
+
+    monkeypatch.setattr(hd.seg, "Segmentation", broken)
+    text = message(write_dicom_seg, nifti, two, NAMES, tmp_path / "x.dcm", series_id=hash_id(uid))
+    assert "KeyError" in text and hash_id(uid) in text and not (tmp_path / "x.dcm").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked by id: no warning although the folder holds two series
+        read_series_headers(two, hash_id(uid))
+
+
+def test_a_source_highdicom_cannot_use_is_a_one_line_error(series, tmp_path):
+    """Source slices without SliceThickness (type 2, so a malformed header) make highdicom raise AttributeError;
+    an output folder that cannot be made is an OSError: both become one-line DicomSegErrors naming the folder."""
+    folder, uid, nifti = series["axial"]
+    thin = tmp_path / "no_thickness"
+    shutil.copytree(folder, thin)
+    for f in thin.iterdir():
+        ds = pydicom.dcmread(f)
+        del ds.SliceThickness
+        ds.save_as(f)
+    with pytest.raises(DicomSegError) as exc:
+        write_dicom_seg(nifti, thin, NAMES, tmp_path / "x.dcm")
+    assert str(thin) in one_line(exc) and "AttributeError" in one_line(exc) and "SliceThickness" in one_line(exc)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(DicomSegError) as exc:
+        write_dicom_seg(nifti, folder, NAMES, tmp_path / "file" / "x.dcm")
+    assert str(folder) in one_line(exc) and "could not be written" in one_line(exc)
+    assert not list(tmp_path.glob("**/*x.dcm"))
 
 
 def test_segment_codes_come_from_the_dictionary():
@@ -244,7 +376,10 @@ def test_segment_codes_come_from_the_dictionary():
     assert segment_code("kidney_right") == (codes.SCT.AnatomicalStructure, codes.SCT.Kidney, codes.SCT.Right, True)
     assert segment_code("Adrenal gland").type == codes.SCT.AdrenalGland
     assert segment_code("right_ventricle")[1:] == (codes.SCT.RightVentricle, None, True)  # a side in the type's name
-    assert segment_code("rib_left_3")[1:3] == (codes.SCT.Rib, codes.SCT.Left)
+    rib = segment_code("rib_left_3")  # the part's type; the number is not coded, so not a full match
+    assert rib == (codes.SCT.AnatomicalStructure, codes.SCT.Rib, codes.SCT.Left, False)
+    assert "number in the name is not coded" in rib.describe() and "generic" not in rib.describe()
+    assert segment_code("Background") == segment_code("thing_42x")  # a foreground class so named: not a lesion
     assert segment_code("tumor")[:2] == (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Neoplasm)
     generic = segment_code("thing_42x")
     assert generic == (codes.SCT.Tissue, codes.SCT.Tissue, None, False) and "generic" in generic.describe()
@@ -276,6 +411,9 @@ def test_label_grid_that_does_not_match_is_refused_in_one_line(series, tmp_path)
     with pytest.raises(DicomSegError) as exc:
         write_dicom_seg(nifti, folder, ["background"], tmp_path / "x.dcm")
     assert "no foreground label" in one_line(exc)
+    with pytest.raises(DicomSegError) as exc:
+        write_dicom_seg(nifti, folder, "spleen", tmp_path / "x.dcm", algorithm_name="spleen-net")
+    assert str(nifti) in one_line(exc) and "model spleen-net" in one_line(exc)
     not_dicom = tmp_path / "nifti_only"
     not_dicom.mkdir()
     shutil.copy(nifti, not_dicom / "x.nii.gz")

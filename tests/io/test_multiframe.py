@@ -4,6 +4,7 @@ The reference is independent of the code under test: a single-frame series writt
 (the series reader), converted by highdicom into one Legacy Converted Enhanced file; and Enhanced files written by
 hand (volfm.testing.write_multiframe) whose expected values and affine are computed here from the tags.
 """
+import json
 import math
 
 import numpy as np
@@ -17,7 +18,7 @@ from pydicom.uid import JPEGLosslessSV1, RLELossless, generate_uid
 from volfm import VolfmError
 from volfm.io import VolumeReadError, read_volume
 from volfm.io.dicomscan import hash_id, scan_tree
-from volfm.io.multiframe import FORMAT
+from volfm.io.multiframe import FORMAT, dicom_files
 from volfm.testing import pet_tags, write_dicom_series, write_multiframe, write_sr
 
 
@@ -257,3 +258,46 @@ def test_scan_lists_an_enhanced_file_as_usable(tmp_path):
     # what the scan calls usable, the reader reads
     vol = read_volume(root / "P1" / "enh")
     assert vol.shape == (4, 3, 6) and vol.meta["series_id"] == good
+
+
+def test_dicom_files_take_every_dicom_file_whatever_its_name(tmp_path):
+    """PACS exports name files by SOPInstanceUID (``1.2.840.123``: suffix ``.123``) or ``*.IMA``: every regular,
+    non-hidden, non-DICOMDIR file with the DICOM preamble counts, not only ``*.dcm`` and suffix-less names."""
+    folder = tmp_path / "export"
+    write_dicom_series(folder, np.zeros((3, 2, 2), np.int16), ORIGIN, [1, 0, 0], [0, 1, 0], PS, DZ)
+    names = {"000.dcm": "1.2.840.5555.1.7", "001.dcm": "IM0002.IMA", "002.dcm": "IM0003"}
+    for old, new in names.items():
+        (folder / old).rename(folder / new)
+    for name in (".hidden", "DICOMDIR"):  # DICOM by preamble, left out by name
+        (folder / name).write_bytes((folder / "IM0003").read_bytes())
+    (folder / "notes.txt").write_text("not DICOM")
+    (folder / "raw.123").write_bytes(b"\0" * 300)  # no DICM preamble: not DICOM here, as for volfm scan
+    (folder / "sub").mkdir()
+    (folder / "sub" / "x.dcm").write_bytes((folder / "IM0003").read_bytes())
+    assert [f.name for f in dicom_files(folder)] == sorted(names.values())
+
+
+def test_uid_named_multiframe_file_in_a_folder_is_read_by_the_multiframe_reader(tmp_path):
+    """A folder whose one file, named by its SOPInstanceUID, is an Enhanced CT with per-frame rescale: read by the
+    multi-frame reader (GDCM would ignore the per-frame rescale), values by hand; meta names the folder, not the
+    file (a cohort cell is the folder, and the file name is a raw UID)."""
+    row, col = GEOMETRIES["oblique"]
+    kji = np.random.default_rng(13).integers(-2000, 3000, (5, 3, 4)).astype(np.int16)
+    slopes, intercepts = np.array([1.0, 0.5, 2.0, 0.25, 1.5]), np.array([-1024.0, -1000.0, 0.0, 3.5, -7.25])
+    folder = tmp_path / "series"
+    uid = write_multiframe(folder / "x.dcm", kji, ORIGIN, row, col, PS, DZ, frame_order=[2, 0, 4, 1, 3],
+                           slopes=slopes, intercepts=intercepts)
+    sop = str(pydicom.dcmread(folder / "x.dcm", stop_before_pixels=True).SOPInstanceUID)
+    (folder / "x.dcm").rename(folder / sop)
+    expected = (kji * slopes[:, None, None] + intercepts[:, None, None]).transpose(2, 1, 0)
+    for series_id in (None, hash_id(uid)):
+        vol = read_volume(folder, series_id=series_id, dtype=None)
+        assert vol.meta["format"] == FORMAT == "dicom-multiframe" and vol.meta["path"] == str(folder)
+        np.testing.assert_array_equal(vol.array[0], expected)
+        np.testing.assert_allclose(vol.affine, ras_affine(row, col, PS, DZ, ORIGIN), atol=1e-5)
+        assert sop not in json.dumps(vol.meta)
+    assert vol.meta["series_id"] == hash_id(uid) and uid not in json.dumps(vol.meta)
+    # a corrupt file read through its folder is named by the folder too
+    (folder / sop).write_bytes((folder / sop).read_bytes()[:-40])
+    msg = one_line_error(folder)
+    assert "truncated" in msg and sop not in msg

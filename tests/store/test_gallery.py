@@ -2,8 +2,9 @@
 
 Statistics are checked against numpy computed here; the ranking on a small store built by run_cohort where one
 case's body is 400 HU denser than the others' (it must rank first) and two cases fail (they must come first); the
-page's escaping on a hand-written manifest whose case id, error and split carry HTML; the layout of a 20,000-row
-index (structure only: its speed is measured in the README, not asserted).
+page's escaping on a hand-written manifest whose case id, error and split carry HTML; the layout and the ranking of a
+20,000-row index, a tenth of it with meta.json statistics and one planted outlier (its speed is measured in the
+README, not asserted; that the page holds one page of rows is checked in tests/cli/test_gallery_browser.py).
 """
 import csv
 import json
@@ -231,11 +232,41 @@ def test_older_store_without_stats_gets_them_from_the_arrays(store, tmp_path):
     assert build_index(old)["counts"]["cached"] == 6  # computed once
 
 
+def test_a_failed_statistics_computation_is_noted_and_retried_not_cached(store, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(store[0], old)
+    (old / "qc" / CACHE_NAME).unlink()
+    for meta_path in (old / "cases").glob("*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        del meta["stats"]
+        meta_path.write_text(json.dumps(meta))
+    image = old / "cases" / "ct01" / "image.npy"
+    image.rename(old / "image.npy.away")  # its arrays cannot be read: no statistics, only its grid
+
+    def ct01(index):
+        return next(r for r in as_records(index) if r["case_id"] == "ct01")
+
+    for attempt in range(2):  # the second gallery tries again (not served from the cache) and notes it again
+        index = build_index(old)
+        assert ct01(index)["qc_note"].startswith("statistics not computed: "), ct01(index)
+        assert ct01(index)["image.mean"] is None and ct01(index)["shape.i"] is not None
+        assert index["counts"]["with_statistics"] == 5  # the grid alone is not statistics
+        assert index["counts"]["from_arrays"] == (5 if attempt == 0 else 0)
+        assert index["counts"]["cached"] == (0 if attempt == 0 else 5)
+    (old / "image.npy.away").rename(image)  # readable again: the next gallery computes it
+    index = build_index(old)
+    assert ct01(index)["qc_note"] == "" and ct01(index)["image.mean"] is not None
+    assert index["counts"]["with_statistics"] == 6
+    assert index["counts"]["from_arrays"] == 1 and index["counts"]["cached"] == 5
+
+
 def test_inspect_html(store, tmp_path, capsys):
     out = store[0]
     assert main(["inspect", str(out), "--html", "--quiet"]) == 0
     line = capsys.readouterr().out.strip()
-    assert line == f"QC gallery of 8 cases (2 failed, listed first; 6 with outlier scores): {out / 'qc' / 'index.html'}"
+    assert line == f"QC gallery of 8 cases (2 failed, listed first; 6 with statistics): {out / 'qc' / 'index.html'}"
     assert main(["inspect", str(store[3]), "--html"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("volfm inspect: error: ") and "--html writes the QC gallery of a store" in err
@@ -278,16 +309,44 @@ def test_html_escapes_manifest_text(tmp_path):
     assert all(r["qc_note"] == "no readable meta.json: no statistics" for r in recs[2:])
 
 
-def test_a_20000_case_index_keeps_its_layout(tmp_path):
+def write_fake_stats(root: Path, ids: list[str], outlier: str, seed: int = 0) -> None:
+    """A meta.json with a grid and a ``stats`` block for each of ``ids`` (cheap: no arrays), the image's mean of
+    ``outlier`` far above the others'."""
+    rng = np.random.default_rng(seed)
+    mean, p99, fg, ml = rng.normal(0.3, 0.02, len(ids)), rng.normal(0.9, 0.02, len(ids)), \
+        rng.uniform(0.3, 0.4, len(ids)), rng.normal(150, 20, len(ids))
+    for i, cid in enumerate(ids):
+        stats = {"inputs": {"image": {"mean": 0.95 if cid == outlier else mean[i], "std": 0.2, "p1": 0.0,
+                                      "p50": 0.25, "p99": p99[i]}},
+                 "foreground": {"fraction": fg[i]}, "labels": {"label": {"total_ml": ml[i], "classes": {"1": ml[i]}}}}
+        meta = {"case_id": cid, "shape": [32, 32, 16], "spacing": [3.0, 3.0, 6.0], "reference": "image",
+                "source": {"image": {"shape": [1, 512, 512, 100 + i % 5], "spacing": [0.7, 0.7, 2.5]}},
+                "stats": stats}
+        (root / "cases" / cid).mkdir(parents=True)
+        (root / "cases" / cid / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_20000_case_index_keeps_its_layout_and_ranks_at_scale(tmp_path):
     root = fake_store(tmp_path / "big", 19_950, 50)
+    with_stats = [f"c{i:05d}" for i in range(0, 19_950, 10)]  # a tenth of the ok cases have a meta.json
+    outlier = with_stats[1234]
+    write_fake_stats(root, with_stats, outlier)
     page = write_gallery(root)
     index = json.loads((root / "qc" / "index.json").read_text())
     assert index["counts"]["cases"] == 20_000 and len(index["rows"]) == 20_000
+    assert index["counts"]["with_statistics"] == len(with_stats) and index["counts"]["from_meta"] == len(with_stats)
     width = len(index["fields"])
     assert all(len(r) == width for r in index["rows"])
     status = [r[1] for r in index["rows"]]
     assert status[:50] == ["failed"] * 50 and set(status[50:]) == {"ok"}
     assert index["numeric_columns"] == ["elapsed_s", "age"]
-    html = page.read_text(encoding="utf-8")
-    assert 'loading = "lazy"' in html and "state.size" in html  # pages of rows, lazy pictures
-    assert page.stat().st_size < 4 * 2**20
+    # ok cases by descending outlier score, the cases without statistics (no score) last; the planted one first
+    recs = as_records(index)[50:]
+    scored = [r["outlier_score"] for r in recs[: len(with_stats)]]
+    assert None not in scored and scored == sorted(scored, reverse=True)
+    assert all(r["outlier_score"] is None for r in recs[len(with_stats):])
+    assert {r["case_id"] for r in recs[: len(with_stats)]} == set(with_stats)
+    assert recs[0]["case_id"] == outlier and recs[0]["outlier_feature"] == "image.mean"
+    assert recs[0]["outlier_score"] > 10 > recs[1]["outlier_score"]
+    assert abs(recs[0]["z:image.mean"]) == recs[0]["outlier_score"]
+    assert page.stat().st_size < 8 * 2**20  # the README: 7.2 MiB with statistics for every case

@@ -17,7 +17,9 @@ from volfm.io.dicomscan import hash_id, scan_tree
 from volfm.io.readers import GeometryWarning
 from volfm.preprocess.pipeline import Pipeline
 from volfm.preprocess.spec import validate_spec
+from volfm.store.arrays import case_is_current
 from volfm.store.build import process_case
+from volfm.store.cohort import CohortError, load_cohort
 from volfm.store.selection import COHORT_COLUMNS, cohort_rows, load_rules, select_series, series_column
 from volfm.testing import write_shared_folder_study
 
@@ -121,6 +123,7 @@ def test_hashed_scan_to_store_keeps_raw_uids_out_of_every_byte(tree, spec, tmp_p
     assert [r["status"] for r in manifest] == ["ok"] and manifest[0]["warnings"] == ""  # no "2 DICOM series" note
     meta = json.loads((store / "cases" / table[0]["case_id"] / "meta.json").read_text())
     assert meta["source"]["image"]["series_id"] == hash_id(uids["thin"])
+    assert meta["source"]["image"]["series_requested"] == hash_id(uids["thin"])
     assert meta["source"]["image"]["shape"] == [4, 4, 10]  # the thin series, not the folder's other one
     assert meta["table"]["image_series_uid"] == hash_id(uids["thin"])
     written = [series, cohort, *(f for f in store.rglob("*") if f.is_file())]
@@ -138,7 +141,11 @@ def test_rerun_redoes_a_case_whose_series_cell_changed(tree, spec, tmp_path, cap
     cohort, store = tmp_path / "cohort.csv", tmp_path / "store"
 
     def run(series_uid):
-        cohort.write_text(f"case_id,image,image_series_uid\nc1,{root / 'export' / 's1'},{series_uid}\n")
+        """One preprocess run of a one-row table; ``series_uid=None``: a table without the series column."""
+        if series_uid is None:
+            cohort.write_text(f"case_id,image\nc1,{root / 'export' / 's1'}\n")
+        else:
+            cohort.write_text(f"case_id,image,image_series_uid\nc1,{root / 'export' / 's1'},{series_uid}\n")
         assert main(["preprocess", "--spec", str(tmp_path / "spec.yaml"), "--cohort", str(cohort), "--out",
                      str(store), "--quiet"]) == 0
         capsys.readouterr()
@@ -146,6 +153,53 @@ def test_rerun_redoes_a_case_whose_series_cell_changed(tree, spec, tmp_path, cap
 
     first = run(uids["thin"])
     assert first["source"]["image"]["shape"] == [4, 4, 10]
+    assert first["source"]["image"]["series_requested"] == uids["thin"]
     assert run(uids["thin"])["written_at"] == first["written_at"]  # same series: skipped as done
     second = run(hash_id(uids["thick"]))  # the other series of the same folder: redone, not skipped
     assert second["written_at"] > first["written_at"] and second["source"]["image"]["shape"] == [4, 4, 4]
+    assert run(hash_id(uids["thick"]).upper())["written_at"] == second["written_at"]  # a hash in capitals: the same
+    # the cell emptied: the folder's largest series (the thin one) is what the row now asks for, so the case is redone
+    cleared = run("")
+    assert cleared["written_at"] > second["written_at"] and cleared["source"]["image"]["shape"] == [4, 4, 10]
+    assert cleared["source"]["image"]["series_requested"] == ""
+    assert run("")["written_at"] == cleared["written_at"]  # still empty: done
+    assert run(None)["written_at"] == cleared["written_at"]  # no column is an empty cell
+    third = run(hash_id(uids["thick"]))
+    assert third["written_at"] > cleared["written_at"] and third["source"]["image"]["shape"] == [4, 4, 4]
+    dropped = run(None)  # the column dropped: the largest series again, redone
+    assert dropped["written_at"] > third["written_at"] and dropped["source"]["image"]["shape"] == [4, 4, 10]
+
+
+def test_mistyped_series_column_fails_the_table_before_anything_is_written(tree, spec, tmp_path, capsys):
+    """imag_series_uid would be ignored and the folder's largest series read: the table is refused in one line."""
+    root, uids = tree
+    spec = {**spec, "inputs": {"image": {"kind": "image"}, "label": {"kind": "label", "required": False}}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    cohort, store = tmp_path / "cohort.csv", tmp_path / "store"
+    cohort.write_text(f"case_id,image,label,imag_series_uid\nc1,{root / 'export' / 's1'},,{uids['thick']}\n")
+    assert main(["preprocess", "--spec", str(tmp_path / "spec.yaml"), "--cohort", str(cohort), "--out", str(store),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{cohort}: column 'imag_series_uid'" in err, err
+    assert "(inputs: image, label)" in err and "did you mean 'image_series_uid'?" in err
+    assert not store.exists()
+    cohort.write_text(f"case_id,image,Image_series_uid\nc1,{root / 'export' / 's1'},{uids['thick']}\n")
+    with pytest.raises(CohortError, match="column 'Image_series_uid' names the DICOM series of no input of spec "
+                                          ".*did you mean 'image_series_uid'"):
+        load_cohort(cohort, validate_spec(spec))
+    # the series of an input column the spec does not use (a PET beside the CT) is metadata, as that column is
+    cohort.write_text(f"case_id,image,pet,pet_series_uid\nc1,{root / 'export' / 's1'},{root},{uids['thick']}\n")
+    assert [r["pet_series_uid"] for r in load_cohort(cohort, validate_spec(spec))] == [uids["thick"]]
+
+
+def test_meta_without_series_requested_keeps_the_older_rule():
+    """meta.json written before volfm recorded ``series_requested``: only a set cell is compared, with series_id."""
+    meta = {"spec_hash": "h", "source": {"image": {"path": "/d/s1", "series_id": "ABC"}}}
+    row = {"case_id": "c1", "image": "/d/s1", "image_series_uid": "abc"}
+    assert case_is_current(meta, row, ["image"], "h", None)
+    assert not case_is_current(meta, {**row, "image_series_uid": "other"}, ["image"], "h", None)
+    assert case_is_current(meta, {**row, "image_series_uid": ""}, ["image"], "h", None)
+    assert case_is_current(meta, {"case_id": "c1", "image": "/d/s1"}, ["image"], "h", None)
+    meta["source"]["image"]["series_requested"] = "abc"  # written now: an emptied cell is a change
+    assert case_is_current(meta, row, ["image"], "h", None)
+    assert not case_is_current(meta, {**row, "image_series_uid": ""}, ["image"], "h", None)

@@ -189,7 +189,7 @@ def store_gallery(path, progress: bool = True) -> str:
     with open(page.parent / "index.json", encoding="utf-8") as f:
         counts = json.load(f)["counts"]
     failed = f"{counts['failed']} failed, listed first; " if counts["failed"] else "none failed; "
-    return f"QC gallery of {counts['cases']} cases ({failed}{counts['with_statistics']} with outlier scores): {page}"
+    return f"QC gallery of {counts['cases']} cases ({failed}{counts['with_statistics']} with statistics): {page}"
 
 
 def inspect_path(path, verify: bool = False) -> str:

@@ -3,6 +3,9 @@
     volfm predict --model models/spleen --input scan.nii.gz|folder/ --out predictions/     # a package (volfm export)
     volfm predict --ckpt_path runs/.../last.ckpt --input ... --out ...                     # a checkpoint (volfm fit)
 
+Inputs: image files, a DICOM folder (one input, its DICOM files found whatever their names; when they are two or more
+multi-frame files of different series, one input per file), or a folder of those.
+
 Segmentation models write label maps (``<name>_seg.nii.gz``) and, for a DICOM input (a series folder), also a DICOM
 Segmentation object ``<name>_seg.dcm`` over the source series (:func:`volfm.io.dicomseg.write_dicom_seg`: one segment
 per foreground class, coded category/type and colour, one frame per source slice that holds the class, referencing
@@ -49,6 +52,7 @@ from volfm.inference.sliding_window import predict_to_source
 from volfm.io import is_image_path, read_volume, write_nifti
 from volfm.io.atomic import write_json_atomic, write_text_atomic
 from volfm.io.dicomseg import segment_code, write_dicom_seg
+from volfm.io.multiframe import dicom_files, image_headers, is_dicom_file
 from volfm.metrics.synthesis import synthesis_metrics
 from volfm.preprocess.intensity import apply_intensity
 from volfm.preprocess.pipeline import Pipeline
@@ -70,31 +74,26 @@ def _inputs(path) -> list[Path]:
         files = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES))
         if files:
             return files
-        if _holds_dicom(p):
-            return [p]  # the folder is itself one DICOM series
+        if dicom_files(p):
+            return _dicom_inputs(p)  # the folder is itself one DICOM series, or holds multi-frame files
         dicom = sorted(d for d in p.iterdir() if d.is_dir())
         if dicom:
-            return dicom  # DICOM series folders
+            return [x for d in dicom for x in _dicom_inputs(d)]  # DICOM series folders
         raise VolfmError(f"{p}: no image files ({', '.join(IMAGE_SUFFIXES)}) or DICOM folders inside")
     raise VolfmError(f"--input {p} does not exist")
 
 
-def _is_dicom_file(f: Path) -> bool:
-    """A ``*.dcm`` file or one with the DICOM preamble (not a DICOMDIR, not a hidden file)."""
-    if not f.is_file() or f.name.upper() == "DICOMDIR" or f.name.startswith("."):
-        return False
-    if f.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(f, "rb") as fh:
-            return fh.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
-
-
-def _holds_dicom(folder: Path) -> bool:
-    """Whether ``folder`` directly holds DICOM files."""
-    return any(_is_dicom_file(f) for f in folder.iterdir())
+def _dicom_inputs(folder: Path) -> list[Path]:
+    """A DICOM folder as inputs: each of its multi-frame files on its own when the DICOM images directly in it are
+    two or more multi-frame files of different series (one volume each), else the folder (one series; the reader
+    takes its largest, or says why it cannot). Headers are read only until a single-frame image shows a series."""
+    files, series = [], set()
+    for f, uid, frames in image_headers(folder):
+        if frames == 1 or uid in series:
+            return [folder]
+        series.add(uid)
+        files.append(f)
+    return files if len(files) > 1 else [folder]
 
 
 def _stem(p: Path) -> str:
@@ -357,7 +356,7 @@ def predict_files(model, inputs, out, config=None, store=None, device: str | Non
                 row["units"] = units.name
             if label_out:
                 row["voxels_per_class"] = {n: int((vol.array == i).sum()) for i, n in enumerate(task.class_names)}
-                if dicom_seg and (f.is_dir() or _is_dicom_file(f)):  # a series folder or a multi-frame file
+                if dicom_seg and (f.is_dir() or is_dicom_file(f)):  # a series folder or a multi-frame file
                     seg_error = _write_dicom_seg(row, vol, f, case, out, task, proc.meta["source"][name], model_name)
                     if seg_error:
                         failures.append({"input": str(f), "error": seg_error})

@@ -53,7 +53,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from volfm import VolfmError
-from volfm.io.multiframe import dimension_problem, frame_group, frame_orientations, frame_positions
+from volfm.io.multiframe import dimension_problem, floats, frame_group, frame_orientations, frame_positions
 from volfm.utils import progress_bar
 
 HEADER_TAGS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "Modality", "SeriesDescription",
@@ -153,14 +153,6 @@ def _read_header(path: Path):
     return ds, sop
 
 
-def _floats(value, n: int):
-    try:
-        out = [float(v) for v in value]
-    except (TypeError, ValueError):
-        return None
-    return out if len(out) == n else None
-
-
 def orientation_name(iop) -> str:
     """axial / coronal / sagittal from the slice normal of ImageOrientationPatient, oblique beyond 10 degrees."""
     normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
@@ -219,8 +211,8 @@ def _summarise(files: list[tuple[Path, object, str]], root: Path, hash_uids: boo
             iops += frame_orientations(ds)
             ipps += frame_positions(ds)
         else:
-            iops.append(_floats(getattr(ds, "ImageOrientationPatient", None), 6))
-            ipps.append(_floats(getattr(ds, "ImagePositionPatient", None), 3))
+            iops.append(floats(getattr(ds, "ImageOrientationPatient", None), 6))
+            ipps.append(floats(getattr(ds, "ImagePositionPatient", None), 3))
     orientation, spacing = "", None
     if is_image and any(v is None for v in iops):
         reasons.append("no ImageOrientationPatient")

@@ -4,12 +4,14 @@
 ``<name>_seg.nii.gz`` for a DICOM input) into one SEG instance that a PACS, OHIF or 3D Slicer shows over the
 original images:
 
-- **Source series.** The headers of the series (pydicom, pixel data not read) are read from the folder (its own
-  ``*.dcm`` files and files without a suffix, not subfolders, as the series reader reads it) or from a list of
-  files; ``series_id`` (the SeriesInstanceUID or its ``volfm scan --hash-uids`` hash, as
-  ``Volume.meta["series_id"]`` of :func:`volfm.io.read_volume` holds it) picks one series; without it the
-  folder's largest series is taken, as the reader does. The series is single-frame slices (one file each) or one
-  enhanced / legacy-converted enhanced multi-frame image, whose frames the SEG then references by number.
+- **Source series.** The headers of the series (pydicom, pixel data not read) are read from the folder (its DICOM
+  files whatever their names, :func:`volfm.io.multiframe.dicom_files`; not subfolders) or from a list of files;
+  ``series_id`` (the SeriesInstanceUID or its ``volfm scan --hash-uids`` hash, as ``Volume.meta["series_id"]`` of
+  :func:`volfm.io.read_volume` holds it) picks one series. The series is chosen by the reader's own rule,
+  :func:`volfm.io.readers.resolve_series`: without ``series_id`` the folder's series with the most files (ties:
+  the first by UID), with a ``GeometryWarning`` when there are several; a series asked for by hash is named by
+  its hash in every message. The series is single-frame slices (one file each) or one enhanced /
+  legacy-converted enhanced multi-frame image, whose frames the SEG then references by number.
 - **Alignment.** Nothing is assumed about file order or about how the label array is laid out: every slice's
   ImagePositionPatient, ImageOrientationPatient and PixelSpacing are mapped through the label map's RAS affine
   into its voxel indices. The series must cover the label grid exactly (one slice per index along one array
@@ -24,8 +26,9 @@ original images:
   whole map is empty, every frame of every segment is kept (a SEG needs at least one frame): the SEG then records
   that the model found nothing. Each segment carries its label name, a DICOM category and type coded from
   pydicom's DICOM code dictionary (:func:`segment_code`: the name looked up in CID 7151 "Segmentation Property
-  Types"; ``left``/``right`` in a name become a laterality modifier; a name not found there gets the generic
-  Tissue/Tissue, 3D Slicer's default, and ``matched`` False), a recommended display colour (CIELab, distinct per
+  Types"; ``left``/``right`` in a name become a laterality modifier; a name not found there, and a foreground
+  class named ``background``, get the generic Tissue/Tissue, 3D Slicer's default, and ``matched`` False), a
+  recommended display colour (CIELab, distinct per
   segment), the algorithm (name, version, family "Artificial Intelligence", type AUTOMATIC) and
   ``SegmentDescription`` "volfm label <value>".
 - **Identity.** As every DICOM object derived from an image must, the SEG carries the source's Patient and Study
@@ -34,7 +37,9 @@ original images:
   missing from the source (e.g. PatientBirthDate) are written empty, as the standard allows. ContentQualification
   is RESEARCH.
 
-The file is written atomically (write-then-rename), uncompressed (Explicit VR Little Endian).
+The file is written atomically (write-then-rename), uncompressed (Explicit VR Little Endian). Whatever goes wrong
+while highdicom builds or saves the SEG (a source header it cannot use, a full disk) is a one-line
+:class:`DicomSegError` naming the folder, so ``volfm predict`` reports that input and goes on.
 """
 from __future__ import annotations
 
@@ -55,9 +60,9 @@ from pydicom.sr.coding import Code
 from volfm import VolfmError, __version__
 from volfm.io.affine import LPS_RAS_FLIP
 from volfm.io.atomic import atomic_path
-from volfm.io.dicomscan import hash_id, is_hashed_id
-from volfm.io.multiframe import frame_group
-from volfm.io.readers import read_volume
+from volfm.io.errors import one_line
+from volfm.io.multiframe import dicom_files, floats, frame_group, number_of_frames
+from volfm.io.readers import read_volume, resolve_series
 from volfm.io.volume import Volume
 
 __all__ = ["DicomSegError", "SegmentCode", "GRID_TOL", "segment_code", "segment_colour", "read_series_headers",
@@ -84,7 +89,8 @@ class DicomSegError(VolfmError):
 
 class SegmentCode(NamedTuple):
     """How a label name is coded in the SEG: category and type (pydicom ``Code``), an optional laterality
-    modifier, and whether the name was found in the dictionary (False: the generic Tissue/Tissue)."""
+    modifier, and whether the whole name was found in the dictionary (False: the generic Tissue/Tissue, or the
+    type of a numbered part, ``rib_left_3`` -> Rib, whose number is not coded)."""
 
     category: Code
     type: Code
@@ -93,7 +99,8 @@ class SegmentCode(NamedTuple):
 
     def describe(self) -> str:
         side = f" ({self.modifier.meaning})" if self.modifier is not None else ""
-        how = "" if self.matched else ", generic: name not in DICOM CID 7151"
+        how = "" if self.matched else (", generic: name not in DICOM CID 7151" if self.type == codes.SCT.Tissue
+                                       else ", partial: the number in the name is not coded")
         return (f"{self.category.meaning} / {self.type.meaning}{side} "
                 f"[{self.type.scheme_designator} {self.type.value}{how}]")
 
@@ -131,10 +138,14 @@ def segment_code(name: str) -> SegmentCode:
     laterality modifier (``kidney_left``: Kidney, Left), and a few common spellings map to the dictionary's word
     (``tumor`` -> Neoplasm). The category is the CID 7150 category of the CID 7151 sub-group holding the type
     (lesion -> Morphologically Abnormal Structure, anatomy -> Anatomical Structure, tissue -> Tissue, object ->
-    Physical Object). A name not found gets Tissue/Tissue (3D Slicer's default) and ``matched`` False.
+    Physical Object). A name not found gets Tissue/Tissue (3D Slicer's default) and ``matched`` False, and so does
+    ``background`` (a foreground class of that name is not CID 7151's lesion-group "Background"); a numbered part
+    gets its part's type with ``matched`` False (the number is not coded; the segment label keeps the name).
     """
+    if _norm(name) == "background":
+        return SegmentCode(codes.SCT.Tissue, codes.SCT.Tissue, None, False)
     words = [w for w in re.split(r"[^0-9a-z]+", re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()) if w]
-    index, found, modifier = _type_index(), None, None
+    index, found, modifier, partial = _type_index(), None, None, False
     whole = "".join(words)
     if whole in index:  # a type with its side in its name (right_ventricle)
         found = index[whole]
@@ -147,13 +158,14 @@ def segment_code(name: str) -> SegmentCode:
         found = index.get(key) if key else None
         if found is None and key.rstrip("0123456789") != key:  # numbered parts (rib_left_3): the part's type
             found = index.get(key.rstrip("0123456789"))
+            partial = found is not None
         if found is None:
             modifier = None
     if found is None:
         return SegmentCode(codes.SCT.Tissue, codes.SCT.Tissue, None, False)
     category = next((cat for group, cat in _category_groups() if (found.scheme_designator, found.value) in group),
                     codes.SCT.Tissue)
-    return SegmentCode(category, found, modifier, True)
+    return SegmentCode(category, found, modifier, not partial)
 
 
 def segment_colour(index: int) -> tuple[int, int, int]:
@@ -162,21 +174,23 @@ def segment_colour(index: int) -> tuple[int, int, int]:
     return round(r * 255), round(g * 255), round(b * 255)
 
 
-def _floats(item, tag: str) -> np.ndarray:
-    return np.asarray([float(v) for v in item[tag].value], dtype=np.float64)
+_COUNTS = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
 
 
-def _frames_of(ds) -> int:
-    try:
-        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
-    except (TypeError, ValueError):
-        return 1
+def _vector(item, tag: str, name) -> np.ndarray:
+    """A geometry attribute as floats (:func:`~volfm.io.multiframe.floats`); a one-line error naming ``name`` when
+    it does not hold the right count of numbers."""
+    value = floats(item.get(tag), _COUNTS[tag])
+    if value is None:
+        raise DicomSegError(f"{name}: {tag} is not {_COUNTS[tag]} numbers ({item.get(tag)!r}); a SEG needs the "
+                            "source images' geometry: re-export the series")
+    return np.asarray(value, dtype=np.float64)
 
 
 def _is_image(ds) -> bool:
     if "Rows" not in ds or "SeriesInstanceUID" not in ds:
         return False
-    return "ImagePositionPatient" in ds or _frames_of(ds) > 1
+    return "ImagePositionPatient" in ds or number_of_frames(ds) > 1
 
 
 def _source_files(source) -> tuple[list[Path], str]:
@@ -185,47 +199,35 @@ def _source_files(source) -> tuple[list[Path], str]:
         if not folder.is_dir():
             raise DicomSegError(f"{folder}: not a folder; a DICOM SEG is written over a DICOM series folder "
                                 "(or a list of its files)")
-        # the files the series reader looks at: *.dcm or no suffix, directly in the folder
-        return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                      and p.suffix.lower() in (".dcm", "") and p.name.upper() != "DICOMDIR"), str(folder)
+        return dicom_files(folder), str(folder)  # the files the folder dispatch of read_volume looks at
     files = [Path(p) for p in source]
     if not files:
         raise DicomSegError("no source files given for the DICOM SEG; pass the series folder or its files")
     return files, str(files[0].parent)
 
 
-def _pick_series(series: dict, series_id: str | None, where: str) -> str:
-    if series_id is not None:
-        wanted = str(series_id).strip()
-        if wanted in series:
-            return wanted
-        if is_hashed_id(wanted.lower()):  # volfm scan --hash-uids ids, as the series reader accepts them
-            hashed = {hash_id(uid): uid for uid in series}
-            if wanted.lower() in hashed:
-                return hashed[wanted.lower()]
-        raise DicomSegError(f"{where}: DICOM series {wanted} not found; series present: {', '.join(series)}")
-    sizes = sorted(((len(v), k) for k, v in series.items()), reverse=True)
-    if len(sizes) > 1 and sizes[0][0] == sizes[1][0]:
-        raise DicomSegError(f"{where}: {len(sizes)} DICOM series of {sizes[0][0]} files each; pass series_id "
-                            "(the SeriesInstanceUID the labels were predicted from)")
-    return sizes[0][1]
-
-
 def read_series_headers(source, series_id: str | None = None) -> list[pydicom.Dataset]:
     """The headers (no pixel data) of one DICOM image series: its single-frame images ordered along the slice
     normal, or its one multi-frame image (enhanced or legacy-converted enhanced) as a one-item list.
 
-    source: a series folder (its own ``*.dcm`` files and files without a suffix, as the series reader reads it;
+    source: a series folder (its DICOM files whatever their names, :func:`~volfm.io.multiframe.dicom_files`;
     subfolders are not searched) or a list of files. series_id: the SeriesInstanceUID to take (or its
-    ``volfm scan --hash-uids`` hash); without it the series with the most files (the series reader's rule).
-    Files that are not DICOM, or DICOM objects without an image plane (SR, SEG, ...), are skipped.
+    ``volfm scan --hash-uids`` hash, which every message then shows instead of the UID); without it the series with
+    the most files, with a ``GeometryWarning`` when there are several (:func:`~volfm.io.readers.resolve_series`, the
+    series reader's rule). Files that are not DICOM, or DICOM objects without an image plane (SR, SEG, ...), are
+    skipped.
     """
+    return _series_headers(source, series_id)[0]
+
+
+def _series_headers(source, series_id: str | None) -> tuple[list[pydicom.Dataset], str]:
+    """:func:`read_series_headers` and the name its messages give the series (the hash when asked by hash)."""
     files, where = _source_files(source)
     series: dict[str, list[pydicom.Dataset]] = {}
     for f in files:
         try:
             ds = pydicom.dcmread(str(f), stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError, TypeError, KeyError):
+        except (InvalidDicomError, OSError, ValueError, EOFError, TypeError, KeyError, AttributeError):
             continue
         if not _is_image(ds) or str(ds.get("Modality", "")).upper() in ("SEG", "RTSTRUCT", "SR"):
             continue
@@ -234,30 +236,31 @@ def read_series_headers(source, series_id: str | None = None) -> list[pydicom.Da
     if not series:
         raise DicomSegError(f"{where}: no DICOM image series found; a DICOM SEG needs the folder of the series the "
                             "labels were predicted from")
-    uid = _pick_series(series, series_id, where)
+    uid, shown = resolve_series({k: len(v) for k, v in series.items()}, series_id, where, error=DicomSegError)
     slices = series[uid]
-    if any(_frames_of(ds) > 1 for ds in slices) and len(slices) > 1:
-        raise DicomSegError(f"{where}: DICOM series {uid} mixes a multi-frame image with other files; a SEG is "
+    if any(number_of_frames(ds) > 1 for ds in slices) and len(slices) > 1:
+        raise DicomSegError(f"{where}: DICOM series {shown} mixes a multi-frame image with other files; a SEG is "
                             "written over one multi-frame image or over single-frame slices")
-    required = _REQUIRED if _frames_of(slices[0]) == 1 else _REQUIRED[:5] + ("Rows", "Columns")
+    required = _REQUIRED if number_of_frames(slices[0]) == 1 else _REQUIRED[:5] + ("Rows", "Columns")
     for ds in slices:
         missing = [t for t in required if t not in ds]
         if missing:
             raise DicomSegError(f"{ds.filename}: DICOM attribute(s) {', '.join(missing)} missing; a SEG needs them "
                                 "in every source image")
     if len(slices) == 1:
-        return slices
+        return slices, shown
     first = slices[0]
-    iop, ps = _floats(first, "ImageOrientationPatient"), _floats(first, "PixelSpacing")
-    for ds in slices[1:]:
+    iop, ps = _vector(first, "ImageOrientationPatient", first.filename), _vector(first, "PixelSpacing", first.filename)
+    along = {}
+    for ds in slices:
         if (ds.Rows, ds.Columns) != (first.Rows, first.Columns) \
-                or np.abs(_floats(ds, "ImageOrientationPatient") - iop).max() > 1e-4 \
-                or np.abs(_floats(ds, "PixelSpacing") - ps).max() > 1e-4 \
+                or np.abs(_vector(ds, "ImageOrientationPatient", ds.filename) - iop).max() > 1e-4 \
+                or np.abs(_vector(ds, "PixelSpacing", ds.filename) - ps).max() > 1e-4 \
                 or ds.FrameOfReferenceUID != first.FrameOfReferenceUID:
             raise DicomSegError(f"{ds.filename}: size, orientation, pixel spacing or frame of reference differs from "
-                                f"{first.filename} in series {uid}; a SEG needs one image plane geometry")
-    normal = np.cross(iop[:3], iop[3:])
-    return sorted(slices, key=lambda d: float(_floats(d, "ImagePositionPatient") @ normal))
+                                f"{first.filename} in series {shown}; a SEG needs one image plane geometry")
+        along[id(ds)] = float(_vector(ds, "ImagePositionPatient", ds.filename) @ np.cross(iop[:3], iop[3:]))
+    return sorted(slices, key=lambda d: along[id(d)]), shown
 
 
 class _Planes(NamedTuple):
@@ -275,20 +278,22 @@ class _Planes(NamedTuple):
 def _planes(slices: list[pydicom.Dataset]) -> _Planes:
     first = slices[0]
     rows, cols = int(first.Rows), int(first.Columns)
-    if _frames_of(first) == 1:
-        return _Planes([_floats(ds, "ImagePositionPatient") for ds in slices], [str(ds.filename) for ds in slices],
-                       _floats(first, "ImageOrientationPatient"), _floats(first, "PixelSpacing"), rows, cols)
+    if number_of_frames(first) == 1:
+        return _Planes([_vector(ds, "ImagePositionPatient", ds.filename) for ds in slices],
+                       [str(ds.filename) for ds in slices], _vector(first, "ImageOrientationPatient", first.filename),
+                       _vector(first, "PixelSpacing", first.filename), rows, cols)
     positions, iops, pss = [], [], []
-    for i in range(_frames_of(first)):
+    for i in range(number_of_frames(first)):
         pos, ori, meas = (frame_group(first, k, i) for k in ("PlanePositionSequence", "PlaneOrientationSequence",
                                                          "PixelMeasuresSequence"))
         if pos is None or ori is None or meas is None or "ImagePositionPatient" not in pos \
                 or "ImageOrientationPatient" not in ori or "PixelSpacing" not in meas:
             raise DicomSegError(f"{first.filename}: frame {i + 1} has no plane position, orientation or pixel "
                                 "spacing; a SEG needs each frame's geometry")
-        positions.append(_floats(pos, "ImagePositionPatient"))
-        iops.append(_floats(ori, "ImageOrientationPatient"))
-        pss.append(_floats(meas, "PixelSpacing"))
+        name = f"{first.filename} frame {i + 1}"
+        positions.append(_vector(pos, "ImagePositionPatient", name))
+        iops.append(_vector(ori, "ImageOrientationPatient", name))
+        pss.append(_vector(meas, "PixelSpacing", name))
     if np.abs(np.asarray(iops) - iops[0]).max() > 1e-4 or np.abs(np.asarray(pss) - pss[0]).max() > 1e-4:
         raise DicomSegError(f"{first.filename}: frames differ in orientation or pixel spacing; a SEG needs one "
                             "image plane geometry")
@@ -339,14 +344,18 @@ def _section_frames(label: np.ndarray, affine: np.ndarray, planes: _Planes) -> t
     return np.ascontiguousarray(grid[ks]), ""
 
 
-def _label_names(labels) -> dict[int, str]:
-    if isinstance(labels, Mapping):
-        out = {int(k): str(v) for k, v in labels.items()}
-    elif isinstance(labels, Sequence) and not isinstance(labels, str):
-        out = {i: str(n) for i, n in enumerate(labels)}
-    else:
-        raise DicomSegError(f"labels must be a list of names (index = label value) or a dict value -> name, got "
-                            f"{type(labels).__name__}")
+def _label_names(labels, where, model: str) -> dict[int, str]:
+    """Foreground names by label value; a one-line error naming the label map and the model otherwise."""
+    try:
+        if isinstance(labels, Mapping):
+            out = {int(k): str(v) for k, v in labels.items()}
+        elif isinstance(labels, Sequence) and not isinstance(labels, str):
+            out = {i: str(n) for i, n in enumerate(labels)}
+        else:
+            raise TypeError(type(labels).__name__)
+    except (TypeError, ValueError):
+        raise DicomSegError(f"{where}: the label names of model {model} must be a list (index = label value) or a "
+                            f"dict value -> name, got {type(labels).__name__} {str(labels)[:80]!r}") from None
     return {v: n for v, n in out.items() if v != 0}
 
 
@@ -362,7 +371,8 @@ def write_dicom_seg(label_image, source, labels, out_path, *, series_id: str | N
         value -> name); label 0 is background and gets no segment. series_id: the SeriesInstanceUID in a folder
         holding several series. algorithm_name/version: the model, recorded in every segment.
     Returns ``out_path``. Raises :class:`DicomSegError` (one line) when the label map does not lie on the series'
-    grid, holds values without a name, names no foreground label, or the source is not a usable DICOM series.
+    grid, holds values without a name, names no foreground label, the source is not a usable DICOM series, or
+    highdicom cannot build or save the SEG (whatever it raises). A series asked for by hash is named by its hash.
     """
     out_path = Path(out_path)
     if not isinstance(label_image, Volume):
@@ -381,7 +391,7 @@ def write_dicom_seg(label_image, source, labels, out_path, *, series_id: str | N
         arr = arr.astype(np.int64)
     elif arr.dtype.kind == "b":
         arr = arr.astype(np.uint8)
-    names = _label_names(labels)
+    names = _label_names(labels, where, algorithm_name)
     if not names:
         raise DicomSegError(f"{where}: no foreground label names (only background); nothing to write as a SEG")
     present = {int(v) for v in np.unique(arr)} - {0}
@@ -391,17 +401,38 @@ def write_dicom_seg(label_image, source, labels, out_path, *, series_id: str | N
     if min(present | set(names)) < 0:
         raise DicomSegError(f"{where}: negative label values; labels are 0 (background) and positive integers")
 
-    slices = read_series_headers(source, series_id)
+    slices, shown = _series_headers(source, series_id)
     folder = Path(slices[0].filename).parent
     frames, why = _section_frames(arr, np.asarray(label_image.affine, dtype=np.float64), _planes(slices))
     if frames is None:
-        raise DicomSegError(f"{where}: label grid does not match DICOM series {slices[0].SeriesInstanceUID} in "
+        raise DicomSegError(f"{where}: label grid does not match DICOM series {shown} in "
                             f"{folder}: {why}; pass labels on the series' own grid (volfm predict writes them so)")
 
     values = sorted(names)
     lut = np.zeros(max(values) + 1, dtype=np.uint16 if len(values) > 255 else np.uint8)
     lut[values] = np.arange(1, len(values) + 1)
     pixels = lut[frames]
+    uid = str(slices[0].SeriesInstanceUID).strip()
+    try:
+        seg = _segmentation(slices, pixels, names, values, algorithm_name, algorithm_version, series_description,
+                            series_number, content_description)
+    except Exception as exc:  # noqa: BLE001 - highdicom/pydicom raise many types for a source header they cannot use
+        raise DicomSegError(one_line(f"{folder}: highdicom could not build the SEG of DICOM series {shown} "
+                                     f"({type(exc).__name__}: {str(exc).replace(uid, shown)}); its headers are incomplete "
+                                     "or malformed: re-export the series, or use the NIfTI labels")) from exc
+    try:
+        with atomic_path(out_path) as tmp:
+            seg.save_as(tmp, enforce_file_format=True)
+    except Exception as exc:  # noqa: BLE001 - OSError (disk full, permissions) or a value pydicom cannot encode
+        raise DicomSegError(one_line(f"{folder}: the SEG of DICOM series {shown} could not be written to {out_path} "
+                                     f"({type(exc).__name__}: {str(exc).replace(uid, shown)}); check the output "
+                                     "folder")) from exc
+    return out_path
+
+
+def _segmentation(slices, pixels, names, values, algorithm_name, algorithm_version, series_description,
+                  series_number, content_description):
+    """The highdicom Segmentation of the frames ``pixels`` (segment numbers 1.. for label ``values``)."""
     algorithm = hd.AlgorithmIdentificationSequence(name=algorithm_name[:64], version=str(algorithm_version)[:64],
                                                    family=codes.cid7162.ArtificialIntelligence)
     descriptions = []
@@ -420,19 +451,12 @@ def write_dicom_seg(label_image, source, labels, out_path, *, series_id: str | N
         for tag in _TYPE2:
             if tag not in ds:
                 setattr(ds, tag, "")
-    try:
-        seg = hd.seg.Segmentation(
-            source_images=slices, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=series_number,
-            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="volfm",
-            manufacturer_model_name=algorithm_name[:64], software_versions=__version__, device_serial_number="none",
-            series_description=series_description[:64], content_label="VOLFM_SEG",
-            content_description=(content_description or f"{algorithm_name} labels")[:64],
-            content_qualification=hd.ContentQualificationValues.RESEARCH,
-            omit_empty_frames=bool(pixels.any()))
-    except (ValueError, TypeError) as exc:
-        raise DicomSegError(" ".join(f"{folder}: highdicom could not build the SEG of series "
-                                     f"{slices[0].SeriesInstanceUID} ({type(exc).__name__}: {exc})".split())) from exc
-    with atomic_path(out_path) as tmp:
-        seg.save_as(tmp, enforce_file_format=True)
-    return out_path
+    return hd.seg.Segmentation(
+        source_images=slices, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=series_number,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="volfm",
+        manufacturer_model_name=algorithm_name[:64], software_versions=__version__, device_serial_number="none",
+        series_description=series_description[:64], content_label="VOLFM_SEG",
+        content_description=(content_description or f"{algorithm_name} labels")[:64],
+        content_qualification=hd.ContentQualificationValues.RESEARCH,
+        omit_empty_frames=bool(pixels.any()))

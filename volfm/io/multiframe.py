@@ -21,6 +21,12 @@ dimension of the DimensionIndexSequence -- echo, b-value, ... -- varies), frames
 spacings, missing geometry (no per-frame PlanePositionSequence, no orientation, no PixelSpacing), colour images,
 truncated pixel data and compressed transfer syntaxes no installed pydicom decoder handles (the message names what
 to install). A single-frame image file is refused too: single-frame images are read as a series, from their folder.
+
+Which files of a folder are DICOM (:func:`dicom_files`, for the folder dispatch of ``read_volume``, the DICOM SEG
+writer and ``volfm predict``): every regular, non-hidden file directly in it, whatever its name (``*.dcm``, ``*.IMA``,
+a SOPInstanceUID such as ``1.2.840.123``, a vendor number), that carries the DICOM preamble (``DICM`` after 128
+bytes), DICOMDIR files excepted. A file without the preamble is not taken, as ``volfm scan``
+(:mod:`volfm.io.dicomscan`: pydicom unforced) does not take it either.
 """
 from __future__ import annotations
 
@@ -69,6 +75,13 @@ def is_dicom_file(path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
+def dicom_files(folder) -> list[Path]:
+    """The DICOM files directly in ``folder`` (not its subfolders), in name order: regular, non-hidden files of any
+    name with the DICOM preamble (:func:`is_dicom_file`), DICOMDIR files excepted (see the module text)."""
+    return [f for f in sorted(Path(folder).iterdir())
+            if not f.name.startswith(".") and f.name.upper() != "DICOMDIR" and f.is_file() and is_dicom_file(f)]
+
+
 def number_of_frames(ds) -> int:
     """NumberOfFrames (1 when absent or unreadable)."""
     try:
@@ -98,7 +111,9 @@ def frame_group(ds, keyword: str, frame: int) -> Dataset | None:
     return None
 
 
-def _floats(value, n: int) -> list[float] | None:
+def floats(value, n: int) -> list[float] | None:
+    """``value`` (a DICOM multi-valued number, e.g. ImagePositionPatient) as ``n`` floats; None when it is missing,
+    unreadable or holds another count."""
     try:
         out = [float(v) for v in value]
     except (TypeError, ValueError):
@@ -108,7 +123,7 @@ def _floats(value, n: int) -> list[float] | None:
 
 def _frame_value(ds, group: str, keyword: str, frame: int, n: int) -> list[float] | None:
     item = frame_group(ds, group, frame)
-    return None if item is None else _floats(item.get(keyword), n)
+    return None if item is None else floats(item.get(keyword), n)
 
 
 def frame_orientations(ds) -> list[list[float] | None]:
@@ -125,7 +140,7 @@ def frame_positions(ds) -> list[list[float] | None]:
     out: list[list[float] | None] = []
     for f in range(number_of_frames(ds)):
         seq = per[f].get("PlanePositionSequence") if per is not None and f < len(per) else None
-        out.append(_floats(seq[0].get("ImagePositionPatient"), 3) if seq else None)
+        out.append(floats(seq[0].get("ImagePositionPatient"), 3) if seq else None)
     return out
 
 
@@ -222,13 +237,9 @@ def with_converted_attributes(ds) -> Dataset:
 
 
 def image_headers(folder) -> Iterator[tuple[Path, str, int]]:
-    """(path, SeriesInstanceUID, NumberOfFrames) of each DICOM image file directly in ``folder`` (files named
-    ``*.dcm`` or without a suffix, as the series reader looks at; non-DICOM and non-image objects are skipped), in
-    name order, reading three header tags of each file as it goes."""
-    for f in sorted(Path(folder).iterdir()):
-        if not f.is_file() or f.name.startswith(".") or f.suffix.lower() not in (".dcm", "") \
-                or f.name.upper() == "DICOMDIR":
-            continue
+    """(path, SeriesInstanceUID, NumberOfFrames) of each DICOM image file directly in ``folder`` (:func:`dicom_files`;
+    non-image objects are skipped), in name order, reading three header tags of each file as it goes."""
+    for f in dicom_files(folder):
         try:
             ds = pydicom.dcmread(str(f), stop_before_pixels=True,
                                  specific_tags=["SOPClassUID", "SeriesInstanceUID", "NumberOfFrames"])
@@ -240,18 +251,18 @@ def image_headers(folder) -> Iterator[tuple[Path, str, int]]:
             yield f, uid, number_of_frames(ds)
 
 
-def _dcmread(path: Path):
+def _dcmread(path: Path, where: str):
     try:
         return pydicom.dcmread(str(path))
     except InvalidDicomError as exc:
-        raise VolumeReadError(one_line(f"{path}: not a DICOM file ({exc}); point at an image file or a DICOM "
+        raise VolumeReadError(one_line(f"{where}: not a DICOM file ({exc}); point at an image file or a DICOM "
                                        "series folder")) from exc
     except (EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise VolumeReadError(one_line(f"{path}: truncated or corrupt DICOM file ({type(exc).__name__}: {exc}); "
+        raise VolumeReadError(one_line(f"{where}: truncated or corrupt DICOM file ({type(exc).__name__}: {exc}); "
                                        "re-export or re-copy the file")) from exc
 
 
-def _require_decoder(path: Path, ds) -> None:
+def _require_decoder(where: str, ds) -> None:
     """A one-line error when the pixel data is compressed in a transfer syntax no installed decoder reads."""
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if ts is None or not UID(ts).is_compressed:
@@ -260,7 +271,7 @@ def _require_decoder(path: Path, ds) -> None:
     try:
         decoder = get_decoder(ts)
     except NotImplementedError:
-        raise VolumeReadError(f"{path}: pixel data compressed as {ts.name} ({ts}), which pydicom cannot decode; "
+        raise VolumeReadError(f"{where}: pixel data compressed as {ts.name} ({ts}), which pydicom cannot decode; "
                               "re-export the file uncompressed (Explicit VR Little Endian)") from None
     if not decoder.is_available:
         options = []
@@ -268,21 +279,21 @@ def _require_decoder(path: Path, ds) -> None:
             names = [re.split(r"[<>=!~ ]", req.strip())[0] for req in dep.split(" - requires ")[-1].split(" and ")]
             options.append("pip install " + " ".join("python-gdcm" if n == "gdcm" else n for n in names))
         raise VolumeReadError(one_line(
-            f"{path}: pixel data compressed as {ts.name}, which no installed decoder reads; "
+            f"{where}: pixel data compressed as {ts.name}, which no installed decoder reads; "
             f"{' or '.join(options) or _DECODER_HINT}, or re-export the file uncompressed"))
 
 
-def _pixels(path: Path, ds, frames: int) -> np.ndarray:
+def _pixels(where: str, ds, frames: int) -> np.ndarray:
     """The stored pixel values, (frames, rows, columns)."""
-    _require_decoder(path, ds)
+    _require_decoder(where, ds)
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for short or corrupt pixel data
-        raise VolumeReadError(one_line(f"{path}: truncated or corrupt pixel data ({type(exc).__name__}: {exc}); "
+        raise VolumeReadError(one_line(f"{where}: truncated or corrupt pixel data ({type(exc).__name__}: {exc}); "
                                        "re-export or re-copy the file")) from exc
     rows, cols = int(ds.Rows), int(ds.Columns)
     if pixels.size != frames * rows * cols:
-        raise VolumeReadError(f"{path}: pixel data holds {pixels.size} values for {frames} frames of {rows}x{cols}; "
+        raise VolumeReadError(f"{where}: pixel data holds {pixels.size} values for {frames} frames of {rows}x{cols}; "
                               "re-export or re-copy the file")
     return pixels.reshape(frames, rows, cols)
 
@@ -301,62 +312,66 @@ def _rescale(ds, frames: int) -> tuple[np.ndarray, np.ndarray]:
     return slopes, inters
 
 
-def _one_value(path: Path, values: list, what: str, tol: float, fix: str) -> np.ndarray:
+def _one_value(where: str, values: list, what: str, tol: float, fix: str) -> np.ndarray:
     """The value every frame shares (``values``: one list of floats or None per frame)."""
     missing = [i for i, v in enumerate(values) if v is None]
     if missing:
-        raise VolumeReadError(f"{path}: multi-frame DICOM has no {what} for frame {missing[0] + 1} "
+        raise VolumeReadError(f"{where}: multi-frame DICOM has no {what} for frame {missing[0] + 1} "
                               f"({len(missing)} of {len(values)} frames lack it); {fix}")
     arr = np.asarray(values, dtype=np.float64)
     if np.abs(arr - arr[0]).max() > tol:
-        raise VolumeReadError(f"{path}: multi-frame DICOM frames differ in {what} (more than one volume in one file); "
+        raise VolumeReadError(f"{where}: multi-frame DICOM frames differ in {what} (more than one volume in one file); "
                               "export one volume per file")
     return arr[0]
 
 
-def read_multiframe(path, *, dtype=np.float32, series_id: str | None = None) -> Volume:
+def read_multiframe(path, *, dtype=np.float32, series_id: str | None = None, source=None) -> Volume:
     """Read one enhanced (or legacy-converted enhanced) multi-frame DICOM file into a Volume.
 
     dtype: array dtype (``None``: the stored integer type when no frame is rescaled, int32 for integer rescales,
         else float64). Rescaling is computed in float64 and cast once, as the series reader does.
     series_id: the name recorded in ``meta["series_id"]`` (default: the file's SeriesInstanceUID); a caller that
         was asked for a hashed id passes it so the raw UID stays out of manifests.
+    source: what ``meta["path"]`` records and messages name (default: ``path``); ``read_volume`` passes the folder
+        it found the file in, so a cohort cell (the folder) matches meta.json and a file named by its SOPInstanceUID
+        stays out of it.
     """
     path = Path(path)
-    ds = _dcmread(path)
+    where = str(path if source is None else source)
+    ds = _dcmread(path, where)
     frames = number_of_frames(ds)
     sop = str(ds.get("SOPClassUID", "") or "")
     sop_name = UID(sop).name if sop else "no SOP class"
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise VolumeReadError(f"{path}: no pixel data ({sop_name}): the file is truncated or holds no image; "
+        raise VolumeReadError(f"{where}: no pixel data ({sop_name}): the file is truncated or holds no image; "
                               "re-export or re-copy it")
     per = ds.get("PerFrameFunctionalGroupsSequence")
     if per is None:
         if frames == 1:
-            raise VolumeReadError(f"{path}: a single-frame DICOM image ({sop_name}); volfm reads single-frame images "
+            raise VolumeReadError(f"{where}: a single-frame DICOM image ({sop_name}); volfm reads single-frame images "
                                   "as a series: point at the folder that holds all slices of the series")
-        raise VolumeReadError(f"{path}: multi-frame DICOM ({sop_name}) without a PerFrameFunctionalGroupsSequence, so "
+        raise VolumeReadError(f"{where}: multi-frame DICOM ({sop_name}) without a PerFrameFunctionalGroupsSequence, so "
                               "frame positions are unknown; volfm reads enhanced and legacy-converted enhanced CT/MR/PET "
                               "multi-frame images or single-frame series: re-export the images as one of those")
     if len(per) != frames:
-        raise VolumeReadError(f"{path}: NumberOfFrames is {frames} but the PerFrameFunctionalGroupsSequence has "
+        raise VolumeReadError(f"{where}: NumberOfFrames is {frames} but the PerFrameFunctionalGroupsSequence has "
                               f"{len(per)} items; re-export or re-copy the file")
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise VolumeReadError(f"{path}: colour image ({ds.get('PhotometricInterpretation', '')}, "
+        raise VolumeReadError(f"{where}: colour image ({ds.get('PhotometricInterpretation', '')}, "
                               f"{ds.SamplesPerPixel} samples per pixel); volfm reads greyscale CT/MR/PET images")
     problem = dimension_problem(ds)
     if problem:
-        raise VolumeReadError(f"{path}: multi-frame DICOM holds more than one volume ({problem}); volfm reads one "
+        raise VolumeReadError(f"{where}: multi-frame DICOM holds more than one volume ({problem}); volfm reads one "
                               "volume per file: export each stack or time point as its own file or series")
     fix = "the file carries no usable patient geometry; re-export it with geometry (enhanced or single-frame images)"
-    iop = _one_value(path, frame_orientations(ds), "ImageOrientationPatient (PlaneOrientationSequence)",
+    iop = _one_value(where, frame_orientations(ds), "ImageOrientationPatient (PlaneOrientationSequence)",
                      _ORIENTATION_TOL, fix)
-    spacing = _one_value(path, [_frame_value(ds, "PixelMeasuresSequence", "PixelSpacing", f, 2)
+    spacing = _one_value(where, [_frame_value(ds, "PixelMeasuresSequence", "PixelSpacing", f, 2)
                                 for f in range(frames)], "PixelSpacing (PixelMeasuresSequence)", _SPACING_TOL, fix)
     raw_positions = frame_positions(ds)
     missing = [i for i, p in enumerate(raw_positions) if p is None]
     if missing:
-        raise VolumeReadError(f"{path}: multi-frame DICOM has no per-frame ImagePositionPatient "
+        raise VolumeReadError(f"{where}: multi-frame DICOM has no per-frame ImagePositionPatient "
                               f"(PlanePositionSequence) for frame {missing[0] + 1} ({len(missing)} of {frames} frames "
                               f"lack it); {fix}")
     positions = np.asarray(raw_positions, dtype=np.float64)
@@ -368,12 +383,12 @@ def read_multiframe(path, *, dtype=np.float32, series_id: str | None = None) -> 
     if frames > 1 and np.linalg.norm(np.diff(positions, axis=0), axis=1).min() <= 1e-6:
         varying = _varying_dimensions(ds)
         if varying:
-            raise VolumeReadError(f"{path}: multi-frame DICOM holds {frames} frames at "
+            raise VolumeReadError(f"{where}: multi-frame DICOM holds {frames} frames at "
                                   f"{len(np.unique(np.round(along, 4)))} positions, varying in {', '.join(varying)} "
                                   "(more than one volume in one file); export one volume per file")
 
     series_uid = str(ds.get("SeriesInstanceUID", "") or "")
-    meta = {"path": str(path), "format": FORMAT, "series_id": series_id or series_uid, "num_frames": frames,
+    meta = {"path": where, "format": FORMAT, "series_id": series_id or series_uid, "num_frames": frames,
             "modality": str(ds.get("Modality", "") or ""), "sop_class": sop_name}
     lps = np.eye(4)
     lps[:3, 0] = row * spacing[1]  # i runs along a row: the column spacing, PixelSpacing[1]
@@ -388,15 +403,15 @@ def read_multiframe(path, *, dtype=np.float32, series_id: str | None = None) -> 
     affine = geo.lps_to_ras(lps)
     if frames > 1:
         affine = slice_axis_from_positions(
-            affine, positions, f"{path}: multi-frame DICOM", meta, unit="frames",
+            affine, positions, f"{where}: multi-frame DICOM", meta, unit="frames",
             duplicate_fix="the file holds more than one volume or repeats frames; export one volume per file",
             gap_fix="re-export the complete volume")
 
-    pixels = _pixels(path, ds, frames)
+    pixels = _pixels(where, ds, frames)
     try:
         slopes, inters = _rescale(ds, frames)
     except (TypeError, ValueError) as exc:
-        raise VolumeReadError(one_line(f"{path}: unreadable RescaleSlope/RescaleIntercept ({exc}); re-export the "
+        raise VolumeReadError(one_line(f"{where}: unreadable RescaleSlope/RescaleIntercept ({exc}); re-export the "
                                        "file")) from exc
     slopes, inters = slopes[order], inters[order]
     identity = bool(np.all(slopes == 1.0) and np.all(inters == 0.0))

@@ -17,6 +17,7 @@ import math
 import threading
 import warnings
 import zlib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import nibabel as nib
@@ -30,6 +31,7 @@ from volfm.io.atomic import atomic_path
 from volfm.io.dicomscan import hash_id, is_hashed_id
 from volfm.io.errors import GeometryWarning, VolumeReadError
 from volfm.io.multiframe import (
+    dicom_files,
     image_headers,
     is_dicom_file,
     read_multiframe,
@@ -52,7 +54,7 @@ def is_image_path(path) -> bool:
     p = Path(path)
     name = p.name.lower()
     if p.is_dir():
-        return any(f.suffix.lower() in (".dcm", "") and f.is_file() for f in p.iterdir())
+        return bool(dicom_files(p))  # any DICOM file, whatever its name (multiframe.dicom_files)
     return name.endswith(IMAGE_SUFFIXES)
 
 
@@ -62,7 +64,9 @@ def read_volume(path, *, dtype=np.float32, prefer: str = "sform", series_id: str
 
     A folder is read as a series of single-frame slices (SimpleITK/GDCM), or, when its image series is one
     enhanced or legacy-converted enhanced multi-frame file (or ``series_id`` names such a file's series), as that
-    file (:mod:`volfm.io.multiframe`); a file named ``*.dcm`` (or any DICOM file) is read as a multi-frame image.
+    file (:mod:`volfm.io.multiframe`; its DICOM files are :func:`~volfm.io.multiframe.dicom_files`, whatever their
+    names); ``meta["path"]`` is then the folder, as for a series. A file named ``*.dcm`` (or any DICOM file) is
+    read as a multi-frame image.
     dtype: array dtype (float32 by default; ``None`` keeps the stored integer type, for label maps).
     writable: False allows a read-only array (a zero-copy view of an inflated .nii.gz) for callers
         that only read it, as the preprocessing pipeline does; the default returns an array you may
@@ -74,7 +78,7 @@ def read_volume(path, *, dtype=np.float32, prefer: str = "sform", series_id: str
     if path.is_dir():
         single = _multiframe_in_folder(path, series_id)
         if single is not None:
-            vol = _read_multiframe(single[0], dtype, single[1])
+            vol = _read_multiframe(single[0], dtype, single[1], source=path)
         else:
             vol = _read_dicom_series(path, series_id=series_id)
     else:
@@ -276,18 +280,30 @@ def _read_sitk_file(path: Path) -> Volume:
     return _sitk_to_volume(image, path, {"path": str(path), "format": path.suffix.lstrip(".").lower()})
 
 
-def _choose_series(folder: Path, ids: list[str], series_id: str | None, reader) -> tuple[str, str]:
-    """The SeriesInstanceUID to read among the folder's ``ids`` and the name to show for it (in messages and
-    ``meta["series_id"]``). ``series_id`` is a SeriesInstanceUID or its :func:`~volfm.io.dicomscan.hash_id` (what
-    ``volfm scan --hash-uids`` writes), found by hashing each of ``ids``; a hashed request is shown, and its misses
-    listed, hashed, so the raw UIDs stay out of manifests and meta.json. None: the largest series (a warning when
-    there are several)."""
+def resolve_series(series: Mapping[str, int] | Iterable[str], series_id: str | None, where,
+                   *, error: type[Exception] = VolumeReadError) -> tuple[str, str]:
+    """The SeriesInstanceUID to take among a folder's DICOM series and the name to show for it (in messages and
+    ``meta["series_id"]``): the one rule of the series reader and the DICOM SEG writer
+    (:func:`volfm.io.dicomseg.read_series_headers`).
+
+    series: the folder's SeriesInstanceUIDs with their number of files (a mapping), or just the ids when
+    ``series_id`` is given or there is one series. series_id: a SeriesInstanceUID or its
+    :func:`~volfm.io.dicomscan.hash_id` (what ``volfm scan --hash-uids`` writes), found by hashing each id; a hashed
+    request is shown, and its misses listed, hashed, so the raw UIDs stay out of manifests, meta.json and messages.
+    None: the series with the most files (ties: the first by UID), with a :class:`GeometryWarning` when there are
+    several. A miss raises ``error`` (one line naming ``where``).
+    """
+    ids = list(series)
     if series_id is None:
-        sizes = {sid: len(reader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in ids}
-        uid = max(sizes, key=sizes.get)
-        if len(ids) > 1:
-            warnings.warn(f"{folder}: {len(ids)} DICOM series found; reading the largest ({uid}, "
-                          f"{sizes[uid]} files); give series_id to choose", GeometryWarning, stacklevel=4)
+        if len(ids) == 1:
+            return ids[0], ids[0]
+        sizes = dict(series) if isinstance(series, Mapping) else None
+        if sizes is None:
+            raise TypeError("resolve_series needs the number of files of each series to choose among several")
+        uid = max(sorted(sizes), key=sizes.get)  # the first of the largest, in UID order
+        # stacklevel: the caller of read_volume, read_series_headers or write_dicom_seg (two calls below them)
+        warnings.warn(f"{where}: {len(ids)} DICOM series found; reading the largest ({uid}, {sizes[uid]} files); "
+                      "give series_id to choose", GeometryWarning, stacklevel=4)
         return uid, uid
     wanted = str(series_id).strip()
     if wanted in ids:
@@ -296,9 +312,9 @@ def _choose_series(folder: Path, ids: list[str], series_id: str | None, reader) 
         hashed = {hash_id(sid): sid for sid in ids}
         if wanted.lower() in hashed:
             return hashed[wanted.lower()], wanted.lower()
-        raise VolumeReadError(f"{folder}: no DICOM series here hashes to {wanted}; hashed ids of the series present: "
-                              f"{', '.join(sorted(hashed))}; rescan the tree or fix the series column")
-    raise VolumeReadError(f"{folder}: DICOM series {wanted} not found; series present: {', '.join(ids)}")
+        raise error(f"{where}: no DICOM series here hashes to {wanted}; hashed ids of the series present: "
+                    f"{', '.join(sorted(hashed))}; rescan the tree or fix the series column")
+    raise error(f"{where}: DICOM series {wanted} not found; series present: {', '.join(ids)}")
 
 
 def _read_dicom_series(folder: Path, series_id: str | None) -> Volume:
@@ -313,7 +329,10 @@ def _read_dicom_series(folder: Path, series_id: str | None) -> Volume:
     if not ids:
         raise VolumeReadError(f"{folder}: no DICOM series found in this folder; point the table at the folder "
                               "that holds the .dcm files of one series")
-    uid, series_id = _choose_series(folder, ids, series_id, reader)  # from here on series_id is the name shown
+    # from here on series_id is the name shown; files are counted only to choose among several series
+    sizes = ids if series_id is not None or len(ids) == 1 else \
+        {sid: len(reader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in ids}
+    uid, series_id = resolve_series(sizes, series_id, folder)
     files = reader.GetGDCMSeriesFileNames(str(folder), uid)
     reader.SetFileNames(files)
     positions, rescale_varies = _slice_headers(files)
@@ -367,8 +386,8 @@ def _multiframe_in_folder(folder: Path, series_id: str | None) -> tuple[Path, st
                           "file")
 
 
-def _read_multiframe(path: Path, dtype, series_id: str | None) -> Volume:
-    vol = read_multiframe(path, dtype=dtype, series_id=series_id)
+def _read_multiframe(path: Path, dtype, series_id: str | None, source=None) -> Volume:
+    vol = read_multiframe(path, dtype=dtype, series_id=series_id, source=source)
     if vol.meta.get("modality") == "PT":  # dose tags: top level, or where a legacy conversion put them
         try:
             header = pydicom.dcmread(str(path), stop_before_pixels=True)

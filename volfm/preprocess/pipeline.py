@@ -140,7 +140,8 @@ class Pipeline:
         to read from that input's folder (a SeriesInstanceUID or its ``volfm scan --hash-uids`` hash; the cohort
         table's ``<input>_series_uid`` column); empty or absent = the folder's only (or largest) series. A series
         for an input that is not a DICOM folder is an error naming the case. meta.json's ``source.<input>.series_id``
-        is the series as given (a hash stays a hash)."""
+        is the series as given (a hash stays a hash), ``series_requested`` the cell itself ("" when empty), recorded
+        for every DICOM input."""
         spec = self.spec
         t0 = time.perf_counter()
         series = {k: str(v).strip() for k, v in (series or {}).items() if v is not None and str(v).strip()}
@@ -196,6 +197,8 @@ class Pipeline:
             for k in ("suv_factor", "modality", "series_id"):
                 if k in vol.meta:
                     sources[name][k] = vol.meta[k]
+            if name in series or "series_id" in vol.meta:  # what the row asked for: a rerun compares the cell with it
+                sources[name]["series_requested"] = series.get(name, "")
         meta = {"case_id": case_id, "spec_name": spec["name"], "spec_hash": self.hash, "volfm_version": __version__,
                 "affine": affine.tolist(), "shape": list(shape),
                 "spacing": geo.spacing_from_affine(affine).tolist(), "orientation": geo.axcodes(affine),

@@ -672,8 +672,10 @@ def case_is_current(meta: dict | None, row: dict, inputs, h: str | None, redo_be
     """Whether a case folder's meta.json still stands for a cohort-table row: made with the spec of hash ``h``,
     after the last ``--overwrite`` run began (``redo_before``), from the same set of ``inputs`` (the spec's input
     names; the row's non-empty cells count), from the same files (path, and size and mtime when the file is
-    there) and, where the row names one (``<input>_series_uid``), the same DICOM series. Whether its arrays are
-    whole is not checked here."""
+    there) and from the same ``<input>_series_uid`` cell (compared, case-insensitively, with meta.json's
+    ``source.<input>.series_requested``, so a cell set, changed, emptied or dropped redoes the case; meta.json
+    without that key is compared with ``series_id`` where the cell is set). Whether its arrays are whole is not
+    checked here."""
     if meta is None or h is None or meta.get("spec_hash") != h:
         return False
     if redo_before is not None and float(meta.get("written_at", 0.0)) < float(redo_before):
@@ -687,9 +689,12 @@ def case_is_current(meta: dict | None, row: dict, inputs, h: str | None, redo_be
         src = sources[name]
         if Path(src.get("path", "")) != Path(path):
             return False
-        series = (row.get(series_column(name)) or "").strip()
-        if series and series.lower() != str(src.get("series_id", "")).lower():
-            return False  # another series of the same DICOM folder (a folder has no size/mtime to compare)
+        series = (row.get(series_column(name)) or "").strip().lower()
+        if "series_requested" in src:  # what the row asked for when the case was made, "" for the folder's largest
+            if series != str(src["series_requested"]).strip().lower():
+                return False  # another series of the same DICOM folder (a folder has no size/mtime to compare)
+        elif series and series != str(src.get("series_id", "")).lower():
+            return False  # meta.json written before volfm recorded series_requested: compare with what was read
         p = Path(path)
         if p.is_file() and "size" in src:
             stat = p.stat()

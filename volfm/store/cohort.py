@@ -14,20 +14,21 @@ from pathlib import Path
 from volfm import VolfmError
 from volfm.io.atomic import atomic_path
 from volfm.io.readers import IMAGE_SUFFIXES
+from volfm.utils import did_you_mean
 
 KNOWN_META = ("icd_codes", "report", "split")
 SERIES_SUFFIX = "_series_uid"  # column <input>_series_uid: which DICOM series of that input's folder to read
+_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class CohortError(VolfmError):
+    pass
 
 
 def series_column(input_name: str) -> str:
     """The cohort column that names the DICOM series of input ``input_name``: ``image`` -> ``image_series_uid``
     (a SeriesInstanceUID, or its 16-hex hash as ``volfm scan --hash-uids`` writes it)."""
     return f"{input_name}{SERIES_SUFFIX}"
-_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class CohortError(VolfmError):
-    pass
 
 
 def parse_icd_codes(cell) -> list[str]:
@@ -84,7 +85,8 @@ def load_cohort(path, spec: dict) -> list[dict]:
     """Read and check a cohort table against a spec; returns rows with absolute input paths.
 
     Table-level problems (no case_id column, duplicate or unsafe ids, a required input column
-    missing) raise CohortError naming the table; per-case problems (empty cell, missing file) are
+    missing, a ``<x>_series_uid`` column whose ``x`` is neither an input of the spec nor a column) raise
+    CohortError naming the table; per-case problems (empty cell, missing file) are
     left for the runner to record as that case's failure.
     """
     path = Path(path)
@@ -99,6 +101,15 @@ def load_cohort(path, spec: dict) -> list[dict]:
     if missing:
         raise CohortError(f"{path}: column(s) {', '.join(missing)} required by spec '{spec['name']}' are missing "
                           f"(columns: {', '.join(columns)}); rename the column or edit the spec's inputs")
+    # a series column of no input would be ignored, the folder's largest series read: a typo (imag_series_uid)
+    # fails the table; one of an input column the spec does not use (pet_series_uid beside pet) is metadata
+    stray = [c for c in columns if c.endswith(SERIES_SUFFIX) and c[: -len(SERIES_SUFFIX)] not in inputs
+             and c[: -len(SERIES_SUFFIX)] not in columns]
+    if stray:
+        wanted = [series_column(k) for k in inputs]
+        raise CohortError(f"{path}: column {stray[0]!r} names the DICOM series of no input of spec '{spec['name']}' "
+                          f"(inputs: {', '.join(inputs)}){did_you_mean(stray[0], wanted)}; rename it to "
+                          f"<input>{SERIES_SUFFIX} ({', '.join(wanted)}) or drop it")
     seen: dict[str, int] = {}
     for n, row in enumerate(rows, start=2):
         cid = (row.get("case_id") or "").strip()

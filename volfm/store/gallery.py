@@ -9,7 +9,8 @@ its stored grid (``shape.i|j|k``, ``spacing.i|j|k``), its reference input's sour
 p99``, ``foreground``, ``<label>.ml`` and, for labels of at most :data:`MAX_CLASS_FEATURES` classes across the
 cohort, ``<label>.ml.<class>``; a class a case lacks counts 0 mL). Cases stored before volfm recorded ``stats`` get
 them from their arrays, once: every case's features are cached in ``qc/stats_cache.json`` under its meta.json's
-size and mtime, so a store's meta.json files are read once, not at every run.
+size and mtime, so a store's meta.json files are read once, not at every run. A case whose arrays could not be read
+for them is not cached: it keeps its grid features and a ``qc_note`` saying why, and the next gallery tries again.
 
 Robust z-score of a feature: ``(x - median) / scale`` over the cohort's ok cases, ``scale = max(1.4826 MAD, 1 % of
 |median|, floor)``, the floor being 1 voxel for shapes, 0.01 mm for spacings, 0.01 for the foreground fraction,
@@ -55,6 +56,7 @@ Z_CLIP = 999.0
 _MAD_SIGMA = 1.4826  # MAD -> standard deviation of a normal distribution
 _AXES = "ijk"
 _STATS = ("mean", "std", "p1", "p50", "p99")
+_GRID = frozenset(f"{k}.{a}" for k in ("shape", "spacing", "source.shape", "source.spacing") for a in _AXES)
 
 
 # ------------------------------------------------------------------------------------------- features
@@ -188,13 +190,13 @@ def _features_of(root: Path, ok_ids: list[str], spec: dict | None, progress: boo
     for cid, key, meta in bar:
         try:
             stats = _arrays_stats(root / "cases" / cid, cid, meta, spec)
-        except (VolfmError, OSError, ValueError) as exc:
+        except (VolfmError, OSError, ValueError) as exc:  # not cached: the next gallery tries again, noted again
             notes[cid] = f"statistics not computed: {' '.join(str(exc).split())}"
             feats[cid] = case_features(meta, {})
         else:
             feats[cid] = case_features(meta, stats)
             counts["from_arrays"] += 1
-        new_cache[cid] = {"key": key, "features": feats[cid], "from": "arrays"}
+            new_cache[cid] = {"key": key, "features": feats[cid], "from": "arrays"}
     if new_cache != cache:
         write_text_atomic(cache_path, json.dumps({"version": STATS_VERSION, "cases": new_cache}, separators=(",", ":")))
     return feats, notes, counts
@@ -257,7 +259,8 @@ def _thumb_size(qc_dir: Path, ids: list[str]) -> dict | None:
 def build_index(store_root, progress: bool = False) -> dict:
     """The gallery's index of a store (what qc/index.json holds): ``fields`` and one row per case (failed first by
     case id, then ok by outlier score, highest first), with ``columns`` (the manifest's), ``numeric_columns``,
-    ``features``, counts and the store's name and spec. StoreError when ``store_root`` is not a store."""
+    ``features``, counts (``with_statistics``: ok cases with statistics beyond their grid) and the store's name
+    and spec. StoreError when ``store_root`` is not a store."""
     store = CohortStore(store_root)
     root = store.root
     rows = store.rows
@@ -308,6 +311,8 @@ def build_index(store_root, progress: bool = False) -> dict:
     has = (absz >= 0).any(axis=1) if len(features) else np.zeros(len(ok_ids), dtype=bool)
     best = absz.argmax(axis=1) if len(features) else np.zeros(len(ok_ids), dtype=int)
     score = np.where(has, absz[np.arange(len(ok_ids)), best] if len(features) else 0.0, np.nan)
+    # cases with statistics beyond their grid (meta.json's stats or the arrays'): every ok case has a grid
+    with_stats = sum(any(f not in _GRID and v is not None for f, v in (feats.get(cid) or {}).items()) for cid in ok_ids)
     by_score = sorted(range(len(ok_ids)), key=lambda i: (-score[i] if score[i] == score[i] else math.inf, ok_ids[i]))
 
     xr, zr, sr = _round_sig(x, 5), np.round(z, 2), np.round(score, 2)
@@ -331,7 +336,7 @@ def build_index(store_root, progress: bool = False) -> dict:
             "spec": (spec or {}).get("name"), "spec_hash": store.spec_doc.get("spec_hash"),
             "written_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "counts": {"cases": len(rows), "ok": len(ok_rows), "failed": len(failed),
-                       "with_statistics": int(has.sum()), **counts},
+                       "with_statistics": with_stats, **counts},
             "columns": columns, "numeric_columns": _numeric_columns(rows, columns), "features": features,
             "thumb": _thumb_size(qc_dir, ok_ids), "fields": fields, "rows": out_rows}
 
