@@ -13,6 +13,7 @@ def test_demo_end_to_end(tmp_path, capsys):
         assert needle in out
     store = tmp_path / "demo" / "store_ct_merlin"
     assert (store / "manifest.csv").is_file() and len(list((store / "qc").glob("*.png"))) == 3
+    assert f"QC gallery:   {store / 'qc' / 'index.html'}" in out and (store / "qc" / "index.html").is_file()
     assert (tmp_path / "demo" / "patches_ct.png").stat().st_size > 1000
     assert (tmp_path / "demo" / "store_mri_brain" / "manifest.csv").is_file()
     for needle in ("ICD macro AUROC on the validation split, per epoch:", "random-label control",

@@ -112,8 +112,9 @@ def run_demo(out="volfm_demo", cases: int = 8, workers: int = 2, encoders=None, 
     _step(f"done in {time.perf_counter() - t0:.0f} s")
     qc = sorted((ct_store / "qc").glob("*.png"))
     print(f"CT store:       {ct_store}\n  manifest:     {ct_store / 'manifest.csv'}\n  QC images:    {ct_store / 'qc'}"
-          f"{'  (e.g. ' + str(qc[0]) + ')' if qc else ''}")
-    print(f"MRI/PET store:  {mp_store}\n  manifest:     {mp_store / 'manifest.csv'}\n  QC images:    {mp_store / 'qc'}")
+          f"{'  (e.g. ' + str(qc[0]) + ')' if qc else ''}\n  QC gallery:   {ct_store / 'qc' / 'index.html'}")
+    print(f"MRI/PET store:  {mp_store}\n  manifest:     {mp_store / 'manifest.csv'}\n  QC images:    {mp_store / 'qc'}"
+          f"\n  QC gallery:   {mp_store / 'qc' / 'index.html'}")
     print(f"Training patches: {out / 'patches_ct.png'}")
     if pre:
         print(f"Pretraining:    ICD run {pre['icd_dir']}\n  contrastive:  {pre['clip_dir']}\n  masked volume: "
