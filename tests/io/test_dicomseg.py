@@ -6,6 +6,7 @@ and colours; empty segments; a multi-frame source; files named by their SOPInsta
 reader's rule and named by its hash when asked by hash; grids that do not match, and sources highdicom cannot use,
 are refused in one line."""
 import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -421,3 +422,18 @@ def test_label_grid_that_does_not_match_is_refused_in_one_line(series, tmp_path)
         write_dicom_seg(nifti, not_dicom, NAMES, tmp_path / "x.dcm")
     assert "no DICOM image series found" in one_line(exc)
     assert not (tmp_path / "x.dcm").exists()
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian's dicom3tools) is not installed")
+@pytest.mark.parametrize("kind", list(GEOMETRIES))
+def test_seg_passes_dciodvfy(series, kind, tmp_path):
+    """David Clunie's DICOM validator (dicom3tools, independent of highdicom and pydicom) checks the SEG against the
+    Segmentation IOD: no errors. (Its warnings are about attributes a DICOMDIR would need that the test series
+    lacks, such as StudyDate; a real source series has them and highdicom copies them.)"""
+    folder, uid, nifti = series[kind]
+    out = write_dicom_seg(nifti, folder, NAMES, tmp_path / "seg.dcm", series_id=uid)
+    run = subprocess.run(["dciodvfy", str(out)], capture_output=True, text=True, timeout=60)
+    report = (run.stdout + run.stderr).splitlines()
+    assert "Segmentation" in report, report  # the IOD it recognised
+    errors = [line for line in report if line.startswith(("Error", "Abort"))]
+    assert errors == [], errors
