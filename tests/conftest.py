@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from volfm.testing import write_study_tree
+
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -17,3 +19,12 @@ def merlin_fakes():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="session")
+def dicom_study_tree(tmp_path_factory):
+    """(root, uids) of the DICOM study tree volfm.testing.write_study_tree builds (DICOMDIR part, nested folders, a
+    localizer, a missing slice, an SR, ...), built once for the scan and the selection tests, which only read it."""
+    base = tmp_path_factory.mktemp("dicomtree")
+    uids = write_study_tree(base / "root", base / "staging")
+    return base / "root", uids

@@ -1,6 +1,5 @@
 """StoreDataset and the samplers on a blosc2 compact store: the same items, patches and whole volumes as the float32
 npy store (integer-HU CT, so bit for bit), precomputed foreground locations used, DataLoader workers included."""
-import csv
 import warnings
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from volfm.io.volume import Volume
 from volfm.preprocess.intensity import ct_window
 from volfm.preprocess.spec import validate_spec
 from volfm.store.arrays import StoredArray, array_file
+from volfm.store.cohort import write_table
 from volfm.store.foreground import FG_MAX_PER_CLASS, case_seed, foreground_locations, save_foreground_locations
 from volfm.store.layout import write_case_dir
 
@@ -45,10 +45,7 @@ def write_store(root: Path, storage) -> Path:
         write_case_dir(root / "cases", cid, {"image": vol.array, "label": lab}, meta, extras, storage=spec["storage"])
         rows.append({"case_id": cid, "status": "ok", "error": "", "split": "train", "icd_codes": "I10", "report": "r"})
     (root / "spec.yaml").write_text(yaml.safe_dump({"spec": spec, "spec_hash": "x", "volfm_version": "0"}))
-    with open(root / "manifest.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_table(root / "manifest.csv", rows)
     return root
 
 

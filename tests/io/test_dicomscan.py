@@ -9,19 +9,12 @@ from volfm.io.dicomscan import HEADER_TAGS, SERIES_COLUMNS, ScanError, find_dico
 from volfm.testing import write_study_tree
 
 
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    base = tmp_path_factory.mktemp("dicomtree")
-    uids = write_study_tree(base / "root", base / "staging")
-    return base / "root", uids
-
-
 def by_description(rows):
     return {r["series_description"] or r["modality"]: r for r in rows}
 
 
-def test_scan_matches_the_built_tree(tree):
-    root, uids = tree
+def test_scan_matches_the_built_tree(dicom_study_tree):
+    root, uids = dicom_study_tree
     rows, problems = scan_tree(root)
     assert problems == []
     assert all(list(r) == list(SERIES_COLUMNS) for r in rows)
@@ -56,8 +49,8 @@ def test_scan_matches_the_built_tree(tree):
     assert "Doe" not in repr(rows) and "19700101" not in repr(rows)
 
 
-def test_hashed_ids_are_sha256_prefixes(tree):
-    root, uids = tree
+def test_hashed_ids_are_sha256_prefixes(dicom_study_tree):
+    root, uids = dicom_study_tree
     rows, _ = scan_tree(root, hash_uids=True)
     text = repr(rows)
     assert not any(u in text for u in uids.values()) and "P001" not in text
@@ -100,14 +93,14 @@ def test_no_dicom_is_one_error(tmp_path):
 
 
 @pytest.mark.parametrize("dates, want", [("full", "20240102"), ("year", "2024"), ("none", "")])
-def test_dates_are_full_year_or_none(tree, dates, want):
-    root, _ = tree
+def test_dates_are_full_year_or_none(dicom_study_tree, dates, want):
+    root, _ = dicom_study_tree
     rows, _ = scan_tree(root, dates=dates)
     assert {r["acquisition_date"] for r in rows if r["modality"] == "CT"} == {want}
     if dates != "full":
         assert "20240102" not in repr([{k: v for k, v in r.items() if k != "folder"} for r in rows])
 
 
-def test_bad_dates_choice_is_one_error(tree):
+def test_bad_dates_choice_is_one_error(dicom_study_tree):
     with pytest.raises(ScanError, match=r"dates='month': expected one of full, year, none"):
-        scan_tree(tree[0], dates="month")
+        scan_tree(dicom_study_tree[0], dates="month")

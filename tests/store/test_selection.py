@@ -12,14 +12,6 @@ from volfm.cli.main import main
 from volfm.configs import SPECS_DIR
 from volfm.io.dicomscan import scan_tree
 from volfm.store.selection import SelectionError, load_rules, load_series_table, select_series
-from volfm.testing import write_study_tree
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    base = tmp_path_factory.mktemp("dicomtree")
-    uids = write_study_tree(base / "root", base / "staging")
-    return base / "root", uids
 
 
 def read_csv(path):
@@ -31,8 +23,8 @@ CT_RULES = {"modality": "CT", "orientation": "axial", "image_type": "ORIGINAL", 
             "prefer_kernels": ["B30f", "STANDARD"]}
 
 
-def test_rules_choose_one_series_per_study(tree):
-    root, uids = tree
+def test_rules_choose_one_series_per_study(dicom_study_tree):
+    root, uids = dicom_study_tree
     rows, _ = scan_tree(root)
     chosen, unmatched = select_series(rows, load_rules(overrides=CT_RULES))
     assert {r["study_uid"]: r["series_uid"] for r in chosen} == {uids["study_a"]: uids["thin_soft"],
@@ -84,8 +76,8 @@ def test_flags_replace_file_keys(tmp_path):
         load_rules(path, {"min_slices": 0})
 
 
-def test_scan_cli_cohort_preprocesses_end_to_end(tree, tmp_path, capsys):
-    root, uids = tree
+def test_scan_cli_cohort_preprocesses_end_to_end(dicom_study_tree, tmp_path, capsys):
+    root, uids = dicom_study_tree
     rules = tmp_path / "rules.yaml"
     rules.write_text(yaml.safe_dump(CT_RULES))
     out, cohort = tmp_path / "series.csv", tmp_path / "cohort.csv"
@@ -123,8 +115,8 @@ def test_scan_cli_cohort_preprocesses_end_to_end(tree, tmp_path, capsys):
             assert b"Doe" not in data and b"Jane" not in data and b"19700101" not in data, f
 
 
-def test_scan_cli_hash_uids_and_errors(tree, tmp_path, capsys):
-    root, uids = tree
+def test_scan_cli_hash_uids_and_errors(dicom_study_tree, tmp_path, capsys):
+    root, uids = dicom_study_tree
     out, cohort = tmp_path / "series.csv", tmp_path / "cohort.csv"
     assert main(["scan", str(root), "--out", str(out), "--cohort", str(cohort), "--hash-uids", "--modality", "CT",
                  "--orientation", "axial", "--max-thickness", "3", "--prefer-kernels", "B70f,B30f"]) == 0
@@ -144,8 +136,8 @@ def test_scan_cli_hash_uids_and_errors(tree, tmp_path, capsys):
     assert "need --cohort" in capsys.readouterr().err
 
 
-def test_from_series_chooses_again_without_walking(tree, tmp_path, capsys):
-    root, uids = tree
+def test_from_series_chooses_again_without_walking(dicom_study_tree, tmp_path, capsys):
+    root, uids = dicom_study_tree
     series, first, again = tmp_path / "series.csv", tmp_path / "c1.csv", tmp_path / "c2.csv"
     assert main(["scan", str(root), "--out", str(series), "--cohort", str(first), "--modality", "CT",
                  "--orientation", "axial", "--max-thickness", "3", "--dates", "year"]) == 0
@@ -184,8 +176,8 @@ def test_from_series_chooses_again_without_walking(tree, tmp_path, capsys):
     (lambda rows: rows + rows[:1], r"series\.csv: series_uid .* on rows 2 and 12"),
     (lambda rows: [], r"series\.csv: series table has no rows"),
 ])
-def test_from_series_malformed_table_names_file_and_column(tree, tmp_path, capsys, edit, message):
-    root, _ = tree
+def test_from_series_malformed_table_names_file_and_column(dicom_study_tree, tmp_path, capsys, edit, message):
+    root, _ = dicom_study_tree
     series = tmp_path / "series.csv"
     rows, _ = scan_tree(root)
     rows = edit([{k: "" if v is None else str(v) for k, v in r.items()} for r in rows])
@@ -201,8 +193,8 @@ def test_from_series_malformed_table_names_file_and_column(tree, tmp_path, capsy
     assert err.count("\n") == 1 and "series.csv" in err
 
 
-def test_from_series_flag_errors(tree, tmp_path, capsys):
-    root, _ = tree
+def test_from_series_flag_errors(dicom_study_tree, tmp_path, capsys):
+    root, _ = dicom_study_tree
     assert main(["scan", str(root), "--from-series", str(tmp_path / "nope.csv"), "--cohort", str(tmp_path / "c.csv")]) == 2
     assert "nope.csv: series table not found" in capsys.readouterr().err
     assert main(["scan", str(root), "--from-series", "s.csv", "--out", "o.csv", "--hash-uids", "--cohort", "c.csv"]) == 2

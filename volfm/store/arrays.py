@@ -432,13 +432,12 @@ def open_array(case_dir, name: str, record: dict | None = None, *, case_id: str 
 
 # ------------------------------------------------------------------------------------------------ case folders
 def read_case_meta(case_dir: Path) -> dict | None:
-    p = Path(case_dir) / "meta.json"
-    if not p.exists():
-        return None
+    """A case folder's meta.json as a dict; None when it is missing, unreadable, not JSON or not a JSON object."""
     try:
-        return json.loads(p.read_text())
-    except (json.JSONDecodeError, OSError):
+        meta = json.loads(Path(case_dir, "meta.json").read_bytes())
+    except (OSError, ValueError):  # ValueError: JSONDecodeError, UnicodeDecodeError
         return None
+    return meta if isinstance(meta, dict) else None
 
 
 def install_case_dir(cases_dir: Path, case_id: str, tmp: Path) -> Path:

@@ -41,7 +41,7 @@ import numpy as np
 from volfm import VolfmError
 from volfm.io.atomic import write_text_atomic
 from volfm.preprocess.stats import STATS_VERSION, case_statistics, stat_features
-from volfm.store.arrays import open_array
+from volfm.store.arrays import open_array, read_case_meta
 from volfm.store.layout import MANIFEST_FIRST, CohortStore
 from volfm.utils import progress_bar
 
@@ -126,16 +126,6 @@ def _meta_key(meta_path: str) -> list[int] | None:
     return [int(st.st_mtime_ns), int(st.st_size)]
 
 
-def _read_meta(meta_path: str) -> dict | None:
-    """meta.json as a dict, None when it is unreadable (os.path strings: 20,000 of them are read on a first build)."""
-    try:
-        with open(meta_path, "rb") as f:
-            meta = json.loads(f.read())
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
 def _load_cache(path: Path) -> dict:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -171,7 +161,7 @@ def _features_of(root: Path, ok_ids: list[str], spec: dict | None, progress: boo
             feats[cid], new_cache[cid] = hit["features"], hit
             counts["cached"] += 1
             continue
-        meta = _read_meta(meta_path) if key is not None else None
+        meta = read_case_meta(Path(cases_dir, cid)) if key is not None else None
         if meta is None:
             notes[cid] = "no readable meta.json: no statistics"
             continue
